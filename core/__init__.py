@@ -1,0 +1,24 @@
+"""singleframe: single-frame calibration of astronomical survey images.
+
+The package is laid out in three layers whose dependencies point one way:
+
+``singleframe.steps``
+    pure functions on in-memory arrays and tables (no Prefect, no files);
+``singleframe.io``
+    every byte on disk or on the wire (artifact store, FITS, Parquet, JSON);
+``singleframe.flows``
+    Prefect tasks and flows that wire steps to datasets.
+
+The data model shared by all three (exposures, mask planes, PSF and background
+models, photometric calibration, camera geometry, errors, configuration) lives
+at the top level of the package.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("singleframe")
+except PackageNotFoundError:  # running from a source tree without an install
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["__version__"]
