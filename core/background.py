@@ -8,9 +8,41 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 from astropy.io import fits
-from scipy.interpolate import RectBivariateSpline
+from scipy.interpolate import BSpline, RectBivariateSpline
 
 from .errors import DatasetError
+
+
+def _design_matrix(x: npt.NDArray[np.float64], knots: npt.NDArray[np.float64], degree: int) -> npt.NDArray[np.float32]:
+    """Dense B-spline basis (len(x), n_coeffs) at positions inside the knot span."""
+    return np.asarray(BSpline.design_matrix(x, knots, degree).toarray(), dtype=np.float32)
+
+
+def _extend_axis(centers: npt.NDArray[np.float64], values: npt.NDArray[np.float64], lo: float, hi: float,
+                 *, axis: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Add knots on the image edges, linearly extrapolated from the two outer bins.
+
+    Keeps a gradient going into the outer half-bins (a constant there would bias
+    the corners) without the wild cubic end pieces of a spline extrapolation.
+    A single bin along ``axis`` gives a constant.
+    """
+    v = np.moveaxis(values, axis, 0)
+    c = np.asarray(centers, float)
+    if len(c) == 1:
+        ext_c = np.array([min(lo, c[0] - 1.0), max(hi, c[0] + 1.0)])
+        ext_v = np.stack([v[0], v[0]])
+        return ext_c, np.moveaxis(ext_v, 0, axis)
+    rows = [v]
+    cs = [c]
+    if lo < c[0]:
+        slope = (v[1] - v[0]) / (c[1] - c[0])
+        rows.insert(0, (v[0] - slope * (c[0] - lo))[None])
+        cs.insert(0, np.array([lo]))
+    if hi > c[-1]:
+        slope = (v[-1] - v[-2]) / (c[-1] - c[-2])
+        rows.append((v[-1] + slope * (hi - c[-1]))[None])
+        cs.append(np.array([hi]))
+    return np.concatenate(cs), np.moveaxis(np.concatenate(rows, axis=0), 0, axis)
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,20 +79,24 @@ class BackgroundModel:
         ny, nx = self.values.shape
         if ny == 1 and nx == 1:
             return None
-        ky = min(3, ny - 1) if ny > 1 else 1
-        kx = min(3, nx - 1) if nx > 1 else 1
-        yc, xc, v = self.y_centers, self.x_centers, self.values
-        # A single row or column is padded so the spline is constant along that axis.
-        if ny == 1:
-            yc, v = np.array([yc[0] - 1.0, yc[0] + 1.0]), np.vstack([v, v])
-        if nx == 1:
-            xc, v = np.array([xc[0] - 1.0, xc[0] + 1.0]), np.hstack([v, v])
+        y_lo, y_hi, x_lo, x_hi = self._extent()
+        yc, v = _extend_axis(self.y_centers, self.values, y_lo, y_hi, axis=0)
+        xc, v = _extend_axis(self.x_centers, v, x_lo, x_hi, axis=1)
+        ky = min(3, len(yc) - 1)
+        kx = min(3, len(xc) - 1)
         return RectBivariateSpline(yc, xc, v, kx=ky, ky=kx)
 
+    def _extent(self) -> tuple[float, float, float, float]:
+        """``(y_min, y_max, x_min, x_max)`` of the fitted image in parent coordinates (pixel edges)."""
+        x0, y0 = self.origin
+        ny, nx = self.shape
+        return (y0 - 0.5, y0 + ny - 0.5, x0 - 0.5, x0 + nx - 0.5)
+
     def evaluate(self, x: npt.ArrayLike, y: npt.ArrayLike) -> npt.NDArray[np.float64]:
-        """Background at parent positions ``(x, y)`` (extrapolated as constant past the outer bin centres)."""
-        xa = np.clip(np.asarray(x, float), self.x_centers[0], self.x_centers[-1])
-        ya = np.clip(np.asarray(y, float), self.y_centers[0], self.y_centers[-1])
+        """Background at parent positions ``(x, y)`` (constant beyond the image edges)."""
+        y_lo, y_hi, x_lo, x_hi = self._extent()
+        xa = np.clip(np.asarray(x, float), min(x_lo, self.x_centers[0]), max(x_hi, self.x_centers[-1]))
+        ya = np.clip(np.asarray(y, float), min(y_lo, self.y_centers[0]), max(y_hi, self.y_centers[-1]))
         spl = self._spline()
         if spl is None:
             return np.full(np.broadcast(xa, ya).shape, float(self.values[0, 0]))
@@ -70,12 +106,19 @@ class BackgroundModel:
         """The model evaluated at every pixel of the fitted image."""
         ny, nx = self.shape
         x0, y0 = self.origin
-        xs = np.clip(np.arange(nx, dtype=float) + x0, self.x_centers[0], self.x_centers[-1])
-        ys = np.clip(np.arange(ny, dtype=float) + y0, self.y_centers[0], self.y_centers[-1])
         spl = self._spline()
         if spl is None:
             return np.full(self.shape, self.values[0, 0], dtype=np.float32)
-        return np.asarray(spl(ys, xs), dtype=np.float32)
+        xs = np.arange(nx, dtype=float) + x0
+        ys = np.arange(ny, dtype=float) + y0
+        # The tensor-product spline is B_y C B_x^T: two small dense design matrices and
+        # one matrix product are ~10x faster than evaluating the spline on the full grid.
+        ty, tx = spl.get_knots()
+        ky, kx = spl.degrees
+        coeffs = spl.get_coeffs().reshape(len(ty) - ky - 1, len(tx) - kx - 1)
+        by = _design_matrix(ys, ty, ky)
+        bx = _design_matrix(xs, tx, kx)
+        return np.asarray((by @ coeffs.astype(np.float32)) @ bx.T, dtype=np.float32)
 
     def scaled(self, factor: float) -> BackgroundModel:
         """The same model multiplied by ``factor`` (e.g. counts → nJy)."""
@@ -91,8 +134,8 @@ class BackgroundModel:
         # Centres are stored explicitly in a second axis-free form: first and step when uniform.
         hdr["XCSTEP"] = float(np.diff(self.x_centers).mean()) if len(self.x_centers) > 1 else 0.0
         hdr["YCSTEP"] = float(np.diff(self.y_centers).mean()) if len(self.y_centers) > 1 else 0.0
-        hdr["XCEN"] = ",".join(f"{v:.6f}" for v in self.x_centers)
-        hdr["YCEN"] = ",".join(f"{v:.6f}" for v in self.y_centers)
+        hdr["XCEN"] = ",".join(repr(float(v)) for v in self.x_centers)
+        hdr["YCEN"] = ",".join(repr(float(v)) for v in self.y_centers)
         return fits.ImageHDU(data=self.values.astype(np.float64), header=hdr)
 
     @classmethod

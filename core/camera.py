@@ -7,9 +7,9 @@ Conventions
 * A detector pixel ``(u, v)`` (0-based array column, row) maps to the focal
   plane by ``fp = centre_mm + R(rotation_deg) @ ((u - cu, v - cv) * pixel_size_mm)``
   where ``(cu, cv)`` is the detector's central pixel.
-* The optics map a focal-plane radius ``r`` (mm) to an angle on the sky
-  ``theta = plate_scale * r * (1 + k3 * r**2)`` (arcsec), i.e. a cubic radial
-  distortion. A cubic radial term is a cubic polynomial in pixel offsets
+* The optics map a focal-plane radius ``r`` (mm) to a radius on the
+  gnomonic (tangent) plane ``plate_scale * r * (1 + k3 * r**2)`` (arcsec),
+  i.e. a cubic radial distortion on top of a TAN projection. A cubic radial term is a cubic polynomial in pixel offsets
   from the optical axis, so each detector's camera WCS is *exactly* a TAN-SIP
   WCS of order 3 with ``CRPIX`` at the optical axis; the inverse SIP is a fit.
 * On the sky, the focal-plane +y axis points to position angle
@@ -115,8 +115,8 @@ class Camera:
         r_det = np.array([[c, -s], [s, c]]) * p
         # focal plane mm -> intermediate world coords (deg, xi to the east, eta to the north)
         th = math.radians(rotation_angle_deg)
-        # +y_fp at position angle th (east of north); +x_fp at th + 90 deg... with RA increasing to -x.
-        r_sky = np.array([[-math.cos(th), -math.sin(th)], [-math.sin(th), math.cos(th)]]) * scale_deg_per_mm
+        # +y_fp points to position angle th (east of north); +x_fp to th - 90 deg (west at th = 0).
+        r_sky = np.array([[-math.cos(th), math.sin(th)], [math.sin(th), math.cos(th)]]) * scale_deg_per_mm
         cd = r_sky @ r_det
         w = WCS(naxis=2)
         w.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]

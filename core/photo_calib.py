@@ -30,7 +30,7 @@ class PhotoCalib:
     @property
     def zero_point_mag(self) -> float:
         """AB magnitude of a source giving 1 count in the exposure."""
-        return AB_MAG_OF_ONE_NJY + 2.5 * math.log10(self.calibration_njy_per_count)
+        return AB_MAG_OF_ONE_NJY - 2.5 * math.log10(self.calibration_njy_per_count)
 
     @property
     def zero_point_err_mag(self) -> float:
@@ -38,7 +38,7 @@ class PhotoCalib:
 
     @classmethod
     def from_zero_point(cls, zero_point_mag: float, zero_point_err_mag: float = 0.0) -> PhotoCalib:
-        calib = 10 ** (-0.4 * (AB_MAG_OF_ONE_NJY - zero_point_mag))
+        calib = 10 ** (-0.4 * (zero_point_mag - AB_MAG_OF_ONE_NJY))
         return cls(calib, calib * zero_point_err_mag * math.log(10) / 2.5)
 
     def instflux_to_njy(self, instflux: npt.ArrayLike) -> npt.NDArray[np.float64]:

@@ -1,0 +1,210 @@
+"""The ``singleframe`` command line: simulate, ingest, run, evaluate, serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import SingleframeError
+
+
+def _add_store(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default="demo_store", help="artifact store root: a directory or an fsspec URL (default: %(default)s)")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .io.refcat import write_refcat
+    from .io.store import ArtifactStore
+    from .sim.config import SimulationConfig, benchmark_config
+    from .sim.survey import iter_survey, make_camera, make_reference_catalog
+
+    config = SimulationConfig() if args.preset == "demo" else benchmark_config(size=args.size)
+    if args.seed is not None:
+        import dataclasses
+
+        config = dataclasses.replace(config, seed=args.seed)
+    config.validate()
+    store = ArtifactStore(args.store)
+    camera = make_camera(config)
+    store.put("camera", camera.to_dict(), run=args.run, instrument=config.instrument)
+    refcat = make_reference_catalog(config)
+    write_refcat(store.root, args.refcat, refcat)
+    n = 0
+    for visit, detector_id, sim in iter_survey(config):
+        where = {"run": args.run, "instrument": config.instrument, "visit": visit.visit, "detector": detector_id}
+        for snap, exposure in enumerate(sim.snaps):
+            store.put("post_isr_image", exposure, snap=snap, **where)
+            store.put("truth_cr_mask", sim.truth.cr_masks[snap].astype("uint8"), snap=snap, **where)
+        t = sim.truth
+        store.put("truth_sources", t.sources, **where)
+        store.put("truth_psf", t.psf_grid, **where)
+        store.put("truth_wcs", {"wcs_header": t.wcs.to_header(relax=True).tostring(sep="\n"),
+                                "header_wcs_header": t.header_wcs.to_header(relax=True).tostring(sep="\n")}, **where)
+        store.put("truth_calib", {"calibration_njy_per_count": t.calibration_njy_per_count,
+                                  "psf_sigma_center_pix": t.psf_sigma_center_pix,
+                                  "sky_counts_per_pixel": t.sky_counts_per_pixel,
+                                  "shape": list(t.shape), "origin": list(t.origin),
+                                  "bad_columns": list(t.bad_columns)}, **where)
+        n += 1
+        print(f"simulated visit {visit.visit} detector {detector_id} ({len(sim.snaps)} snap(s), "
+              f"{len(t.sources)} sources)", flush=True)
+    print(f"wrote {n} detectors and reference catalogue {args.refcat!r} ({len(refcat)} stars) to {store.root}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from .io.ingest import ingest_files
+    from .io.store import ArtifactStore
+
+    overrides: dict[str, Any] = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        overrides[key.strip().upper()] = _parse_value(value)
+    report = ingest_files(ArtifactStore(args.store), args.files, run=args.run, instrument=args.instrument,
+                          overrides=overrides)
+    for ref in report.refs:
+        print(f"ingested {ref.uri}")
+    for path, message in report.failures:
+        print(f"FAILED {path}: {message}", file=sys.stderr)
+    return 1 if report.failures and not report.refs else (2 if report.failures else 0)
+
+
+def cmd_ingest_refcat(args: argparse.Namespace) -> int:
+    from astropy.table import Table
+
+    from .io.refcat import refcat_from_table, write_refcat
+
+    table = Table.read(args.table)
+    column_map = dict(item.split("=", 1) for item in (args.column or []))
+    bands = dict(item.split("=", 1) for item in (args.band or []))
+    errs = dict(item.split("=", 1) for item in (args.band_err or []))
+    ref = refcat_from_table(table, column_map=column_map, bands=bands, mag_err_columns=errs or None,
+                            mag_columns=args.magnitudes, epoch_year=args.epoch)
+    write_refcat(args.store, args.name, ref, nside=args.nside)
+    print(f"wrote reference catalogue {args.name!r} with {len(ref)} stars to {args.store}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .flows.calibrate import CalibrateParams, run_calibration
+
+    params = CalibrateParams(store=args.store, input_run=args.input_run, output_run=args.output_run,
+                             instrument=args.instrument, visits=args.visits, detectors=args.detectors,
+                             config_file=args.config, refcat=args.refcat, max_workers=args.workers, rerun=args.rerun)
+    state = run_calibration(params)
+    outcomes = state.result(raise_on_failure=False) if state.is_completed() else None
+    print(state.message or state.name)
+    if isinstance(outcomes, list):
+        for o in outcomes:
+            if o["status"] != "ok":
+                d = o["data_id"]
+                print(f"  visit {d['visit']} detector {d['detector']}: failed in {o['stage']}: {o['message']}")
+    return 0 if state.is_completed() else 1
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .flows.evaluation import evaluate_run
+
+    rows = evaluate_run(args.store, run=args.output_run, truth_run=args.input_run)
+    if args.json:
+        print(json.dumps(rows, indent=1, default=lambda v: None))
+    else:
+        from .sim.evaluation import format_evaluation_table
+
+        print(format_evaluation_table(rows))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .deployments.serve import serve
+
+    return serve(port=args.port)
+
+
+def _parse_value(value: str) -> Any:
+    for conv in (int, float):
+        try:
+            return conv(value)
+        except ValueError:
+            pass
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="singleframe", description="Single-frame calibration of survey images.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("simulate", help="simulate a survey (inputs, reference catalogue and truth) into a store")
+    _add_store(p)
+    p.add_argument("--preset", choices=["demo", "bench"], default="demo",
+                   help="demo: 2 visits x 4 detectors of 2048x2048 (one visit with two snaps); bench: one detector")
+    p.add_argument("--size", type=int, default=4096, help="detector size for --preset bench (pixels)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's)")
+    p.add_argument("--run", default="raw", help="run name for the inputs (default: %(default)s)")
+    p.add_argument("--refcat", default="refcat", help="reference catalogue name (default: %(default)s)")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("ingest", help="ingest post-ISR FITS files (multi-extension or plain single-HDU)")
+    _add_store(p)
+    p.add_argument("files", nargs="+", help="FITS files")
+    p.add_argument("--run", default="raw")
+    p.add_argument("--instrument", default=None, help="instrument name (default: INSTRUME keyword)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override or supply a header keyword, e.g. --set GAIN=1.4 --set FILTER=r")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("ingest-refcat", help="build a HEALPix-partitioned reference catalogue from any table")
+    _add_store(p)
+    p.add_argument("table", help="FITS, Parquet, CSV or ECSV table")
+    p.add_argument("--name", default="refcat")
+    p.add_argument("--column", action="append", metavar="OURS=THEIRS",
+                   help="column mapping, e.g. --column ra=RA_ICRS --column pm_ra=pmRA")
+    p.add_argument("--band", action="append", metavar="BAND=COLUMN", help="flux or magnitude column per band")
+    p.add_argument("--band-err", action="append", metavar="BAND=COLUMN", help="error column per band")
+    p.add_argument("--magnitudes", action="store_true", help="band columns are AB magnitudes (converted to nJy)")
+    p.add_argument("--epoch", type=float, default=2016.0, help="epoch of the positions (Julian year)")
+    p.add_argument("--nside", type=int, default=32)
+    p.set_defaults(func=cmd_ingest_refcat)
+
+    p = sub.add_parser("run", help="calibrate detectors with the Prefect flow")
+    _add_store(p)
+    p.add_argument("--input-run", default="raw")
+    p.add_argument("--output-run", default="calib")
+    p.add_argument("--instrument", default=None)
+    p.add_argument("--visits", type=int, nargs="*", default=None)
+    p.add_argument("--detectors", type=int, nargs="*", default=None)
+    p.add_argument("--config", default=None, help="YAML/JSON pipeline config")
+    p.add_argument("--refcat", default="refcat")
+    p.add_argument("--workers", type=int, default=int(os.environ.get("SINGLEFRAME_WORKERS", "2")))
+    p.add_argument("--rerun", action="store_true", help="recompute every stage (ignore current outputs)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("evaluate", help="compare outputs with the simulator's truth")
+    _add_store(p)
+    p.add_argument("--input-run", default="raw")
+    p.add_argument("--output-run", default="calib")
+    p.add_argument("--json", action="store_true", help="print one JSON object per detector")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("serve", help="start a local Prefect server, register deployments and a worker")
+    p.add_argument("--port", type=int, default=4200)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SingleframeError as exc:
+        print(f"singleframe {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""singleframe.io: every byte on disk or on the wire.
+
+``datasets``
+    the registry of dataset types (declared once);
+``refs``
+    :class:`DatasetRef`, the small handle Prefect tasks pass between them;
+``store``
+    :class:`ArtifactStore`, atomic reads and writes on any fsspec filesystem,
+    with a provenance sidecar per dataset;
+``formats``
+    FITS / Parquet / JSON serialisation (no pickle);
+``refcat``
+    HEALPix-partitioned reference catalogues;
+``ingest``
+    FITS files to ``post_isr_image`` datasets.
+"""
+
+from .datasets import DATASET_TYPES, DatasetType, dataset_types, get_dataset_type
+from .formats import (
+    FORMATS,
+    StorageFormat,
+    background_from_fits_bytes,
+    background_to_fits_bytes,
+    dict_from_json_bytes,
+    dict_to_json_bytes,
+    exposure_from_fits_bytes,
+    exposure_to_fits_bytes,
+    image_from_fits_bytes,
+    image_to_fits_bytes,
+    table_from_parquet_bytes,
+    table_to_parquet_bytes,
+)
+from .ingest import IngestReport, RawFile, ingest_files, read_raw_file
+from .refcat import (
+    REFCAT_COLUMNS,
+    RefcatInfo,
+    epoch_year_from_mjd,
+    load_refcat,
+    propagate_positions,
+    read_refcat_info,
+    refcat_from_table,
+    write_refcat,
+)
+from .refs import DatasetRef
+from .store import PROVENANCE_SUFFIX, ArtifactStore
+
+__all__ = [
+    "DATASET_TYPES",
+    "FORMATS",
+    "PROVENANCE_SUFFIX",
+    "REFCAT_COLUMNS",
+    "ArtifactStore",
+    "DatasetRef",
+    "DatasetType",
+    "IngestReport",
+    "RawFile",
+    "RefcatInfo",
+    "StorageFormat",
+    "background_from_fits_bytes",
+    "background_to_fits_bytes",
+    "dataset_types",
+    "dict_from_json_bytes",
+    "dict_to_json_bytes",
+    "epoch_year_from_mjd",
+    "exposure_from_fits_bytes",
+    "exposure_to_fits_bytes",
+    "get_dataset_type",
+    "image_from_fits_bytes",
+    "image_to_fits_bytes",
+    "ingest_files",
+    "load_refcat",
+    "propagate_positions",
+    "read_raw_file",
+    "read_refcat_info",
+    "refcat_from_table",
+    "table_from_parquet_bytes",
+    "table_to_parquet_bytes",
+    "write_refcat",
+]

@@ -1,0 +1,498 @@
+"""Ingest FITS files as ``post_isr_image`` datasets.
+
+Two layouts are accepted:
+
+(a) our multi-extension layout (``IMAGE``/``MASK``/``VARIANCE``, see
+    :mod:`singleframe.io.formats`), from this package or from other software
+    that writes Rubin-style files;
+(b) a plain FITS image (the first HDU holding a 2-D array) with standard
+    keywords:
+
+    ==========================  =============================================
+    keyword                     meaning
+    ==========================  =============================================
+    ``EXPTIME``                 exposure time (s) — required
+    ``GAIN``                    gain (e-/count) — required
+    ``RDNOISE`` / ``READNOIS``  read noise (e-) — required
+    ``SATURATE``                saturation level (counts) — required
+    ``FILTER``                  physical filter — required (``BAND`` optional)
+    ``DATE-OBS`` / ``MJD-OBS``  exposure start (``TIMESYS``, default UTC) — required
+    celestial WCS               ``CTYPEi``, ``CRVALi``, ``CRPIXi``, ``CD``/``PC`` — required
+    ``VISIT`` / ``EXPID``       visit id (or a numeric ``OBJECT``); optional
+    ``DETECTOR`` / ``CCDNUM``   detector id (default 0); optional
+    ``SNAP`` (configurable)     snap index 0/1; optional
+    ==========================  =============================================
+
+Every keyword can be supplied or replaced with ``overrides`` (keyword →
+value, applied to every file's header before it is read). Without a
+variance plane the variance (counts²) is ``max(image, 0)/gain +
+(read_noise/gain)²``, which assumes the image is in counts; pixels at or
+above ``SATURATE`` get ``SAT``; NaN pixels get ``NO_DATA`` and are set to 0
+with the read-noise variance. Without ``VISIT``/``EXPID`` the visit id is
+the number of 10-second intervals from 2000-01-01T00:00 TAI to the exposure
+start (unique per exposure, below the 2**29 limit of packed source ids until
+the year 2170).
+
+Files that share instrument, visit and detector are the snaps of one visit:
+the ``SNAP`` keyword numbers them, otherwise they are ordered by time. A
+visit has at most two snaps. A file that cannot be used is reported as an
+:class:`~singleframe.errors.IngestError` naming the problem and the override
+that fixes it; the other files are still ingested.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import numpy.typing as npt
+from astropy.io import fits
+from astropy.time import Time
+from astropy.wcs import WCS
+
+from ..errors import DatasetError, IngestError
+from ..exposure import DEFAULT_OBSERVATORY, DetectorInfo, Exposure, VisitInfo
+from ..masks import MASK_DTYPE, MaskPlane
+from .formats import _long_key, exposure_from_hdulist, read_mask_hdu, wcs_from_header
+from .refs import DatasetRef
+from .store import ArtifactStore
+
+__all__ = ["IngestReport", "RawFile", "ingest_files", "read_raw_file"]
+
+#: Units accepted for a plain image whose variance must be computed from counts.
+_COUNT_UNITS = frozenset({"", "adu", "count", "counts", "ct", "dn", "electron", "electrons", "e-"})
+
+#: Visit ids derived from time count 10-s intervals from this epoch (2000-01-01T00:00 TAI).
+_VISIT_EPOCH_MJD = 51544.0
+_VISIT_TICK_S = 10.0
+
+
+@dataclass(frozen=True, eq=False)
+class RawFile:
+    """One readable input file: its exposure and the snap index its header gave (if any)."""
+
+    path: str
+    exposure: Exposure
+    snap: int | None
+    sha256: str
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    """Outcome of :func:`ingest_files`.
+
+    Attributes
+    ----------
+    refs
+        References of the ``post_isr_image`` datasets written, sorted by data id.
+    failures
+        ``(path, message)`` for each file not ingested; the message says how to fix it.
+    """
+
+    refs: tuple[DatasetRef, ...]
+    failures: tuple[tuple[str, str], ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when every file was ingested."""
+        return not self.failures
+
+
+class _Header:
+    """A FITS header with overrides applied, and lookups that record what is missing."""
+
+    def __init__(self, header: fits.Header, overrides: Mapping[str, Any], path: str) -> None:
+        self.header = header.copy()
+        for key, value in overrides.items():
+            self.header[_long_key(str(key).upper())] = value
+        self.path = path
+        self.missing: list[tuple[str, str]] = []
+
+    def first(self, *keys: str) -> Any:
+        for key in keys:
+            if key in self.header and self.header[key] is not None and str(self.header[key]).strip() != "":
+                return self.header[key]
+        return None
+
+    def number(self, *keys: str, meaning: str, example: str, required: bool = True,
+               default: float = math.nan) -> float:
+        value = self.first(*keys)
+        if value is None:
+            if required:
+                self.missing.append((" or ".join(keys), f"{keys[0]!r}: {example}  # {meaning}"))
+            return default
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise IngestError(self.path, f"keyword {keys[0]} = {value!r} is not a number ({meaning})",
+                              f"fix the header or pass overrides={{{keys[0]!r}: {example}}}") from None
+
+    def text(self, *keys: str, meaning: str, example: str, required: bool = True) -> str:
+        value = self.first(*keys)
+        if value is None:
+            if required:
+                self.missing.append((" or ".join(keys), f"{keys[0]!r}: {example}  # {meaning}"))
+            return ""
+        return str(value).strip()
+
+    def raise_if_missing(self) -> None:
+        if self.missing:
+            names = ", ".join(k for k, _ in self.missing)
+            fix = ", ".join(v.split("  #")[0] for _, v in self.missing)
+            raise IngestError(self.path, f"missing keyword(s) {names}",
+                              f"add them to the header or pass overrides={{{fix}}}")
+
+
+def _band_from_filter(physical_filter: str) -> str:
+    """``r`` from ``r``, ``SDSS r'``, ``r_03`` or ``lsst_r``; otherwise the filter name itself."""
+    m = re.match(r"^(?:sdss|lsst|decam|hsc)?[\s_\-]*([ugrizyUBVRIJHK])(?:\b|_|'|$)", physical_filter.strip(),
+                 flags=re.IGNORECASE)
+    if m:
+        letter = m.group(1)
+        return letter.lower() if letter.lower() in "ugrizy" else letter
+    return physical_filter.strip()
+
+
+def _instrument_key(name: str) -> str:
+    """An instrument name safe as a storage key segment."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.+\-]+", "_", name.strip()).strip("_")
+    return cleaned or "unknown"
+
+
+def _mid_exposure_mjd_tai(h: _Header, exposure_time_s: float) -> float:
+    scale = str(h.first("TIMESYS") or "utc").strip().lower()
+    if scale not in {"utc", "tai", "tt", "tdb", "tcg", "tcb", "ut1", "gps"}:
+        raise IngestError(h.path, f"TIMESYS = {scale!r} is not a time scale astropy knows",
+                          "pass overrides={'TIMESYS': 'UTC'} (or the right scale)")
+    half = 0.0 if not math.isfinite(exposure_time_s) else exposure_time_s / 2.0
+    try:
+        if h.first("MJD-AVG") is not None:
+            return float(Time(float(h.first("MJD-AVG")), format="mjd", scale=scale).tai.mjd)
+        if h.first("MJD-OBS") is not None:
+            start = Time(float(h.first("MJD-OBS")), format="mjd", scale=scale)
+        elif h.first("DATE-OBS") is not None:
+            date = str(h.first("DATE-OBS")).strip()
+            if "T" not in date and h.first("TIME-OBS") is not None:
+                date = f"{date}T{str(h.first('TIME-OBS')).strip()}"  # pre-1997 split date/time convention
+            start = Time(date, format="isot" if "T" in date else "iso", scale=scale)
+        else:
+            h.missing.append(("DATE-OBS or MJD-OBS",
+                              "'DATE-OBS': '2024-01-31T03:04:05.0'  # exposure start (UTC unless TIMESYS)"))
+            return math.nan
+    except (TypeError, ValueError) as exc:
+        raise IngestError(h.path, f"cannot read the observation time: {exc}",
+                          "pass overrides={'MJD-OBS': <start MJD>} or a valid ISO 'DATE-OBS'") from None
+    return float(start.tai.mjd) + half / 86400.0
+
+
+def _rotation_angle_deg(wcs: WCS) -> float:
+    """Position angle (east of north) of the pixel +y axis, from the CD matrix."""
+    cd = wcs.celestial.pixel_scale_matrix
+    return float(math.degrees(math.atan2(cd[0, 1], cd[1, 1])) % 360.0)
+
+
+def _visit_from_time(mjd_tai: float, exposure_time_s: float) -> int:
+    """Visit id for files without one: 10-s ticks from 2000-01-01 TAI to the exposure start."""
+    if not math.isfinite(mjd_tai):
+        return 0
+    start_s = (mjd_tai - _VISIT_EPOCH_MJD) * 86400.0 - (exposure_time_s / 2.0 if math.isfinite(exposure_time_s) else 0.0)
+    # The 1-ms guard keeps a start exactly on a tick from falling into the previous one by round-off.
+    return int(math.floor(start_s / _VISIT_TICK_S + 1e-4))
+
+
+def _infos(h: _Header, *, instrument: str | None, wcs: WCS, shape: tuple[int, int],
+           exposure_time_s: float, mjd_tai: float) -> tuple[VisitInfo, DetectorInfo]:
+    physical_filter = h.text("FILTER", meaning="physical filter", example="'r'")
+    band = h.text("BAND", meaning="band", example="'r'", required=False) or _band_from_filter(physical_filter)
+    name = instrument or h.text("INSTRUME", meaning="instrument", example="'mycam'", required=False) or "unknown"
+    visit_value = h.first("VISIT", "EXPID")
+    if visit_value is None and str(h.first("OBJECT") or "").strip().isdigit():
+        visit_value = h.first("OBJECT")
+    if visit_value is None:
+        visit = _visit_from_time(mjd_tai, exposure_time_s)
+    else:
+        try:
+            visit = int(visit_value)
+        except (TypeError, ValueError):
+            raise IngestError(h.path, f"VISIT/EXPID = {visit_value!r} is not an integer",
+                              "pass overrides={'VISIT': <int>}") from None
+    det_value = h.first("DETECTOR", "CCDNUM")
+    try:
+        det_id = int(det_value) if det_value is not None else 0
+    except (TypeError, ValueError):
+        raise IngestError(h.path, f"DETECTOR/CCDNUM = {det_value!r} is not an integer",
+                          "pass overrides={'DETECTOR': <int>}") from None
+    ny, nx = shape
+    if h.first("BORE-RA") is not None and h.first("BORE-DEC") is not None:
+        bore_ra, bore_dec = float(h.first("BORE-RA")), float(h.first("BORE-DEC"))
+    else:
+        # No boresight: the detector centre stands in for it (single-detector cameras).
+        ra_c, dec_c = wcs.all_pix2world((nx - 1) / 2.0, (ny - 1) / 2.0, 0)
+        bore_ra, bore_dec = float(ra_c), float(dec_c)
+    rot = h.first("ROTANGLE")
+    rotation = float(rot) if rot is not None else _rotation_angle_deg(wcs)
+    lon = h.first("OBS-LONG", "OBSGEO-L")
+    lat = h.first("OBS-LAT", "OBSGEO-B")
+    height = h.first("OBS-ELEV", "OBSGEO-H")
+    site = ((float(lon), float(lat), float(height if height is not None else 0.0))
+            if lon is not None and lat is not None else DEFAULT_OBSERVATORY)
+    visit_info = VisitInfo(
+        visit=visit, exposure_time_s=exposure_time_s, mjd_tai=mjd_tai, band=band, physical_filter=physical_filter,
+        boresight_ra_deg=bore_ra, boresight_dec_deg=bore_dec, rotation_angle_deg=rotation,
+        airmass=float(h.first("AIRMASS")) if h.first("AIRMASS") is not None else math.nan,
+        instrument=_instrument_key(name), observatory_lon_lat_height=site,
+    )
+    gain = h.number("GAIN", meaning="gain, e-/count", example="1.5")
+    read_noise = h.number("RDNOISE", "READNOIS", meaning="read noise, e-", example="5.0")
+    saturation = h.number("SATURATE", meaning="saturation level, counts", example="60000")
+    detector = DetectorInfo(id=det_id, name=str(h.first("DETNAME", "CCDNAME") or "").strip(),
+                            gain_e_per_count=gain, read_noise_e=read_noise, saturation_count=saturation)
+    return visit_info, detector
+
+
+def _noise_model(image: npt.NDArray[np.float32], detector: DetectorInfo
+                 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint32], npt.NDArray[np.float32]]:
+    """Image with NaN set to 0, mask (SAT, NO_DATA) and Poisson + read-noise variance in counts²."""
+    gain = detector.gain_e_per_count
+    read_term = (detector.read_noise_e / gain) ** 2
+    no_data = ~np.isfinite(image)
+    clean = np.where(no_data, np.float32(0.0), image).astype(np.float32)
+    variance = (np.maximum(clean, 0.0) / gain + read_term).astype(np.float32)
+    mask = np.zeros(image.shape, dtype=MASK_DTYPE)
+    mask[clean >= detector.saturation_count] |= MASK_DTYPE(int(MaskPlane.SAT))
+    mask[no_data] |= MASK_DTYPE(int(MaskPlane.NO_DATA))
+    return clean, mask, variance
+
+
+def _apply_overrides_to_exposure(exposure: Exposure, overrides: Mapping[str, Any], instrument: str | None,
+                                 path: str) -> Exposure:
+    """Overrides for a file in our layout with a lossless ``METADATA`` extension."""
+    visit_fields = {"VISIT": ("visit", int), "EXPTIME": ("exposure_time_s", float), "FILTER": ("physical_filter", str),
+                    "BAND": ("band", str), "AIRMASS": ("airmass", float), "INSTRUME": ("instrument", str),
+                    "BORE-RA": ("boresight_ra_deg", float), "BORE-DEC": ("boresight_dec_deg", float),
+                    "ROTANGLE": ("rotation_angle_deg", float)}
+    det_fields = {"DETECTOR": ("id", int), "DETNAME": ("name", str), "GAIN": ("gain_e_per_count", float),
+                  "RDNOISE": ("read_noise_e", float), "SATURATE": ("saturation_count", float)}
+    vi = exposure.visit_info.to_dict()
+    det = exposure.detector.to_dict()
+    for key, value in overrides.items():
+        k = str(key).upper()
+        try:
+            if k in visit_fields:
+                vi[visit_fields[k][0]] = visit_fields[k][1](value)
+            elif k in det_fields:
+                det[det_fields[k][0]] = det_fields[k][1](value)
+        except (TypeError, ValueError):
+            raise IngestError(path, f"override {k}={value!r} has the wrong type",
+                              f"pass a {visit_fields.get(k, det_fields.get(k, ('', str)))[1].__name__}") from None
+    if instrument:
+        vi["instrument"] = instrument
+    vi["instrument"] = _instrument_key(str(vi["instrument"]))
+    return exposure.replace(visit_info=VisitInfo.from_dict(vi), detector=DetectorInfo.from_dict(det))
+
+
+def _first_image_hdu(hdul: fits.HDUList) -> int | None:
+    for i, hdu in enumerate(hdul):
+        if isinstance(hdu, fits.PrimaryHDU | fits.ImageHDU | fits.CompImageHDU) and hdu.header.get("NAXIS", 0) == 2:
+            return i
+    return None
+
+
+def read_raw_file(path: str, *, instrument: str | None = None, overrides: Mapping[str, Any] | None = None,
+                  snap_keyword: str = "SNAP") -> RawFile:
+    """Read one input file into an :class:`Exposure` (see the module docstring for the rules).
+
+    Parameters
+    ----------
+    path
+        Local path or fsspec URL of a FITS file.
+    instrument
+        Instrument name; defaults to ``INSTRUME`` (else ``unknown``).
+    overrides
+        Header keyword → value, applied before reading.
+    snap_keyword
+        Keyword holding the snap index (0 or 1), if the files carry one.
+
+    Raises
+    ------
+    IngestError
+        The file cannot be read or lacks something; the message names the fix.
+    """
+    overrides = dict(overrides or {})
+    try:
+        with fsspec.open(str(path), "rb") as f:
+            data = f.read()
+    except (OSError, ValueError) as exc:
+        raise IngestError(str(path), f"cannot read the file ({exc})", "check the path and permissions") from None
+    try:
+        with fits.open(io.BytesIO(data), memmap=False) as hdul:
+            # Cameras write slightly non-standard headers: fix what astropy can, quietly.
+            hdul.verify("silentfix+ignore")
+            return _read_hdul(hdul, str(path), data, instrument, overrides, snap_keyword)
+    except IngestError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, DatasetError) as exc:
+        raise IngestError(str(path), f"not a usable FITS file ({type(exc).__name__}: {exc})",
+                          "check that it is a FITS image with a 2-D array") from None
+
+
+def _read_hdul(hdul: fits.HDUList, path: str, data: bytes, instrument: str | None,
+               overrides: Mapping[str, Any], snap_keyword: str) -> RawFile:
+    sha = hashlib.sha256(data).hexdigest()
+    names = {str(h.header.get("EXTNAME", "")).upper() for h in hdul[1:]}
+    layered = {"IMAGE", "MASK", "VARIANCE"} <= names
+    snap_key = _long_key(snap_keyword.upper())
+    if layered and "METADATA" in names:
+        exposure = _apply_overrides_to_exposure(exposure_from_hdulist(hdul), overrides, instrument, path)
+        h = _Header(hdul[0].header, overrides, path)
+        return RawFile(path, exposure, _snap(h, snap_key), sha)
+    if layered:
+        by_name = {str(hdu.header.get("EXTNAME", "")).upper(): hdu for hdu in hdul[1:]}
+        merged = hdul[0].header.copy()
+        merged.extend(by_name["IMAGE"].header, update=True, strip=True)
+        image = np.asarray(by_name["IMAGE"].data, dtype=np.float32)
+        mask = read_mask_hdu(by_name["MASK"])
+        variance = np.asarray(by_name["VARIANCE"].data, dtype=np.float32)
+    else:
+        index = _first_image_hdu(hdul)
+        if index is None:
+            raise IngestError(path, "no 2-D image in any HDU", "ingest a FITS image (NAXIS = 2)")
+        merged = hdul[0].header.copy()
+        if index > 0:
+            merged.extend(hdul[index].header, update=True, strip=True)
+        image = np.asarray(hdul[index].data, dtype=np.float32)
+        mask = variance = None
+    h = _Header(merged, overrides, path)
+    unit = str(h.first("BUNIT") or "").strip().lower()
+    if variance is None and unit not in _COUNT_UNITS:
+        raise IngestError(path, f"BUNIT = {unit!r}: the variance is computed from counts and this image is not "
+                          f"in counts", "convert the image to counts, or pass overrides={'BUNIT': 'adu'} if it is")
+    exposure_time = h.number("EXPTIME", meaning="exposure time, s", example="30.0")
+    mjd_tai = _mid_exposure_mjd_tai(h, exposure_time)
+    wcs = wcs_from_header(h.header)
+    if wcs is None:
+        h.raise_if_missing()  # report missing keywords first: they are the commoner problem
+        raise IngestError(path, "no celestial WCS in the header (CTYPE1/2, CRVAL1/2, CRPIX1/2, CD or PC)",
+                          "solve the field (e.g. astrometry.net) and add its WCS keywords, or pass them via "
+                          "overrides={'CTYPE1': 'RA---TAN', 'CTYPE2': 'DEC--TAN', 'CRVAL1': ..., ...}")
+    visit_info, detector = _infos(h, instrument=instrument, wcs=wcs, shape=image.shape,  # type: ignore[arg-type]
+                                  exposure_time_s=exposure_time, mjd_tai=mjd_tai)
+    h.raise_if_missing()
+    if not (detector.gain_e_per_count > 0):
+        raise IngestError(path, f"GAIN = {detector.gain_e_per_count} must be positive",
+                          "pass overrides={'GAIN': <e-/count>}")
+    if mask is None or variance is None:
+        image, mask, variance = _noise_model(image, detector)
+    origin = (-int(h.first("LTV1") or 0), -int(h.first("LTV2") or 0))
+    exposure = Exposure(image=image, mask=mask, variance=variance, visit_info=visit_info, detector=detector,
+                        wcs=wcs, origin=origin, metadata={"ingest.source": path, "ingest.sha256": sha,
+                                                          "ingest.object": str(h.first("OBJECT") or "")})
+    return RawFile(path, exposure, _snap(h, snap_key), sha)
+
+
+def _snap(h: _Header, snap_key: str) -> int | None:
+    key = snap_key.replace("HIERARCH ", "")
+    value = h.first(key)
+    if value is None:
+        return None
+    try:
+        snap = int(value)
+    except (TypeError, ValueError):
+        raise IngestError(h.path, f"{key} = {value!r} is not an integer", f"pass overrides={{{key!r}: 0}}") from None
+    if snap not in (0, 1):
+        raise IngestError(h.path, f"{key} = {snap}: a visit has snaps 0 and 1 only",
+                          f"pass overrides={{{key!r}: 0}} or {{{key!r}: 1}}")
+    return snap
+
+
+def _assign_snaps(group: Sequence[RawFile]) -> list[tuple[RawFile, int]]:
+    """Snap index for each file of one (instrument, visit, detector); raises IngestError on conflicts."""
+    first = group[0]
+    vi, det = first.exposure.visit_info, first.exposure.detector
+    label = f"visit {vi.visit} detector {det.id} of {vi.instrument}"
+    others = ", ".join(r.path for r in group)
+    if len(group) > 2:
+        raise IngestError(first.path, f"{len(group)} files are {label} ({others}); a visit has at most two snaps",
+                          "give the files distinct VISIT values (in the headers or via overrides) or ingest "
+                          "them in separate calls")
+    if len(group) == 2:
+        a, b = group[0].exposure, group[1].exposure
+        if a.shape != b.shape or a.origin != b.origin:
+            raise IngestError(first.path, f"the two snaps of {label} ({others}) differ in shape "
+                              f"({a.shape} vs {b.shape}) or origin ({a.origin} vs {b.origin})",
+                              "these are not snaps of one visit: give them different VISIT values via overrides")
+        if a.visit_info.band != b.visit_info.band:
+            raise IngestError(first.path, f"the two snaps of {label} ({others}) have bands "
+                              f"{a.visit_info.band!r} and {b.visit_info.band!r}",
+                              "these are not snaps of one visit: give them different VISIT values via overrides")
+    snaps = [r.snap for r in group]
+    if all(s is not None for s in snaps):
+        if len(set(snaps)) != len(snaps):
+            raise IngestError(first.path, f"files {others} of {label} carry the same snap number {snaps[0]}",
+                              "fix the SNAP keywords or pass different VISIT values via overrides")
+        return [(r, int(r.snap)) for r in group]  # type: ignore[arg-type]
+    if len(group) == 2 and any(s is not None for s in snaps):
+        raise IngestError(first.path, f"only one of {others} ({label}) has a snap keyword",
+                          "set the SNAP keyword on both files or on neither")
+    ordered = sorted(group, key=lambda r: (r.exposure.visit_info.mjd_tai, r.path))
+    return [(r, i) for i, r in enumerate(ordered)]
+
+
+def ingest_files(store: ArtifactStore, paths: Iterable[str], *, run: str = "raw", instrument: str | None = None,
+                 overrides: Mapping[str, Any] | None = None, snap_keyword: str = "SNAP") -> IngestReport:
+    """Read FITS files and store them as ``post_isr_image`` datasets.
+
+    Parameters
+    ----------
+    store
+        Artifact store to write into.
+    paths
+        Local paths or fsspec URLs.
+    run
+        Collection to write into.
+    instrument
+        Instrument name for every file (default: each file's ``INSTRUME``).
+    overrides
+        Header keyword → value for every file (e.g. ``{"GAIN": 1.6}``).
+    snap_keyword
+        Header keyword numbering the snaps of a visit.
+
+    Returns
+    -------
+    IngestReport
+        The references written and the files that failed, with the fix for each.
+    """
+    failures: list[tuple[str, str]] = []
+    raws: list[RawFile] = []
+    for path in paths:
+        try:
+            raws.append(read_raw_file(str(path), instrument=instrument, overrides=overrides,
+                                      snap_keyword=snap_keyword))
+        except IngestError as exc:
+            failures.append((exc.path, str(exc)))
+    groups: dict[tuple[str, int, int], list[RawFile]] = {}
+    for raw in raws:
+        vi = raw.exposure.visit_info
+        groups.setdefault((vi.instrument, vi.visit, raw.exposure.detector.id), []).append(raw)
+    refs: list[DatasetRef] = []
+    for (inst, visit, det), group in sorted(groups.items()):
+        try:
+            assigned = _assign_snaps(group)
+        except IngestError as exc:
+            failures.extend((r.path, f"{r.path}: {exc.problem}. {exc.fix}") for r in group)
+            continue
+        for raw, snap in assigned:
+            try:
+                refs.append(store.put("post_isr_image", raw.exposure, run=run, instrument=inst, visit=visit,
+                                      detector=det, snap=snap,
+                                      provenance={"ingested_from": raw.path, "source_sha256": raw.sha256}))
+            except DatasetError as exc:
+                failures.append((raw.path, str(exc)))
+    return IngestReport(tuple(refs), tuple(failures))

@@ -1,0 +1,290 @@
+"""Source detection: PSF-matched filtering, thresholding, multi-threshold deblending (sep).
+
+The image is divided by a smooth map of the sky noise and correlated with the
+PSF (a Gaussian of ``psf_sigma_pix``), so a footprint is the set of pixels
+whose filtered S/N is at least ``threshold_snr`` (Rubin's ``pixel_stdev``
+threshold on the PSF-smoothed image). sep finds the footprints and splits
+them into children (``deblend_nthresh`` levels, ``deblend_cont``). Each
+child's peak S/N is then computed with the per-pixel variance, including the
+source's own Poisson noise, as ``sum(K I) / sqrt(sum(K^2 V))`` at the filtered
+peak; children below ``peak_threshold_snr`` are dropped (their pixels stay in
+``DETECTED`` so later background estimates ignore them). Footprints are
+grown by ``grow_sigma * psf_sigma_pix`` (Rubin ``nSigmaToGrow``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import sep
+from astropy.table import Table
+from scipy import ndimage
+
+from ..errors import ConfigError, StepFailedError
+from ..footprints import Detections
+from ..masks import MASK_DTYPE, MaskPlane
+from ..psf import GaussianPsf
+
+SOURCE_COLUMNS = ("label", "parent_label", "x_peak", "y_peak", "peak_value", "peak_snr", "npix",
+                  "deblend_nChild", "deblend_nPeaks", "x", "y", "sep_flag")
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    """Configuration of :func:`detect_sources` (Rubin names in brackets)."""
+
+    #: Footprint threshold: per-pixel S/N of the PSF-filtered image [thresholdValue].
+    threshold_snr: float = 10.0
+    #: Minimum S/N at a child's peak [thresholdValue * includeThresholdMultiplier].
+    peak_threshold_snr: float = 50.0
+    #: Footprints are grown by this many PSF sigmas [nSigmaToGrow].
+    grow_sigma: float = 2.4
+    #: Minimum footprint area (pixels) [minPixels].
+    min_pixels: int = 1
+    #: Number of deblending sub-thresholds (sep ``deblend_nthresh``).
+    deblend_nthresh: int = 32
+    #: Minimum flux fraction of a child (sep ``deblend_cont``; 1 disables deblending).
+    deblend_cont: float = 0.005
+    #: Pixels in these planes are excluded from detection.
+    excluded_planes: MaskPlane = MaskPlane.BAD | MaskPlane.NO_DATA
+    #: Bin size (pixels) of the smooth sky-noise map.
+    noise_bin_size_pix: int = 128
+    #: Initial sep pixel stack (pixels in footprints being processed); multiplied by 4 and
+    #: retried when full, up to ``max_pixstack`` (a large stack costs ~20 ns per entry per call).
+    pixstack: int = 1_000_000
+    max_pixstack: int = 64_000_000
+    #: sep limit on sub-objects during deblending.
+    sub_object_limit: int = 20_000
+
+    def validate(self) -> None:
+        if not self.threshold_snr > 0:
+            raise ConfigError("detection.threshold_snr must be > 0")
+        if self.peak_threshold_snr < self.threshold_snr:
+            raise ConfigError(
+                f"detection.peak_threshold_snr ({self.peak_threshold_snr}) must be >= threshold_snr "
+                f"({self.threshold_snr})"
+            )
+        if self.grow_sigma < 0:
+            raise ConfigError("detection.grow_sigma must be >= 0")
+        if self.min_pixels < 1:
+            raise ConfigError("detection.min_pixels must be >= 1")
+        if self.deblend_nthresh < 1 or not 0 <= self.deblend_cont <= 1:
+            raise ConfigError("detection.deblend_nthresh must be >= 1 and deblend_cont in [0, 1]")
+        if self.noise_bin_size_pix < 8:
+            raise ConfigError("detection.noise_bin_size_pix must be >= 8")
+        if self.pixstack < 1000 or self.max_pixstack < self.pixstack or self.sub_object_limit < 100:
+            raise ConfigError("detection needs 1000 <= pixstack <= max_pixstack and sub_object_limit >= 100")
+
+
+@dataclass(frozen=True, eq=False)
+class DetectionResult:
+    """Result of :func:`detect_sources`."""
+
+    detections: Detections
+    mask: npt.NDArray[np.uint32]  #: input mask with ``DETECTED`` set on every grown footprint
+    n_footprints: int  #: parent footprints holding at least one kept source
+    n_peaks: int  #: kept sources (children and isolated)
+
+
+def _empty_sources() -> Table:
+    t = Table()
+    for name in SOURCE_COLUMNS:
+        dtype = np.int64 if name in ("label", "parent_label", "npix", "deblend_nChild", "deblend_nPeaks",
+                                     "sep_flag") else np.float64
+        t[name] = np.zeros(0, dtype=dtype)
+    return t
+
+
+def _sky_sigma_map(variance: npt.NDArray[np.float32], excluded: npt.NDArray[np.bool_],
+                   bin_size: int) -> npt.NDArray[np.float32]:
+    """Smooth (binned-median, block-constant) map of the sky noise sigma."""
+    ny, nx = variance.shape
+    step = max(1, bin_size // 16)
+    sub = np.where(excluded[::step, ::step] | ~(variance[::step, ::step] > 0), np.nan,
+                   variance[::step, ::step]).astype(np.float32)
+    per = bin_size // step
+    nby, nbx = math.ceil(sub.shape[0] / per), math.ceil(sub.shape[1] / per)
+    padded = np.full((nby * per, nbx * per), np.nan, dtype=np.float32)
+    padded[: sub.shape[0], : sub.shape[1]] = sub
+    blocks = padded.reshape(nby, per, nbx, per).transpose(0, 2, 1, 3).reshape(nby, nbx, -1)
+    finite = np.isfinite(blocks).any(axis=2)
+    med = np.full((nby, nbx), np.nan, dtype=np.float32)
+    if finite.any():
+        med[finite] = np.nanmedian(blocks[finite], axis=1)
+    good_all = sub[np.isfinite(sub)]
+    fill = np.float32(np.median(good_all)) if good_all.size else np.float32(1.0)
+    med = np.where(np.isfinite(med), med, fill)
+    full = np.repeat(np.repeat(np.sqrt(med), bin_size, axis=0), bin_size, axis=1)
+    return np.ascontiguousarray(full[:ny, :nx])
+
+
+def detect_sources(
+    image: npt.NDArray[np.floating],
+    variance: npt.NDArray[np.floating],
+    mask: npt.NDArray[np.integer],
+    *,
+    psf_sigma_pix: float,
+    config: DetectionConfig = DetectionConfig(),
+    origin: tuple[int, int] = (0, 0),
+) -> DetectionResult:
+    """Detect and deblend sources on a background-subtracted image.
+
+    Parameters
+    ----------
+    image, variance, mask
+        Pixel arrays (``[y, x]``); not modified.
+    psf_sigma_pix
+        Gaussian sigma of the PSF (pixels); sets the matched filter and the growth.
+    config
+        Thresholds, growth and deblending.
+    origin
+        Parent coordinates of ``image[0, 0]``; added to every position.
+
+    Returns
+    -------
+    DetectionResult
+        No sources is a valid, empty result.
+
+    Raises
+    ------
+    ConfigError
+        Invalid config or PSF width.
+    StepFailedError
+        sep ran out of its pixel stack or object limit (raise ``pixstack``).
+    """
+    config.validate()
+    if not (psf_sigma_pix > 0 and math.isfinite(psf_sigma_pix)):
+        raise ConfigError(f"psf_sigma_pix must be positive and finite, got {psf_sigma_pix}")
+    img = np.asarray(image, dtype=np.float32)
+    var = np.asarray(variance, dtype=np.float32)
+    msk = np.asarray(mask, dtype=MASK_DTYPE)
+    ny, nx = img.shape
+    excluded = ((msk & MASK_DTYPE(int(config.excluded_planes))) != 0) | ~np.isfinite(img)
+
+    half = int(7 * psf_sigma_pix + 0.5) // 2  # Rubin's smoothing-kernel width int(7 sigma + 0.5)//2*2+1
+    kernel = GaussianPsf(psf_sigma_pix).image(0.0, 0.0, size=2 * max(half, 1) + 1).astype(np.float32)
+    k_norm = float(np.sqrt(np.sum(kernel.astype(np.float64) ** 2)))
+    sky_sigma = _sky_sigma_map(var, excluded, config.noise_bin_size_pix)
+    data = np.ascontiguousarray(np.where(excluded, 0.0, img) / sky_sigma, dtype=np.float32)
+
+    objects, seg = _run_sep(data, float(config.threshold_snr * k_norm), excluded, kernel, config)
+    seg = np.asarray(seg, dtype=np.int32)
+    grow = int(round(0.886 * int(config.grow_sigma * psf_sigma_pix + 0.5)))  # square of the disk's area
+    # Every footprint is grown (sources below the peak threshold too, so that they are DETECTED
+    # and ignored by later background estimates); labels keep only the retained sources.
+    grown = _grow_labels(seg, grow) if grow > 0 and len(objects) else seg
+    out_mask = msk | np.where(grown > 0, MASK_DTYPE(int(MaskPlane.DETECTED)), MASK_DTYPE(0))
+
+    if len(objects) == 0:
+        dets = Detections(np.zeros((ny, nx), np.int32), _empty_sources(), (int(origin[0]), int(origin[1])),
+                          float(config.threshold_snr), float(config.peak_threshold_snr))
+        return DetectionResult(dets, out_mask, 0, 0)
+
+    xc = np.asarray(objects["xcpeak"], dtype=np.int64)
+    yc = np.asarray(objects["ycpeak"], dtype=np.int64)
+    snr = _peak_snr(img, var, excluded, kernel, xc, yc)
+    keep = snr >= config.peak_threshold_snr
+
+    # Parent footprints: connected sets of sep pixels (children of one parent touch).
+    parents, _ = ndimage.label(seg > 0, structure=np.ones((3, 3), dtype=bool))
+    parent_of = parents[yc, xc].astype(np.int64)
+    n_children = np.bincount(parent_of, minlength=int(parent_of.max()) + 1)
+    kept_idx = np.flatnonzero(keep)
+    n_kept = kept_idx.size
+
+    lut = np.zeros(len(objects) + 1, dtype=np.int32)
+    lut[kept_idx + 1] = np.arange(1, n_kept + 1, dtype=np.int32)
+    labels = lut[grown]
+    npix = np.bincount(labels.ravel(), minlength=n_kept + 1)[1:]
+
+    # Parents are renumbered 1..n over those that keep a source; isolated sources get 0.
+    kept_parents = parent_of[kept_idx]
+    uniq, parent_rank = np.unique(kept_parents, return_inverse=True)
+    n_peaks_in_parent = n_children[kept_parents]
+    parent_label = np.where(n_peaks_in_parent > 1, parent_rank + 1, 0)
+
+    x0, y0 = int(origin[0]), int(origin[1])
+    sources = Table()
+    sources["label"] = np.arange(1, n_kept + 1, dtype=np.int64)
+    sources["parent_label"] = parent_label.astype(np.int64)
+    sources["x_peak"] = (xc[kept_idx] + x0).astype(np.float64)
+    sources["y_peak"] = (yc[kept_idx] + y0).astype(np.float64)
+    sources["peak_value"] = img[yc[kept_idx], xc[kept_idx]].astype(np.float64)
+    sources["peak_snr"] = snr[kept_idx]
+    sources["npix"] = npix.astype(np.int64)
+    sources["deblend_nChild"] = np.zeros(n_kept, dtype=np.int64)
+    sources["deblend_nPeaks"] = n_peaks_in_parent.astype(np.int64)
+    # Isophotal barycentre of the filtered image (sub-pixel), parent coordinates.
+    sources["x"] = np.asarray(objects["x"], dtype=np.float64)[kept_idx] + x0
+    sources["y"] = np.asarray(objects["y"], dtype=np.float64)[kept_idx] + y0
+    sources["sep_flag"] = np.asarray(objects["flag"], dtype=np.int64)[kept_idx]
+    for name in ("x_peak", "y_peak", "x", "y"):
+        sources[name].unit = "pix"
+
+    dets = Detections(labels, sources, (x0, y0), float(config.threshold_snr), float(config.peak_threshold_snr))
+    return DetectionResult(dets, out_mask, int(uniq.size), int(n_kept))
+
+
+def _run_sep(data: npt.NDArray[np.float32], thresh: float, excluded: npt.NDArray[np.bool_],
+             kernel: npt.NDArray[np.float32], config: DetectionConfig) -> tuple[np.ndarray, np.ndarray]:
+    """sep.extract with a pixel stack grown on demand."""
+    sep.set_sub_object_limit(int(config.sub_object_limit))
+    stack = int(config.pixstack)
+    while True:
+        sep.set_extract_pixstack(stack)
+        try:
+            return sep.extract(
+                data, thresh, mask=excluded, minarea=int(config.min_pixels), filter_kernel=kernel,
+                filter_type="conv", deblend_nthresh=int(config.deblend_nthresh),
+                deblend_cont=float(config.deblend_cont), clean=False, segmentation_map=True,
+            )
+        except Exception as exc:  # sep raises a bare Exception for its internal limits
+            full = "pixel buffer full" in str(exc)
+            if full and stack < config.max_pixstack:
+                stack = min(stack * 4, int(config.max_pixstack))
+                continue
+            raise StepFailedError(
+                f"sep.extract failed ({exc}); raise detection.max_pixstack / sub_object_limit or the "
+                "threshold for this crowded frame",
+                metadata={"pixstack": stack, "sub_object_limit": config.sub_object_limit},
+            ) from exc
+
+
+def _peak_snr(img: npt.NDArray[np.float32], var: npt.NDArray[np.float32], excluded: npt.NDArray[np.bool_],
+              kernel: npt.NDArray[np.float32], xc: npt.NDArray[np.int64],
+              yc: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+    """Matched-filter S/N ``sum(K I) / sqrt(sum(K^2 V))`` at each peak, per-pixel variance."""
+    ny, nx = img.shape
+    h = kernel.shape[0] // 2
+    offs = np.arange(-h, h + 1)
+    sy = yc[:, None, None] + offs[None, :, None]
+    sx = xc[:, None, None] + offs[None, None, :]
+    inside = (sy >= 0) & (sy < ny) & (sx >= 0) & (sx < nx)
+    sy, sx = np.clip(sy, 0, ny - 1), np.clip(sx, 0, nx - 1)
+    k = np.where(inside & ~excluded[sy, sx], kernel[None].astype(np.float64), 0.0)
+    num = np.sum(k * img[sy, sx], axis=(1, 2))
+    den = np.sum(k * k * np.maximum(var[sy, sx], 0.0), axis=(1, 2))
+    return np.where(den > 0, num / np.sqrt(np.where(den > 0, den, 1.0)), 0.0)
+
+
+def _grow_labels(labels: npt.NDArray[np.int32], r: int) -> npt.NDArray[np.int32]:
+    """Grow labels into unlabelled pixels by a square of half-width ``r`` (larger label wins ties).
+
+    Shifted in-place maxima (2r per axis) run on contiguous memory; scipy's 1-D maximum
+    filter along axis 0 is ~10x slower on a 4k x 4k image.
+    """
+    grown = labels.copy()
+    for axis in (0, 1):
+        src = grown.copy()
+        n = src.shape[axis]
+        for k in range(1, min(r, n - 1) + 1):
+            if axis == 0:
+                np.maximum(grown[k:], src[:-k], out=grown[k:])
+                np.maximum(grown[:-k], src[k:], out=grown[:-k])
+            else:
+                np.maximum(grown[:, k:], src[:, :-k], out=grown[:, k:])
+                np.maximum(grown[:, :-k], src[:, k:], out=grown[:, :-k])
+    return np.where(labels > 0, labels, grown).astype(np.int32)

@@ -1,0 +1,243 @@
+"""A starting Gaussian PSF measured from the data (Rubin installs a fixed 4 px FWHM).
+
+Bright, isolated, unsaturated local maxima are found directly in the
+background-subtracted image; each gets adaptive (Gaussian-weighted) second
+moments, computed for all stamps at once. Stars form the tightest cluster
+of sizes at the small end: cosmic rays are sharper (and rejected by a minimum
+size and an ellipticity cut), galaxies and blends are larger. The size is the
+densest peak of the distribution of log sizes, refined by a clipped median.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import ConfigError, PsfFitError
+from ..masks import MASK_DTYPE, MaskPlane
+from ..psf import GaussianPsf
+
+_NEIGHBOURS_8 = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
+@dataclass(frozen=True)
+class InitialPsfConfig:
+    """Configuration of :func:`estimate_initial_psf`."""
+
+    #: Minimum S/N of the peak pixel of a candidate.
+    min_peak_snr: float = 30.0
+    #: At most this many (brightest) candidates are measured.
+    max_candidates: int = 400
+    #: Half-size of the measurement stamp (pixels); fits FWHM up to ~15 px.
+    stamp_half_size_pix: int = 20
+    #: No brighter-or-equal peak and no masked pixel within this radius (pixels).
+    isolation_radius_pix: float = 12.0
+    #: Sizes below this sigma (pixels, pixel-corrected) are cosmic rays or hot pixels.
+    min_sigma_pix: float = 0.6
+    #: Sizes above this sigma (pixels) are ignored.
+    max_sigma_pix: float = 8.0
+    #: Adaptive-moment candidates more elongated than this are rejected (tracks, blends).
+    max_ellipticity: float = 0.3
+    #: Fewer usable stars than this raises :class:`~singleframe.errors.PsfFitError`.
+    min_stars: int = 5
+    #: Half-width (in ln sigma) of the cluster around the densest size.
+    cluster_half_width: float = 0.12
+    #: Mask planes that make a candidate unusable when set near it.
+    bad_planes: MaskPlane = MaskPlane.SAT | MaskPlane.BAD | MaskPlane.NO_DATA | MaskPlane.CR | MaskPlane.EDGE
+
+    def validate(self) -> None:
+        if not self.min_peak_snr > 0:
+            raise ConfigError("initial_psf.min_peak_snr must be > 0")
+        if self.max_candidates < 1 or self.min_stars < 1:
+            raise ConfigError("initial_psf.max_candidates and min_stars must be >= 1")
+        if self.stamp_half_size_pix < 4:
+            raise ConfigError("initial_psf.stamp_half_size_pix must be >= 4")
+        if not 0 < self.min_sigma_pix < self.max_sigma_pix:
+            raise ConfigError("initial_psf needs 0 < min_sigma_pix < max_sigma_pix")
+        if not 0 < self.max_ellipticity < 1:
+            raise ConfigError("initial_psf.max_ellipticity must be in (0, 1)")
+        if not self.cluster_half_width > 0:
+            raise ConfigError("initial_psf.cluster_half_width must be > 0")
+
+
+@dataclass(frozen=True, eq=False)
+class InitialPsfResult:
+    """Result of :func:`estimate_initial_psf`."""
+
+    sigma_pix: float  #: Gaussian sigma of the PSF (pixels), corrected for pixelisation
+    n_stars: int  #: stars in the size cluster
+    psf: GaussianPsf
+    n_candidates: int = 0  #: peaks measured
+    sizes_pix: npt.NDArray[np.float64] | None = None  #: measured sigma of every candidate (NaN = failed)
+
+
+def estimate_initial_psf(
+    image: npt.NDArray[np.floating],
+    variance: npt.NDArray[np.floating],
+    mask: npt.NDArray[np.integer],
+    *,
+    config: InitialPsfConfig = InitialPsfConfig(),
+    origin: tuple[int, int] = (0, 0),
+) -> InitialPsfResult:
+    """Measure the PSF width of a background-subtracted image from its bright stars.
+
+    Parameters
+    ----------
+    image, variance, mask
+        Pixel arrays (``[y, x]``), background subtracted.
+    config
+        Candidate selection and clustering.
+    origin
+        Parent coordinates of ``image[0, 0]`` (kept for the interface; the size is position-free).
+
+    Returns
+    -------
+    InitialPsfResult
+
+    Raises
+    ------
+    PsfFitError
+        Fewer than ``min_stars`` star-like candidates; ``metadata`` holds the counts.
+    """
+    config.validate()
+    img = np.asarray(image, dtype=np.float32)
+    var = np.asarray(variance, dtype=np.float32)
+    ny, nx = img.shape
+    bad = (np.asarray(mask) & MASK_DTYPE(int(config.bad_planes))) != 0
+    h = config.stamp_half_size_pix
+
+    # Candidates: bright pixels that are strict local maxima of their 3x3 neighbourhood.
+    cand = (img > 0) & (img * img > np.float32(config.min_peak_snr**2) * var) & ~bad
+    cand[:h, :] = cand[-h:, :] = False
+    cand[:, :h] = cand[:, -h:] = False
+    ys, xs = np.nonzero(cand)
+    meta = {"n_peaks": 0, "n_candidates": 0, "n_measured": 0, "n_stars": 0, "min_stars": config.min_stars}
+    if ys.size:
+        v = img[ys, xs]
+        is_max = np.ones(ys.size, dtype=bool)
+        for dy, dx in _NEIGHBOURS_8:
+            n = img[ys + dy, xs + dx]
+            is_max &= (v > n) if (dy, dx) < (0, 0) else (v >= n)
+        ys, xs, v = ys[is_max], xs[is_max], v[is_max]
+    meta["n_peaks"] = int(ys.size)
+    if ys.size:
+        ys, xs, v = _isolated(ys, xs, v, config.isolation_radius_pix)
+        order = np.argsort(v)[::-1][: config.max_candidates]
+        ys, xs = ys[order], xs[order]
+    meta["n_candidates"] = int(ys.size)
+    if ys.size < config.min_stars:
+        raise PsfFitError(
+            f"only {ys.size} isolated unsaturated peaks with S/N >= {config.min_peak_snr} "
+            f"(need {config.min_stars}); the frame has too few bright stars for an initial PSF",
+            metadata=meta,
+        )
+
+    offs = np.arange(-h, h + 1)
+    sy = ys[:, None, None] + offs[None, :, None]
+    sx = xs[:, None, None] + offs[None, None, :]
+    stamps = img[sy, sx].astype(np.float64)
+    stamp_bad = bad[sy, sx]
+    # A masked pixel within the isolation radius spoils the moments.
+    rr = offs[:, None] ** 2 + offs[None, :] ** 2
+    near = rr <= config.isolation_radius_pix**2
+    clean = ~np.any(stamp_bad & near[None], axis=(1, 2))
+    stamps = np.where(stamp_bad, 0.0, stamps)
+    sigma, e = _adaptive_sigma(stamps, offs)
+    good = clean & np.isfinite(sigma) & (e <= config.max_ellipticity)
+    # The moments of a pixel-integrated profile include the pixel's own 1/12 px^2.
+    sigma_c = np.sqrt(np.maximum(sigma * sigma - 1.0 / 12.0, 1e-6))
+    good &= (sigma_c >= config.min_sigma_pix) & (sigma_c <= config.max_sigma_pix)
+    meta["n_measured"] = int(good.sum())
+    if good.sum() < config.min_stars:
+        raise PsfFitError(
+            f"only {int(good.sum())} of {ys.size} candidates have clean, round, star-like moments "
+            f"(need {config.min_stars}); cannot estimate an initial PSF",
+            metadata=meta,
+        )
+    best, n_stars = _densest_size(np.log(sigma_c[good]), config.cluster_half_width)
+    meta["n_stars"] = n_stars
+    if n_stars < config.min_stars:
+        raise PsfFitError(
+            f"the tightest size cluster holds {n_stars} stars (need {config.min_stars}); "
+            "the size distribution has no clear stellar locus",
+            metadata=meta,
+        )
+    s = float(math.exp(best))
+    sizes = np.where(good, sigma_c, np.nan)
+    return InitialPsfResult(s, int(n_stars), GaussianPsf(s), int(ys.size), sizes)
+
+
+def _isolated(ys: npt.NDArray[np.intp], xs: npt.NDArray[np.intp], v: npt.NDArray[np.float32],
+              radius: float) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.float32]]:
+    """Keep peaks with no other candidate peak within ``radius`` (k-d tree, no O(n^2) matrix)."""
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(np.column_stack([xs, ys]).astype(float))
+    counts = np.array([len(n) for n in tree.query_ball_point(tree.data, r=radius)])
+    keep = counts == 1
+    return ys[keep], xs[keep], v[keep]
+
+
+def _adaptive_sigma(stamps: npt.NDArray[np.float64], offs: npt.NDArray[np.int_],
+                    n_iter: int = 30) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Adaptive moments of all stamps at once: sigma (px, incl. pixel) and ellipticity."""
+    n = stamps.shape[0]
+    yy = offs[:, None].astype(float)
+    xx = offs[None, :].astype(float)
+    cx = np.zeros(n)
+    cy = np.zeros(n)
+    ixx = np.full(n, 2.0)
+    iyy = np.full(n, 2.0)
+    ixy = np.zeros(n)
+    for _ in range(n_iter):
+        det = ixx * iyy - ixy * ixy
+        dx = xx[None] - cx[:, None, None]
+        dy = yy[None] - cy[:, None, None]
+        q = (iyy[:, None, None] * dx * dx - 2 * ixy[:, None, None] * dx * dy + ixx[:, None, None] * dy * dy) / det[:, None, None]
+        w = np.exp(-0.5 * np.minimum(q, 50.0)) * stamps
+        s0 = w.sum(axis=(1, 2))
+        s0 = np.where(s0 > 0, s0, np.nan)
+        mx = (w * dx).sum(axis=(1, 2)) / s0
+        my = (w * dy).sum(axis=(1, 2)) / s0
+        mxx = (w * dx * dx).sum(axis=(1, 2)) / s0 - mx * mx
+        myy = (w * dy * dy).sum(axis=(1, 2)) / s0 - my * my
+        mxy = (w * dx * dy).sum(axis=(1, 2)) / s0 - mx * my
+        # For a Gaussian object the weighted moments are half the true ones at convergence.
+        cx = np.clip(cx + mx, -2.0, 2.0)
+        cy = np.clip(cy + my, -2.0, 2.0)
+        ixx = np.clip(2 * mxx, 0.05, 400.0)
+        iyy = np.clip(2 * myy, 0.05, 400.0)
+        ixy = np.clip(2 * mxy, -0.95 * np.sqrt(ixx * iyy), 0.95 * np.sqrt(ixx * iyy))
+        bad = ~np.isfinite(ixx + iyy + ixy + cx + cy)
+        ixx, iyy, ixy = np.where(bad, 2.0, ixx), np.where(bad, 2.0, iyy), np.where(bad, 0.0, ixy)
+        cx, cy = np.where(bad, 0.0, cx), np.where(bad, 0.0, cy)
+    det = ixx * iyy - ixy * ixy
+    sigma = np.where(det > 0, det ** 0.25, np.nan)
+    e = np.hypot(ixx - iyy, 2 * ixy) / (ixx + iyy)
+    sigma = np.where(np.isfinite(s0) & (s0 > 0), sigma, np.nan)
+    return sigma, e
+
+
+def _densest_size(log_sigma: npt.NDArray[np.float64], half_width: float) -> tuple[float, int]:
+    """Centre of the smallest-size dense cluster of ``log_sigma`` and its population."""
+    srt = np.sort(log_sigma)
+    # Count neighbours within +-half_width of each value (sorted, so two searchsorted calls).
+    lo = np.searchsorted(srt, srt - half_width, side="left")
+    hi = np.searchsorted(srt, srt + half_width, side="right")
+    counts = hi - lo
+    # Stars are the smallest tight cluster: the first value whose density is at least half
+    # of the maximum (galaxies can outnumber stars but are spread over many sizes).
+    first = int(np.argmax(counts >= 0.5 * counts.max()))
+    # Move to the local density peak near it.
+    j = first
+    while j + 1 < len(srt) and counts[j + 1] >= counts[j] and srt[j + 1] - srt[first] < half_width:
+        j += 1
+    members = srt[lo[j]: hi[j]]
+    centre = float(np.median(members))
+    for _ in range(3):
+        members = srt[np.abs(srt - centre) <= half_width]
+        centre = float(np.median(members))
+    return centre, int(members.size)

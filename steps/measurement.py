@@ -1,0 +1,550 @@
+"""Source measurement: centroids, adaptive shapes, PSF/aperture/Gaussian fluxes, pixel flags.
+
+Every source is measured on stacked stamps (one ``(n, s, s)`` array cut once),
+so centroids, moments and PSF fits are array operations over all sources at
+once; circular apertures use sep's exact-overlap sums. Pixels that belong to
+other sources' footprints are excluded from every measurement (Rubin's noise
+replacer replaces them by noise; excluding them gives the same expectation
+without adding noise).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import astropy.units as u
+import numpy as np
+import numpy.typing as npt
+import sep
+from astropy.table import Table
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ..errors import ConfigError
+from ..exposure import Exposure
+from ..fields import ChebyshevField
+from ..footprints import Detections
+from ..masks import MaskPlane
+from ..psf import adaptive_moments
+
+#: Fluxes that receive aperture corrections (Rubin's registered ap-corr plugins).
+AP_CORR_FIELDS = ("base_PsfFlux", "base_GaussianFlux")
+
+#: Pixel-flag suffix → mask plane, for "any pixel of the footprint" flags.
+_FOOTPRINT_FLAGS = {
+    "edge": MaskPlane.EDGE,
+    "nodata": MaskPlane.NO_DATA,
+    "saturated": MaskPlane.SAT,
+    "interpolated": MaskPlane.INTRP,
+    "cr": MaskPlane.CR,
+    "bad": MaskPlane.BAD,
+    "suspect": MaskPlane.SUSPECT,
+}
+#: Flags also computed on the 3x3 pixels around the centroid.
+_CENTER_FLAGS = {
+    "saturatedCenter": MaskPlane.SAT,
+    "interpolatedCenter": MaskPlane.INTRP,
+    "crCenter": MaskPlane.CR,
+    "suspectCenter": MaskPlane.SUSPECT,
+}
+
+
+@dataclass(frozen=True)
+class MeasurementConfig:
+    """Configuration of :func:`measure_sources`."""
+
+    #: Radii (pixels) of the circular apertures ``base_CircularApertureFlux_<r>_0``.
+    aperture_radii_pix: tuple[float, ...] = (3.0, 6.0, 9.0, 12.0, 17.0, 25.0)
+    #: Radius (pixels) of the compensated top-hat aperture.
+    compensated_radius_pix: float = 12.0
+    #: Inner/outer radius of the compensating annulus, in units of the aperture radius.
+    compensated_annulus_inner_factor: float = 1.0
+    compensated_annulus_outer_factor: float = 1.7
+    #: Side (pixels, odd) of the stamps for centroids, moments and the local background.
+    stamp_size_pix: int = 31
+    #: Side (pixels, odd, <= stamp_size_pix) of the stamps used for adaptive moments.
+    moments_stamp_size_pix: int = 25
+    #: Largest PSF stamp (pixels, odd) used by the PSF-flux fit.
+    max_psf_stamp_pix: int = 41
+    #: Annulus (pixels) of the local background (must fit in the stamp).
+    local_background_inner_pix: float = 7.0
+    local_background_outer_pix: float = 15.0
+    #: Adaptive-moment iterations and convergence tolerance (relative size / pixels).
+    adaptive_max_iterations: int = 40
+    adaptive_tolerance: float = 1e-6
+    #: Centroids further than this (pixels) from the peak are reset to the peak and flagged.
+    max_centroid_shift_pix: float = 2.0
+    #: Mask planes whose pixels are left out of the PSF, Gaussian and moment fits.
+    bad_mask_planes: tuple[str, ...] = ("BAD", "SAT", "NO_DATA", "CR")
+    #: Exclude pixels of other sources' footprints from every measurement.
+    replace_neighbours: bool = True
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` if the fields are inconsistent."""
+        if not self.aperture_radii_pix or any(not (r > 0) for r in self.aperture_radii_pix):
+            raise ConfigError(f"aperture_radii_pix must be positive, got {self.aperture_radii_pix}")
+        if not self.compensated_radius_pix > 0:
+            raise ConfigError("compensated_radius_pix must be > 0")
+        if not (1.0 <= self.compensated_annulus_inner_factor < self.compensated_annulus_outer_factor):
+            raise ConfigError("need 1 <= compensated_annulus_inner_factor < compensated_annulus_outer_factor")
+        for name in ("stamp_size_pix", "moments_stamp_size_pix", "max_psf_stamp_pix"):
+            v = getattr(self, name)
+            if v < 5 or v % 2 == 0:
+                raise ConfigError(f"{name} must be odd and >= 5, got {v}")
+        if self.moments_stamp_size_pix > self.stamp_size_pix:
+            raise ConfigError("moments_stamp_size_pix must not exceed stamp_size_pix")
+        if not (0 <= self.local_background_inner_pix < self.local_background_outer_pix <= self.stamp_size_pix // 2):
+            raise ConfigError(
+                "need 0 <= local_background_inner_pix < local_background_outer_pix <= stamp_size_pix // 2 "
+                f"(= {self.stamp_size_pix // 2}); enlarge stamp_size_pix or shrink the annulus"
+            )
+        if self.adaptive_max_iterations < 1 or not self.adaptive_tolerance > 0:
+            raise ConfigError("adaptive_max_iterations must be >= 1 and adaptive_tolerance > 0")
+        if not self.max_centroid_shift_pix > 0:
+            raise ConfigError("max_centroid_shift_pix must be > 0")
+        unknown = [p for p in self.bad_mask_planes if p not in MaskPlane.__members__]
+        if unknown:
+            raise ConfigError(f"unknown mask planes {unknown}; valid: {list(MaskPlane.__members__)}")
+
+
+@dataclass(frozen=True, eq=False)
+class MeasurementResult:
+    """Catalogue (one row per detection, Rubin column names, astropy units) and counts."""
+
+    catalog: Table
+    n_sources: int
+    n_flagged_centroid: int
+
+
+def aperture_name(radius_pix: float) -> str:
+    """Rubin's column stem of a circular aperture, e.g. 12 → ``base_CircularApertureFlux_12_0``."""
+    whole = int(math.floor(radius_pix))
+    tenths = int(round((radius_pix - whole) * 10))
+    return f"base_CircularApertureFlux_{whole}_{tenths}"
+
+
+def compensated_name(radius_pix: float) -> str:
+    """Column stem of the compensated top-hat flux, e.g. ``base_CompensatedTophatFlux_12``."""
+    return f"base_CompensatedTophatFlux_{int(round(radius_pix))}"
+
+
+def measure_sources(exposure: Exposure, detections: Detections, *,
+                    config: MeasurementConfig = MeasurementConfig(),
+                    ap_corr: Mapping[str, ChebyshevField] | None = None) -> MeasurementResult:
+    """Measure every detection of ``exposure``.
+
+    Parameters
+    ----------
+    exposure
+        Background-subtracted exposure (counts) with ``psf`` set; PSF-dependent
+        columns are NaN and flagged when it is None.
+    detections
+        Segmentation labels and peaks (parent coordinates).
+    config
+        Measurement options.
+    ap_corr
+        Optional aperture-correction fields (``name → ChebyshevField``) to apply
+        to ``base_PsfFlux`` and ``base_GaussianFlux``.
+
+    Returns
+    -------
+    MeasurementResult
+        ``catalog`` with one row per detection in label order.
+
+    Notes
+    -----
+    Centroids and shapes are HSM-style adaptive moments (elliptical Gaussian
+    weight iterated to its fixed point, :func:`singleframe.psf.adaptive_moments`);
+    the centroid stands in for SdssCentroid and is reset to the peak (and
+    flagged) when the iteration fails or wanders more than
+    ``max_centroid_shift_pix``. ``base_GaussianFlux`` is the flux of that
+    matched Gaussian. The PSF flux is the inverse-variance linear fit of the
+    PSF model at the fixed centroid.
+    """
+    config.validate()
+    src = detections.sources
+    if tuple(detections.origin) != tuple(exposure.origin) or detections.labels.shape != exposure.shape:
+        raise ConfigError(
+            f"detections (origin {detections.origin}, shape {detections.labels.shape}) do not match the exposure "
+            f"(origin {exposure.origin}, shape {exposure.shape}); detect on this exposure first"
+        )
+    n = len(src)
+    labels_id = np.asarray(src["label"], np.int64) if n else np.zeros(0, np.int64)
+    catalog = _measure(
+        exposure,
+        np.asarray(src["x_peak"], float) if n else np.zeros(0),
+        np.asarray(src["y_peak"], float) if n else np.zeros(0),
+        labels=np.asarray(detections.labels, np.int32),
+        own_label=labels_id,
+        recentre=True,
+        config=config,
+    )
+    catalog["id"] = labels_id
+    catalog["parent"] = np.asarray(src["parent_label"], np.int64) if n else np.zeros(0, np.int64)
+    for name in ("deblend_nChild", "deblend_nPeaks"):
+        catalog[name] = np.asarray(src[name], np.int32) if n else np.zeros(0, np.int32)
+    catalog = catalog[_column_order(catalog.colnames)]
+    if ap_corr:
+        catalog = apply_aperture_corrections(catalog, ap_corr)
+    return MeasurementResult(catalog, n, int(np.count_nonzero(catalog["base_SdssCentroid_flag"])))
+
+
+def measure_at_positions(exposure: Exposure, x: npt.ArrayLike, y: npt.ArrayLike, *,
+                         config: MeasurementConfig = MeasurementConfig()) -> Table:
+    """Measure fixed positions (e.g. sky sources) with the same columns as :func:`measure_sources`.
+
+    The centroid is not iterated (``base_SdssCentroid_x/_y`` are the inputs) and
+    no neighbour pixels are excluded; ``id`` and ``parent`` are 0.
+    """
+    config.validate()
+    xs = np.atleast_1d(np.asarray(x, float))
+    ys = np.atleast_1d(np.asarray(y, float))
+    catalog = _measure(exposure, xs, ys, labels=None, own_label=np.zeros(xs.size, np.int64),
+                       recentre=False, config=config)
+    catalog["id"] = np.zeros(xs.size, np.int64)
+    catalog["parent"] = np.zeros(xs.size, np.int64)
+    catalog["deblend_nChild"] = np.zeros(xs.size, np.int32)
+    catalog["deblend_nPeaks"] = np.zeros(xs.size, np.int32)
+    return catalog[_column_order(catalog.colnames)]
+
+
+def apply_aperture_corrections(catalog: Table, ap_corr: Mapping[str, ChebyshevField]) -> Table:
+    """Return a copy of ``catalog`` with aperture corrections applied.
+
+    For each ``name`` in ``ap_corr`` whose ``<name>_instFlux`` column exists,
+    adds ``<name>_apCorr``, ``<name>_apCorrErr`` and ``<name>_flag_apCorr``
+    (correction not finite and positive, or source outside the field's bbox)
+    and multiplies ``<name>_instFlux`` and ``<name>_instFluxErr`` by the
+    correction (errors are scaled, not inflated, as Rubin does by default).
+    """
+    out = catalog.copy(copy_data=True)
+    x = np.asarray(out["base_SdssCentroid_x"], float)
+    y = np.asarray(out["base_SdssCentroid_y"], float)
+    for name, field in ap_corr.items():
+        if f"{name}_instFlux" not in out.colnames:
+            continue
+        corr = np.asarray(field.evaluate(x, y), float).reshape(-1) if len(out) else np.zeros(0)
+        x_min, y_min, x_max, y_max = field.bbox
+        outside = (x < x_min - 0.5) | (x > x_max + 0.5) | (y < y_min - 0.5) | (y > y_max + 0.5)
+        bad = ~np.isfinite(corr) | ~(corr > 0) | outside
+        use = np.where(bad, 1.0, corr)
+        out[f"{name}_apCorr"] = corr
+        out[f"{name}_apCorrErr"] = np.full(len(out), float(field.error))
+        out[f"{name}_flag_apCorr"] = bad
+        flux = np.asarray(out[f"{name}_instFlux"], float) * use
+        err = np.asarray(out[f"{name}_instFluxErr"], float) * use
+        out[f"{name}_instFlux"] = np.where(bad, np.nan, flux)
+        out[f"{name}_instFluxErr"] = np.where(bad, np.nan, err)
+        out[f"{name}_instFlux"].unit = catalog[f"{name}_instFlux"].unit
+        out[f"{name}_instFluxErr"].unit = catalog[f"{name}_instFluxErr"].unit
+        if f"{name}_flag" in out.colnames:
+            out[f"{name}_flag"] = np.asarray(out[f"{name}_flag"], bool) | bad
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Implementation
+# --------------------------------------------------------------------------------------
+def _column_order(names: list[str]) -> list[str]:
+    head = ["id", "parent", "deblend_nChild", "deblend_nPeaks"]
+    return [c for c in head if c in names] + [c for c in names if c not in head]
+
+
+class _Stamps:
+    """Cut ``(n, 2 half + 1, 2 half + 1)`` stamps centred on array indices, for several planes.
+
+    Stamps fully inside the image are copied from a sliding-window view (fast
+    block copies); the few that overlap an edge are gathered pixel by pixel
+    with clipped indices (``inside`` tells which of their pixels are real).
+    """
+
+    def __init__(self, shape: tuple[int, int], ix: npt.NDArray[np.int64], iy: npt.NDArray[np.int64],
+                 half: int) -> None:
+        ny, nx = shape
+        self.half = half
+        self.size = 2 * half + 1
+        off = np.arange(-half, half + 1)
+        rows = iy[:, None] + off[None, :]
+        cols = ix[:, None] + off[None, :]
+        self.inside = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
+        self.interior = (iy - half >= 0) & (iy + half < ny) & (ix - half >= 0) & (ix + half < nx)
+        self.iy0 = iy[self.interior] - half
+        self.ix0 = ix[self.interior] - half
+        edge = ~self.interior
+        self.edge_flat = (np.clip(rows[edge], 0, ny - 1)[:, :, None] * nx
+                          + np.clip(cols[edge], 0, nx - 1)[:, None, :])
+
+    def cut(self, arr: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
+        out = np.empty((self.interior.size, self.size, self.size), dtype=arr.dtype)
+        if self.iy0.size:
+            out[self.interior] = sliding_window_view(arr, (self.size, self.size))[self.iy0, self.ix0]
+        if self.edge_flat.size:
+            out[~self.interior] = np.take(arr.reshape(-1), self.edge_flat)
+        return out
+
+
+def _bad_bits(config: MeasurementConfig) -> np.uint32:
+    bits = 0
+    for p in config.bad_mask_planes:
+        bits |= int(MaskPlane[p])
+    return np.uint32(bits)
+
+
+def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.NDArray[np.float64], *,
+             labels: npt.NDArray[np.int32] | None, own_label: npt.NDArray[np.int64], recentre: bool,
+             config: MeasurementConfig) -> Table:
+    n = x_start.size
+    ox, oy = exposure.origin
+    ny, nx = exposure.shape
+    image = exposure.image
+    variance = exposure.variance
+    mask = exposure.mask
+    bad_bits = _bad_bits(config)
+    psf = exposure.psf
+    cat = Table()
+
+    # --- centroids and adaptive moments on stacked stamps --------------------------
+    half = config.stamp_size_pix // 2
+    ix = np.round(x_start - ox).astype(np.int64)
+    iy = np.round(y_start - oy).astype(np.int64)
+    st = _Stamps(exposure.shape, ix, iy, half)
+    inside = st.inside
+    img_st, var_st, msk_st = st.cut(image), st.cut(variance), st.cut(mask)
+    valid = inside & ((msk_st & bad_bits) == 0) & (var_st > 0)
+    if labels is not None and config.replace_neighbours:
+        lab_st = st.cut(labels)
+        neighbour = (lab_st != 0) & (lab_st != own_label[:, None, None].astype(np.int32))
+        valid &= ~neighbour
+    else:
+        lab_st = None
+        neighbour = np.zeros_like(valid)
+    if psf is not None and n:
+        sigma0 = float(psf.sigma(*exposure.center_pix))
+        sigma0 = sigma0 if math.isfinite(sigma0) and sigma0 > 0 else 2.0
+    else:
+        sigma0 = 2.0
+    # Moments on the central sub-stamp: the adaptive weight is negligible beyond it for
+    # PSF-sized sources and the cost scales with the stamp area.
+    mh = min(config.moments_stamp_size_pix // 2, half)
+    sl = slice(half - mh, half + mh + 1)
+    am = adaptive_moments(img_st[:, sl, sl], variance=var_st[:, sl, sl], valid=valid[:, sl, sl],
+                          sigma_guess_pix=sigma0,
+                          x_guess=(x_start - ox) - ix, y_guess=(y_start - oy) - iy,
+                          max_iterations=config.adaptive_max_iterations, tolerance=config.adaptive_tolerance,
+                          recentre=recentre) if n else None
+    if am is not None:
+        shift = np.hypot(am.x + ix - (x_start - ox), am.y + iy - (y_start - oy))
+        shape_ok = am.converged & np.isfinite(am.xx) & np.isfinite(am.yy) & np.isfinite(am.xy)
+        cen_ok = shape_ok & (shift <= config.max_centroid_shift_pix) & np.isfinite(am.x_err) & np.isfinite(am.y_err)
+        if not recentre:
+            cen_ok = np.ones(n, bool)
+        xc = np.where(cen_ok, am.x + ix + ox, x_start)
+        yc = np.where(cen_ok, am.y + iy + oy, y_start)
+        x_err = np.where(cen_ok, am.x_err, np.nan)
+        y_err = np.where(cen_ok, am.y_err, np.nan)
+        mxx = np.where(shape_ok, am.xx, np.nan)
+        myy = np.where(shape_ok, am.yy, np.nan)
+        mxy = np.where(shape_ok, am.xy, np.nan)
+        g_flux, g_err = am.flux, am.flux_err
+        g_ok = shape_ok & np.isfinite(g_flux) & np.isfinite(g_err)
+    else:
+        xc, yc = x_start.copy(), y_start.copy()
+        x_err = y_err = mxx = myy = mxy = g_flux = g_err = np.zeros(0)
+        cen_ok = shape_ok = g_ok = np.zeros(0, bool)
+    cat["base_SdssCentroid_x"] = u.Quantity(xc, u.pix)
+    cat["base_SdssCentroid_y"] = u.Quantity(yc, u.pix)
+    cat["base_SdssCentroid_xErr"] = u.Quantity(x_err, u.pix)
+    cat["base_SdssCentroid_yErr"] = u.Quantity(y_err, u.pix)
+    cat["base_SdssCentroid_flag"] = ~cen_ok
+    cat["ext_shapeHSM_HsmSourceMoments_xx"] = u.Quantity(mxx, u.pix**2)
+    cat["ext_shapeHSM_HsmSourceMoments_yy"] = u.Quantity(myy, u.pix**2)
+    cat["ext_shapeHSM_HsmSourceMoments_xy"] = u.Quantity(mxy, u.pix**2)
+    cat["ext_shapeHSM_HsmSourceMoments_flag"] = ~shape_ok
+
+    # --- PSF moments and PSF flux at the fixed centroid -----------------------------
+    if psf is not None and n:
+        pm = np.asarray(psf.moments_many(xc, yc), float).reshape(n, 3)
+        p_size = min(int(psf.default_size) | 1, config.max_psf_stamp_pix)
+        kernels = psf.images(xc, yc, size=p_size, centered=False)
+        ph = p_size // 2
+        jx = np.round(xc - ox).astype(np.int64)
+        jy = np.round(yc - oy).astype(np.int64)
+        pst = _Stamps(exposure.shape, jx, jy, ph)
+        p_inside = pst.inside
+        d_st, v_st, m_st = pst.cut(image), pst.cut(variance), pst.cut(mask)
+        use = p_inside & ((m_st & bad_bits) == 0) & (v_st > 0)
+        if labels is not None and config.replace_neighbours:
+            l_st = pst.cut(labels)
+            use &= ~((l_st != 0) & (l_st != own_label[:, None, None].astype(np.int32)))
+        wgt = np.where(use, 1.0 / np.where(v_st > 0, v_st, 1.0), 0.0)
+        d = np.where(use, d_st, 0.0).astype(float)
+        spp = np.sum(wgt * kernels * kernels, axis=(1, 2))
+        spd = np.sum(wgt * kernels * d, axis=(1, 2))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            pflux = spd / spp
+            perr = 1.0 / np.sqrt(spp)
+        resid = d - pflux[:, None, None] * kernels
+        chi2 = np.sum(wgt * resid * resid, axis=(1, 2))
+        npix = use.sum(axis=(1, 2))
+        area = kernels.sum(axis=(1, 2)) ** 2 / np.sum(kernels * kernels, axis=(1, 2))
+        p_edge = ~p_inside.all(axis=(1, 2))
+        p_flag = ~(np.isfinite(pflux) & np.isfinite(perr)) | (npix == 0) | p_edge | ~cen_ok
+    else:
+        pm = np.full((n, 3), np.nan)
+        pflux = perr = chi2 = area = np.full(n, np.nan)
+        npix = np.zeros(n, np.int64)
+        p_edge = np.zeros(n, bool)
+        p_flag = np.ones(n, bool)
+    cat["ext_shapeHSM_HsmPsfMoments_xx"] = u.Quantity(pm[:, 0], u.pix**2)
+    cat["ext_shapeHSM_HsmPsfMoments_yy"] = u.Quantity(pm[:, 1], u.pix**2)
+    cat["ext_shapeHSM_HsmPsfMoments_xy"] = u.Quantity(pm[:, 2], u.pix**2)
+    cat["ext_shapeHSM_HsmPsfMoments_flag"] = ~np.all(np.isfinite(pm), axis=1)
+    cat["base_PsfFlux_instFlux"] = u.Quantity(pflux, u.ct)
+    cat["base_PsfFlux_instFluxErr"] = u.Quantity(perr, u.ct)
+    cat["base_PsfFlux_area"] = u.Quantity(area, u.pix**2)
+    cat["base_PsfFlux_chi2"] = chi2
+    cat["base_PsfFlux_npixels"] = np.asarray(npix, np.int32)
+    cat["base_PsfFlux_flag"] = p_flag
+    cat["base_PsfFlux_flag_edge"] = p_edge
+
+    cat["base_GaussianFlux_instFlux"] = u.Quantity(g_flux, u.ct)
+    cat["base_GaussianFlux_instFluxErr"] = u.Quantity(g_err, u.ct)
+    cat["base_GaussianFlux_flag"] = ~g_ok
+
+    # --- circular apertures and the compensated top-hat (sep, exact overlap) -------
+    xl, yl = xc - ox, yc - oy
+    sep_img = np.ascontiguousarray(image, dtype=np.float32)
+    sep_var = np.ascontiguousarray(variance, dtype=np.float32)
+    seg_kw: dict[str, object] = {}
+    if labels is not None and config.replace_neighbours and n:
+        # sep zeroes (does not rescale) pixels of other segments: neighbour flux is removed.
+        seg_kw = {"segmap": np.ascontiguousarray(labels, dtype=np.int32),
+                  "seg_id": np.ascontiguousarray(own_label, dtype=np.int32)}
+
+    sums: dict[float, tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.bool_]]] = {}
+
+    def _sum_circle(r: float) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+        if r not in sums:
+            if n == 0:
+                sums[r] = (np.zeros(0), np.zeros(0), np.zeros(0, bool))
+            else:
+                s, e, f = sep.sum_circle(sep_img, xl, yl, r, var=sep_var, subpix=0, **seg_kw)
+                trunc = (np.asarray(f) & sep.APER_TRUNC) != 0
+                sums[r] = (np.asarray(s, float), np.asarray(e, float), trunc)
+        return sums[r]
+
+    for r in config.aperture_radii_pix:
+        s, e, trunc = _sum_circle(float(r))
+        stem = aperture_name(float(r))
+        cat[f"{stem}_instFlux"] = u.Quantity(s, u.ct)
+        cat[f"{stem}_instFluxErr"] = u.Quantity(e, u.ct)
+        cat[f"{stem}_flag"] = trunc | ~np.isfinite(s)
+        cat[f"{stem}_flag_apertureTruncated"] = trunc
+
+    rc = float(config.compensated_radius_pix)
+    r_in = rc * config.compensated_annulus_inner_factor
+    r_out = rc * config.compensated_annulus_outer_factor
+    if n:
+        # sep subtracts the mean of the annulus' unmasked pixels times the aperture area.
+        comp, comp_err, f_c = sep.sum_circle(sep_img, xl, yl, rc, var=sep_var, subpix=0,
+                                             bkgann=(r_in, r_out), **seg_kw)
+        comp = np.asarray(comp, float)
+        comp_err = np.asarray(comp_err, float)
+        comp_flag = ((np.asarray(f_c) & sep.APER_TRUNC) != 0) | ~np.isfinite(comp)
+    else:
+        comp = comp_err = np.zeros(0)
+        comp_flag = np.zeros(0, bool)
+    stem = compensated_name(rc)
+    cat[f"{stem}_instFlux"] = u.Quantity(comp, u.ct)
+    cat[f"{stem}_instFluxErr"] = u.Quantity(comp_err, u.ct)
+    cat[f"{stem}_flag"] = comp_flag
+    # Normalised by the aperture-correction step; starts equal to the raw compensated flux.
+    cat["base_NormalizedCompensatedTophatFlux_instFlux"] = u.Quantity(comp, u.ct)
+    cat["base_NormalizedCompensatedTophatFlux_instFluxErr"] = u.Quantity(comp_err, u.ct)
+    cat["base_NormalizedCompensatedTophatFlux_flag"] = comp_flag.copy()
+
+    # --- local background: annulus median of source-free pixels ---------------------
+    gy, gx = np.mgrid[-half:half + 1, -half:half + 1]
+    rr = np.hypot(gx, gy)
+    ann = (rr >= config.local_background_inner_pix) & (rr <= config.local_background_outer_pix)
+    bg_ok = inside & ((msk_st & (bad_bits | np.uint32(int(MaskPlane.DETECTED)))) == 0)
+    if lab_st is not None:
+        bg_ok &= lab_st == 0
+    # Sorting once (NaN last) gives the median and the quartiles of each row's valid pixels.
+    vals = np.sort(np.where(bg_ok, img_st, np.nan)[:, ann], axis=1)
+    n_ok = np.sum(bg_ok[:, ann], axis=1)
+    if n:
+        rows = np.arange(n)
+
+        def _quantile(q: float) -> npt.NDArray[np.float64]:
+            pos = np.clip(q * (n_ok - 1), 0, None)
+            lo = np.floor(pos).astype(np.int64)
+            hi = np.minimum(lo + 1, np.maximum(n_ok - 1, 0))
+            f = pos - lo
+            return np.asarray(vals[rows, lo] * (1 - f) + vals[rows, hi] * f, float)
+
+        med = _quantile(0.5)
+        # Normal-equivalent sigma from the inter-quartile range.
+        mad = (_quantile(0.75) - _quantile(0.25)) / 1.349
+        med = np.where(n_ok > 0, med, np.nan)
+        mad = np.where(n_ok > 1, mad, np.nan)
+    else:
+        med = mad = np.zeros(0)
+    cat["base_LocalBackground_instFlux"] = u.Quantity(med, u.ct)
+    cat["base_LocalBackground_instFluxErr"] = u.Quantity(mad, u.ct)
+
+    # --- size-based extendedness -----------------------------------------------------
+    t_src = mxx + myy
+    t_psf = pm[:, 0] + pm[:, 1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        chi = (t_src - t_psf) / np.sqrt(t_psf)
+    ext = 1.0 - np.exp(-0.5 * chi * chi)
+    ext_flag = ~np.isfinite(ext)
+    cat["base_ClassificationSizeExtendedness_value"] = np.where(ext_flag, np.nan, ext)
+    cat["base_ClassificationSizeExtendedness_flag"] = ext_flag
+
+    # --- pixel flags: any pixel of the footprint, and the 3x3 centre ------------------
+    fp_flags = _footprint_flags(mask, labels, own_label, msk_st, inside) if n else \
+        {k: np.zeros(0, bool) for k in _FOOTPRINT_FLAGS}
+    kx = np.round(xl).astype(np.int64)
+    ky = np.round(yl).astype(np.int64)
+    cst = _Stamps(exposure.shape, kx, ky, 1)
+    c_st, c_inside = cst.cut(mask), cst.inside
+    off_image = (kx < 0) | (kx >= nx) | (ky < 0) | (ky >= ny)
+    for key in _FOOTPRINT_FLAGS:
+        flag = fp_flags[key]
+        if key == "edge":
+            # Sources whose PSF stamp leaves the image are not fully measurable either.
+            flag = flag | p_edge | off_image
+        if key == "nodata":
+            flag = flag | off_image
+        cat[f"base_PixelFlags_flag_{key}"] = flag
+    for key, plane in _CENTER_FLAGS.items():
+        cat[f"base_PixelFlags_flag_{key}"] = np.any(((c_st & np.uint32(int(plane))) != 0) & c_inside, axis=(1, 2))
+    cat["base_PixelFlags_flag_offimage"] = off_image
+
+    own = valid | (~neighbour & inside)
+    pmax = np.max(np.where(own, img_st, -np.inf), axis=(1, 2)) if n else np.zeros(0)
+    cat["psf_max_value"] = u.Quantity(np.where(np.isfinite(pmax), pmax, np.nan).astype(np.float32), u.ct)
+    return cat
+
+
+def _footprint_flags(mask: npt.NDArray[np.uint32], labels: npt.NDArray[np.int32] | None,
+                     own_label: npt.NDArray[np.int64], msk_st: npt.NDArray[np.uint32],
+                     inside: npt.NDArray[np.bool_]) -> dict[str, npt.NDArray[np.bool_]]:
+    """Planes set anywhere in each footprint (label pixels; the stamp when there are no labels)."""
+    out: dict[str, npt.NDArray[np.bool_]] = {}
+    if labels is None:
+        for key, plane in _FOOTPRINT_FLAGS.items():
+            out[key] = np.any(((msk_st & np.uint32(int(plane))) != 0) & inside, axis=(1, 2))
+        return out
+    sel = labels > 0
+    lab = labels[sel]
+    m = mask[sel]
+    n_lab = int(max(int(own_label.max(initial=0)), int(lab.max(initial=0)))) + 1
+    for key, plane in _FOOTPRINT_FLAGS.items():
+        hit = (m & np.uint32(int(plane))) != 0
+        counts = np.bincount(lab[hit], minlength=n_lab) if hit.any() else np.zeros(n_lab, np.int64)
+        out[key] = counts[own_label] > 0
+    return out

@@ -1,0 +1,405 @@
+"""The calibration stages, each a pure function composing the steps.
+
+The stages follow the brief's processing summary; the flows persist each
+stage's products as datasets and the in-memory :func:`calibrate_image` runs
+them back to back (used by benchmarks and tests).
+
+1. :func:`characterize` — combine snaps; subtract background; estimate the
+   initial PSF from the data; two passes of repair / detect (S/N ≥ 50) /
+   measure / fit PSF; final repair with interpolation and re-measurement.
+2. :func:`correct_apertures` — normalise the calibration flux and fit
+   aperture corrections.
+3. :func:`calibrate_astrometry` — fit the WCS to the reference catalogue
+   using the PSF stars.
+4. :func:`find_stars` — detect (S/N ≥ 10), deblend, measure, aperture
+   correct, select unresolved stars, add sky sources, propagate PSF and
+   astrometry flags (``psf_id``).
+5. :func:`calibrate_photometry` — fit the zero point to the reference catalogue.
+6. :func:`finalize` — calibrate image, background and catalogue to nJy and
+   compute the summary statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from astropy.table import Table
+from astropy.wcs import WCS
+
+from ..background import BackgroundList
+from ..errors import AllCentroidsFlaggedError
+from ..exposure import Exposure
+from ..fields import ChebyshevField
+from ..footprints import Detections, labels_to_spans
+from ..ids import packed_source_ids
+from ..masks import DEFECT_PLANES, MaskPlane
+from ..photo_calib import PhotoCalib
+from ..psf import GaussianPsf, PsfModel
+from .aperture_correction import apply_normalization, measure_aperture_correction
+from .astrometry import compute_coordinates, fit_astrometry
+from .background import subtract_background
+from .calibration import calibrate_catalog, calibrate_exposure
+from .config import CalibrateImageConfig
+from .cosmic_rays import repair_cosmic_rays
+from .detection import detect_sources
+from .flag_propagation import match_psf_stars
+from .initial_psf import estimate_initial_psf
+from .interpolation import interpolate_masked
+from .measurement import apply_aperture_corrections, measure_sources
+from .photometry import fit_photometry
+from .psf_determination import fit_psf, select_psf_candidates
+from .snap_combination import combine_snaps
+from .star_selection import place_sky_sources, select_stars
+from .summary import compute_summary_stats
+
+PSF_CATALOG = 0
+STAR_CATALOG = 1
+
+
+# --------------------------------------------------------------------------------------
+# 1. PSF characterization
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class CharacterizeResult:
+    exposure: Exposure  #: background-subtracted, repaired, with the fitted PSF
+    background: BackgroundList
+    psf_stars: Table  #: PSF-pass catalogue with calib_psf_* flags (no sky coordinates)
+    footprints: Table  #: run-length spans (id, y, x_start, x_end) of psf_stars
+    diagnostics: Mapping[str, Any]
+
+
+def _psf_center_sigma(psf: PsfModel, exposure: Exposure) -> float:
+    return psf.sigma(*exposure.center_pix)
+
+
+def characterize(snaps: Sequence[Exposure], *, config: CalibrateImageConfig) -> CharacterizeResult:
+    """Brief steps 1–2: snaps → background-subtracted exposure with a fitted PSF and PSF stars."""
+    combined = combine_snaps(snaps, config=config.snap_combine)
+    exposure = combined.exposure
+    if exposure.background is None:
+        exposure = exposure.replace(background=BackgroundList())
+    diag: dict[str, Any] = {"n_snaps": combined.n_snaps, "n_cr_pixels_snap_difference": combined.n_cr_pixels_from_difference}
+
+    sub = subtract_background(exposure, config=config.background)
+    exposure = sub.exposure
+    # Defects (BAD columns, SAT bleed trails, NO_DATA) are interpolated once for measurement.
+    initial = estimate_initial_psf(exposure.image, exposure.variance, exposure.mask,
+                                   config=config.initial_psf, origin=exposure.origin)
+    diag["initial_psf_sigma_pix"] = initial.sigma_pix
+    diag["initial_psf_n_stars"] = initial.n_stars
+    psf: PsfModel = initial.psf
+    exposure = _interpolate_defects(exposure, psf_sigma_pix=initial.sigma_pix, config=config)
+
+    catalog = None
+    detections = None
+    fit = None
+    repaired = exposure
+    for pass_index in range(config.n_psf_passes):
+        sigma = _psf_center_sigma(psf, exposure)
+        repaired = repair_cosmic_rays(exposure.replace(psf=psf), psf_sigma_pix=sigma,
+                                      config=config.cosmic_rays, interpolate=False).exposure
+        det = detect_sources(repaired.image, repaired.variance, repaired.mask, psf_sigma_pix=sigma,
+                             config=config.psf_detection, origin=repaired.origin)
+        if config.reestimate_background:
+            resub = subtract_background(repaired.replace(mask=det.mask), config=config.background)
+            repaired = resub.exposure
+            exposure = exposure.replace(image=exposure.image - (repaired.background.components[-1].image()),
+                                        background=repaired.background)
+        repaired = repaired.replace(mask=det.mask)
+        detections = det.detections
+        catalog = measure_sources(repaired, detections, config=config.measurement).catalog
+        candidates = select_psf_candidates(catalog, config=config.psf_star_selector)
+        fit = fit_psf(repaired, catalog, candidates.candidate, config=config.psf_fit)
+        diag[f"pass{pass_index + 1}_n_detections"] = len(detections)
+        diag[f"pass{pass_index + 1}_n_psf_candidates"] = int(candidates.n_candidates)
+        diag[f"pass{pass_index + 1}_n_psf_used"] = int(fit.n_used)
+        if pass_index + 1 < config.n_psf_passes:
+            # Install a Gaussian of the fitted size to start the next pass (reduces noise).
+            psf = GaussianPsf(float(fit.psf.sigma(*exposure.center_pix)))
+        else:
+            psf = fit.psf
+    assert catalog is not None and detections is not None and fit is not None
+
+    # Final repair with the fitted PSF, interpolating cosmic rays, then re-measure.
+    sigma = _psf_center_sigma(psf, exposure)
+    final = repair_cosmic_rays(exposure.replace(psf=psf, mask=exposure.mask | (repaired.mask & MaskPlane.DETECTED)),
+                               psf_sigma_pix=sigma, config=config.cosmic_rays, interpolate=True)
+    exposure = final.exposure.replace(psf=psf)
+    diag["n_cosmic_rays"] = int(final.n_cosmic_rays)
+    diag["psf_sigma_pix"] = float(sigma)
+    catalog = measure_sources(exposure, detections, config=config.measurement).catalog
+    catalog["calib_psf_candidate"] = np.asarray(candidates.candidate, bool)
+    catalog["calib_psf_used"] = np.asarray(fit.used, bool)
+    catalog["calib_psf_reserved"] = np.asarray(fit.reserved, bool)
+    if len(catalog) and np.all(catalog["base_SdssCentroid_flag"]):
+        raise AllCentroidsFlaggedError(
+            f"all {len(catalog)} PSF-pass source centroids are flagged; the PSF or the image is unusable",
+            metadata={"n_sources": len(catalog)},
+        )
+    ids = packed_source_ids(exposure.visit_info.visit, exposure.detector.id, len(catalog), catalog=PSF_CATALOG)
+    catalog["id"] = ids
+    footprints = labels_to_spans(detections.labels, ids, origin=exposure.origin)
+    return CharacterizeResult(exposure, exposure.background or BackgroundList(), catalog, footprints, diag)
+
+
+def _interpolate_defects(exposure: Exposure, *, psf_sigma_pix: float, config: CalibrateImageConfig) -> Exposure:
+    if not np.any(exposure.mask & np.uint32(int(DEFECT_PLANES))):
+        return exposure
+    res = interpolate_masked(exposure.image, exposure.mask, planes=DEFECT_PLANES,
+                             psf_sigma_pix=psf_sigma_pix, config=config.interpolation)
+    return exposure.replace(image=res.image, mask=res.mask)
+
+
+# --------------------------------------------------------------------------------------
+# 2. Aperture corrections
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class ApertureCorrectionStage:
+    psf_stars: Table
+    ap_corr: Mapping[str, ChebyshevField]
+    normalization: float
+    fallback: bool
+
+
+def correct_apertures(exposure: Exposure, psf_stars: Table, *, config: CalibrateImageConfig) -> ApertureCorrectionStage:
+    """Brief step 3: calibration-flux normalisation and aperture-correction fields."""
+    bbox = tuple(float(v) for v in exposure.bbox)
+    res = measure_aperture_correction(psf_stars, bbox=bbox, config=config.aperture_correction)  # type: ignore[arg-type]
+    return ApertureCorrectionStage(res.catalog, dict(res.ap_corr), float(res.normalization), bool(res.fallback))
+
+
+# --------------------------------------------------------------------------------------
+# 3. Astrometry
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class AstrometryStage:
+    wcs: WCS
+    psf_stars: Table
+    matches: Table
+    quality: Mapping[str, Any]
+
+
+def calibrate_astrometry(exposure: Exposure, psf_stars: Table, refcat: Table, *,
+                         config: CalibrateImageConfig) -> AstrometryStage:
+    """Brief step 4: fit the WCS on the PSF-star catalogue."""
+    if exposure.wcs is None:
+        from ..errors import AstrometryError
+
+        raise AstrometryError("the exposure has no initial WCS; ingest it with a header WCS or a camera model")
+    res = fit_astrometry(psf_stars, refcat, initial_wcs=exposure.wcs, origin=exposure.origin,
+                         shape=exposure.shape, config=config.astrometry)
+    stars = compute_coordinates(psf_stars, res.wcs, exposure.origin)
+    stars["calib_astrometry_used"] = np.asarray(res.used, bool)
+    quality = {
+        "n_matches": int(res.n_matches),
+        "rms_arcsec": float(res.rms_arcsec),
+        "offset_mean_arcsec": float(res.offset_mean_arcsec),
+        "offset_std_arcsec": float(res.offset_std_arcsec),
+        "match_confidence": float(res.match_confidence),
+        "n_iterations": int(res.n_iterations),
+    }
+    return AstrometryStage(res.wcs, stars, res.matches, quality)
+
+
+# --------------------------------------------------------------------------------------
+# 4. Stars
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class FindStarsStage:
+    stars: Table
+    detections: Detections
+    diagnostics: Mapping[str, Any]
+
+
+def find_stars(exposure: Exposure, psf_stars: Table, *, wcs: WCS, ap_corr: Mapping[str, ChebyshevField],
+               normalization: float, config: CalibrateImageConfig) -> FindStarsStage:
+    """Brief steps 5–6: detect at S/N ≥ 10, deblend, measure, select, propagate flags."""
+    assert exposure.psf is not None
+    sigma = exposure.psf.sigma(*exposure.center_pix)
+    det = detect_sources(exposure.image, exposure.variance, exposure.mask, psf_sigma_pix=sigma,
+                         config=config.star_detection, origin=exposure.origin)
+    exp = exposure.replace(mask=det.mask)
+    catalog = measure_sources(exp, det.detections, config=config.measurement).catalog
+    catalog = apply_normalization(catalog, normalization)
+    catalog = apply_aperture_corrections(catalog, dict(ap_corr))
+    catalog["sky_source"] = np.zeros(len(catalog), bool)
+    selection = select_stars(catalog, config=config.star_selector)
+    stars = catalog[np.asarray(selection.selected, bool)]
+    n_real = len(stars)
+    if config.n_sky_sources:
+        sky = place_sky_sources(det.mask, n_sources=config.n_sky_sources, radius_pix=8.0,
+                                seed=int(exposure.visit_info.visit) * 1000 + exposure.detector.id,
+                                origin=exposure.origin)
+        stars = _append_sky_sources(stars, sky, exp, config)
+    stars["id"] = packed_source_ids(exposure.visit_info.visit, exposure.detector.id, len(stars), catalog=STAR_CATALOG)
+    radius = max(config.psf_star_match_radius_pix, sigma)
+    prop = match_psf_stars(psf_stars, stars, radius_pix=radius)
+    stars = compute_coordinates(prop.stars, wcs, exposure.origin)
+    diag = {"n_detections": len(det.detections), "n_stars": n_real, "n_psf_matched": int(prop.n_matched),
+            "n_psf_matched_multiple": int(prop.n_multiple)}
+    return FindStarsStage(stars, det.detections, diag)
+
+
+def _append_sky_sources(stars: Table, sky: Table, exposure: Exposure, config: CalibrateImageConfig) -> Table:
+    """Sky sources: apertures in empty regions, measured like the stars, flagged ``sky_source``."""
+    if len(sky) == 0:
+        return stars
+    from .measurement import measure_at_positions
+
+    sky_cat = measure_at_positions(exposure, np.asarray(sky["x"], float), np.asarray(sky["y"], float),
+                                   config=config.measurement)
+    sky_cat["sky_source"] = np.ones(len(sky_cat), bool)
+    for name in stars.colnames:
+        if name not in sky_cat.colnames:
+            col = stars[name]
+            fill = False if col.dtype == bool else (0 if col.dtype.kind in "iu" else np.nan)
+            sky_cat[name] = np.full(len(sky_cat), fill, dtype=col.dtype)
+            if getattr(col, "unit", None) is not None:
+                sky_cat[name].unit = col.unit
+    from astropy.table import vstack
+
+    return vstack([stars, sky_cat[stars.colnames]], join_type="exact", metadata_conflicts="silent")
+
+
+# --------------------------------------------------------------------------------------
+# 5. Photometry
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class PhotometryStage:
+    photo_calib: PhotoCalib
+    matches: Table
+    quality: Mapping[str, Any]
+
+
+def calibrate_photometry(stars: Table, refcat: Table, *, band: str, config: CalibrateImageConfig) -> PhotometryStage:
+    """Brief step 8 (fit): the zero point against the reference catalogue."""
+    real = stars[~np.asarray(stars["sky_source"], bool)]
+    res = fit_photometry(real, refcat, band=band, config=config.photometry)
+    matches = res.matches
+    used_ids = set(np.asarray(real["id"])[np.asarray(res.used, bool)].tolist())
+    reserved_ids = set(np.asarray(real["id"])[np.asarray(res.reserved, bool)].tolist())
+    matches["calib_photometry_used"] = np.array([int(i) in used_ids for i in matches["src_id"]], bool)
+    matches["calib_photometry_reserved"] = np.array([int(i) in reserved_ids for i in matches["src_id"]], bool)
+    quality = {
+        "n_matches": int(res.n_matches),
+        "zero_point_mag": float(res.zero_point_mag),
+        "zero_point_err_mag": float(res.zero_point_err_mag),
+        "intrinsic_scatter_mag": float(res.intrinsic_scatter_mag),
+        "colour_term": None if res.colour_term is None else float(res.colour_term),
+        "colour_term_used": bool(res.colour_term_used),
+        "reserved_rms_mag": float(res.reserved_rms_mag),
+    }
+    return PhotometryStage(res.photo_calib, matches, quality)
+
+
+# --------------------------------------------------------------------------------------
+# 6. Calibrated outputs and summary statistics
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class FinalizeResult:
+    exposure: Exposure
+    background: BackgroundList
+    stars: Table
+    summary: Mapping[str, Any]
+
+
+def finalize(exposure: Exposure, background: BackgroundList, stars: Table, psf_stars: Table, *,
+             wcs: WCS, ap_corr: Mapping[str, ChebyshevField], photo_calib: PhotoCalib,
+             astrometry_matches: Table | None, photometry_matches: Table | None,
+             config: CalibrateImageConfig) -> FinalizeResult:
+    """Brief steps 7–9: nJy image, background and catalogue; summary statistics."""
+    stars = stars.copy()
+    flags_from = photometry_matches if photometry_matches is not None else Table()
+    for flag in ("calib_photometry_used", "calib_photometry_reserved"):
+        ids = set()
+        if flag in flags_from.colnames:
+            ids = set(np.asarray(flags_from["src_id"])[np.asarray(flags_from[flag], bool)].tolist())
+        stars[flag] = np.array([int(i) in ids for i in stars["id"]], bool)
+    exposure = exposure.replace(wcs=wcs, ap_corr=dict(ap_corr), photo_calib=photo_calib, background=background)
+    summary = compute_summary_stats(exposure, stars=stars, psf_stars=psf_stars, background=background,
+                                    astrometry_matches=astrometry_matches, photo_calib=photo_calib,
+                                    config=config.summary)
+    stars = calibrate_catalog(stars, photo_calib)
+    visit = exposure.visit_info
+    stars["visit"] = np.full(len(stars), visit.visit, dtype=np.int64)
+    stars["detector"] = np.full(len(stars), exposure.detector.id, dtype=np.int64)
+    stars["band"] = np.full(len(stars), visit.band)
+    if config.calibrate_pixels:
+        cal = calibrate_exposure(exposure, photo_calib, background=background)
+        exposure, background = cal.exposure, cal.background
+    exposure = exposure.replace(summary=dict(summary))
+    return FinalizeResult(exposure, background, stars, summary)
+
+
+# --------------------------------------------------------------------------------------
+# All stages in memory
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class CalibrateImageResult:
+    """Every product of :func:`calibrate_image`, named as the output datasets."""
+
+    preliminary_visit_image: Exposure
+    preliminary_visit_image_background: BackgroundList
+    single_visit_star_unstandardized: Table
+    single_visit_psf_star: Table
+    single_visit_psf_star_footprints: Table
+    initial_astrometry_match_detector: Table
+    initial_photometry_match_detector: Table
+    initial_photoCalib_detector: PhotoCalib
+    timings_s: Mapping[str, float]
+
+
+def calibrate_image(snaps: Sequence[Exposure], refcat: Table, *, config: CalibrateImageConfig) -> CalibrateImageResult:
+    """Run all stages in memory (no store, no Prefect); times each stage."""
+    import time
+
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ch = characterize(snaps, config=config)
+    t["characterize"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ap = correct_apertures(ch.exposure, ch.psf_stars, config=config)
+    t["correct_apertures"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ast = calibrate_astrometry(ch.exposure, ap.psf_stars, refcat, config=config)
+    t["calibrate_astrometry"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fs = find_stars(ch.exposure, ast.psf_stars, wcs=ast.wcs, ap_corr=ap.ap_corr,
+                    normalization=ap.normalization, config=config)
+    t["find_stars"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ph = calibrate_photometry(fs.stars, refcat, band=ch.exposure.visit_info.band, config=config)
+    t["calibrate_photometry"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fin = finalize(ch.exposure, ch.background, fs.stars, ast.psf_stars, wcs=ast.wcs, ap_corr=ap.ap_corr,
+                   photo_calib=ph.photo_calib, astrometry_matches=ast.matches,
+                   photometry_matches=ph.matches, config=config)
+    t["finalize"] = time.perf_counter() - t0
+    return CalibrateImageResult(fin.exposure, fin.background, fin.stars, ast.psf_stars, ch.footprints,
+                                ast.matches, ph.matches, ph.photo_calib, t)
+
+
+def refcat_search_radius_deg(exposure: Exposure, margin_arcsec: float) -> tuple[float, float, float]:
+    """(ra, dec, radius) in degrees of a circle covering the detector plus a margin."""
+    if exposure.wcs is None:
+        raise ValueError("exposure has no WCS")
+    x0, y0, x1, y1 = exposure.bbox
+    cx, cy = exposure.center_pix
+    ra_c, dec_c = exposure.pixel_to_sky(cx, cy)
+    ra_k, dec_k = exposure.pixel_to_sky(np.array([x0, x1, x0, x1]), np.array([y0, y0, y1, y1]))
+    from astropy.coordinates import SkyCoord
+    import astropy.units as u
+
+    c = SkyCoord(float(ra_c), float(dec_c), unit="deg")
+    r = float(np.max(c.separation(SkyCoord(ra_k, dec_k, unit="deg")).to_value(u.deg)))
+    return float(ra_c), float(dec_c), r + margin_arcsec / 3600.0
+
+
+__all__ = [
+    "CalibrateImageResult", "calibrate_image", "characterize", "correct_apertures", "calibrate_astrometry",
+    "find_stars", "calibrate_photometry", "finalize", "refcat_search_radius_deg", "math",
+]

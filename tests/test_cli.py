@@ -1,0 +1,31 @@
+"""The command line: every command has --help; bad input gives a typed, explained error."""
+
+from __future__ import annotations
+
+import pytest
+
+from singleframe.cli import build_parser, main
+
+COMMANDS = ["simulate", "ingest", "ingest-refcat", "run", "evaluate", "serve"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert "usage: singleframe " + command in capsys.readouterr().out
+
+
+def test_top_level_help_lists_every_command() -> None:
+    text = build_parser().format_help()
+    for command in COMMANDS:
+        assert command in text
+
+
+def test_run_with_missing_config_file_is_a_config_error(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    from singleframe.steps.config import load_calibrate_config
+    from singleframe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_calibrate_config(tmp_path / "nope.yaml")

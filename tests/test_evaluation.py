@@ -1,0 +1,202 @@
+"""Evaluation against truth: zero error for perfect inputs, the right numbers for known perturbations."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from astropy.table import Table
+from astropy.wcs import WCS
+from singleframe.masks import MASK_DTYPE, MaskPlane
+from singleframe.psf import GaussianPsf
+from singleframe.sim import (
+    EVALUATION_KEYS,
+    SimulationConfig,
+    cr_masked_pct,
+    evaluate_detector,
+    format_evaluation_table,
+    psf_ellipticity_residuals,
+    psf_size_error_pct,
+    simulate_detector,
+    star_recovery,
+    wcs_error_mas,
+    zero_point_error_mmag,
+)
+from singleframe.sim.evaluation import _adaptive_moments
+
+SHAPE = (384, 512)  # (ny, nx): non-square on purpose
+ORIGIN = (7, 3)
+
+
+def _tan_wcs(ra: float = 30.0, dec: float = -20.0) -> WCS:
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [ra, dec]
+    w.wcs.crpix = [256.5, 192.5]
+    s = 0.2 / 3600
+    w.wcs.cd = [[-s, 0.0], [0.0, s]]
+    w.wcs.set()
+    return w
+
+
+def test_wcs_error_is_zero_for_the_same_wcs_and_10_mas_for_a_10_mas_shift() -> None:
+    true = _tan_wcs()
+    assert wcs_error_mas(true, true, SHAPE, origin=ORIGIN) == (0.0, 0.0)
+    shifted = copy.deepcopy(true)
+    shifted.wcs.crval = [30.0, -20.0 + 10.0 / 3.6e6]
+    shifted.wcs.set()
+    rms, mx = wcs_error_mas(shifted, true, SHAPE, origin=ORIGIN)
+    # A 10 mas shift of the tangent point moves every point of a 100" field by 10 mas to ~1e-6.
+    assert rms == pytest.approx(10.0, rel=1e-4) and mx == pytest.approx(10.0, rel=1e-4)
+
+
+def test_wcs_error_of_a_rotation_grows_to_the_corners() -> None:
+    true = _tan_wcs()
+    rotated = copy.deepcopy(true)
+    a = math.radians(1.0 / 3600)  # 1 arcsec of rotation about the centre
+    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    rotated.wcs.cd = rot @ true.wcs.cd
+    rotated.wcs.set()
+    rms, mx = wcs_error_mas(rotated, true, SHAPE, n_grid=65)
+    # Max at a corner: radius 0.2" × hypot(255.5, 191.5) = 63.9" × 1" in radians = 0.31 mas.
+    corner_mas = 0.2 * math.hypot(255.5, 191.5) * a * 1000
+    assert mx == pytest.approx(corner_mas, rel=1e-3)
+    assert 0.3 * corner_mas < rms < 0.7 * corner_mas
+
+
+def _grid_from_model(model: GaussianPsf) -> Table:
+    """Truth PSF grid measured exactly as the simulator measures it (HSM on the drawn image)."""
+    xs, ys = np.meshgrid(np.linspace(20, 500, 5), np.linspace(10, 370, 5))
+    mom = np.array([_adaptive_moments(model.image(x, y)) for x, y in zip(xs.ravel(), ys.ravel(), strict=True)])
+    return Table({"x": xs.ravel(), "y": ys.ravel(), "sigma_pix": mom[:, 0], "e1": mom[:, 1], "e2": mom[:, 2]})
+
+
+def test_psf_size_error_zero_for_truth_and_one_percent_for_a_wider_model() -> None:
+    grid = _grid_from_model(GaussianPsf(2.0, e1=0.03))
+    assert psf_size_error_pct(GaussianPsf(2.0, e1=0.03), grid) == pytest.approx(0.0, abs=1e-9)
+    # σ 1 % larger; pixel integration adds 1/12 px² in quadrature, which shrinks the measured
+    # change by 1/(1 + 1/(12 σ²)) ≈ 2 % of itself, i.e. to ~0.98 %.
+    assert psf_size_error_pct(GaussianPsf(2.02, e1=0.03), grid) == pytest.approx(1.0, abs=0.03)
+    res = psf_ellipticity_residuals(GaussianPsf(2.0, e1=0.03), grid)
+    assert res.rms == pytest.approx(0.0, abs=1e-9)
+    res = psf_ellipticity_residuals(GaussianPsf(2.0, e1=0.03, e2=0.02), grid)
+    # An added e2 of 0.02 shows up as de2 ≈ 0.02 (pixelisation dilutes it by ~2 %).
+    assert res.rms == pytest.approx(0.02, abs=0.001) and np.all(np.abs(res.de1) < 1e-3)
+
+
+def test_zero_point_error_sign_and_size() -> None:
+    assert zero_point_error_mmag(2.0, 2.0) == 0.0
+    # A calibration 10^(0.4·0.01) too large is +10 mmag (fluxes come out too bright).
+    assert zero_point_error_mmag(2.0 * 10 ** (0.004), 2.0) == pytest.approx(10.0, abs=1e-9)
+    assert zero_point_error_mmag(2.0 / 10 ** (0.004), 2.0) == pytest.approx(-10.0, abs=1e-9)
+
+
+def _truth_table() -> Table:
+    rng = np.random.default_rng(5)
+    n = 40
+    # Stars on a 60 px grid (isolated), bright; plus galaxies between them.
+    gx, gy = np.meshgrid(np.arange(50, 480, 60), np.arange(60, 330, 60))
+    xs = gx.ravel()[:n].astype(float) + rng.uniform(-0.5, 0.5, n)
+    ys = gy.ravel()[:n].astype(float) + rng.uniform(-0.5, 0.5, n)
+    t = Table()
+    t["x"] = np.concatenate([xs, xs[:5] + 30.0])
+    t["y"] = np.concatenate([ys, ys[:5] + 30.0])
+    t["instflux"] = np.concatenate([np.full(n, 1e5), np.full(5, 3e4)])
+    t["is_star"] = np.array([True] * n + [False] * 5)
+    t["is_galaxy"] = ~t["is_star"]
+    t["saturated"] = np.zeros(n + 5, bool)
+    t["saturated"][0] = True
+    t["snr"] = np.concatenate([np.full(n, 100.0), np.full(5, 50.0)])
+    t["snr"][1] = 5.0  # too faint to count
+    t.meta["bbox"] = (ORIGIN[0], ORIGIN[1], ORIGIN[0] + SHAPE[1] - 1, ORIGIN[1] + SHAPE[0] - 1)
+    return t
+
+
+def test_star_recovery_counts_eligible_stars_and_contaminants() -> None:
+    truth = _truth_table()
+    stars = truth[truth["is_star"]]
+    eligible = np.ones(len(stars), bool)
+    eligible[:2] = False  # saturated, faint
+    n_elig = int(eligible.sum())
+    sel = Table({"base_SdssCentroid_x": stars["x"] + 1.2, "base_SdssCentroid_y": stars["y"] - 0.9})
+    assert star_recovery(sel, truth) == (100.0, 0.0)
+    # Drop 4 eligible stars, add 2 galaxies and 1 spurious detection: 7 % of 38 eligible lost.
+    gal = truth[~truth["is_star"]][:2]
+    sel2 = Table({"x": np.concatenate([stars["x"][6:], gal["x"], [300.0]]),
+                  "y": np.concatenate([stars["y"][6:], gal["y"], [41.0]])})
+    rec, con = star_recovery(sel2, truth)
+    assert rec == pytest.approx(100.0 * (n_elig - 4) / n_elig)
+    assert con == pytest.approx(100.0 * 3 / len(sel2))
+    # Matches farther than the radius do not count.
+    far = Table({"x": stars["x"] + 2.5, "y": stars["y"]})
+    assert star_recovery(far, truth) == (0.0, 100.0)
+    assert star_recovery(far, truth, match_radius_pix=3.0) == (100.0, 0.0)
+
+
+def test_cr_masked_pct() -> None:
+    truth = np.zeros(SHAPE, bool)
+    truth[10, 10:30] = True
+    mask = np.zeros(SHAPE, MASK_DTYPE)
+    mask[10, 10:20] = MASK_DTYPE(MaskPlane.CR)
+    mask[50, 50] = MASK_DTYPE(MaskPlane.CR | MaskPlane.BAD)  # a false positive does not change completeness
+    assert cr_masked_pct(mask, truth) == pytest.approx(50.0)
+    assert cr_masked_pct(mask, (truth, np.zeros(SHAPE, bool))) == pytest.approx(50.0)
+    # With the image, only truth pixels visible above 5σ count: the unmasked half is faint here.
+    image = np.zeros(SHAPE)
+    image[10, 10:20] = 100.0
+    image[10, 20:30] = 3.0
+    assert cr_masked_pct(mask, truth, image=image, variance=np.ones(SHAPE)) == pytest.approx(100.0)
+    assert math.isnan(cr_masked_pct(mask, np.zeros(SHAPE, bool)))
+
+
+@pytest.fixture(scope="module")
+def simulated():
+    cfg = dataclasses.replace(SimulationConfig(), n_side=1, nx=300, ny=220, cr_density_per_snap_per_mpix=150.0,
+                              visits=(SimulationConfig().visits[0],), seed=9)
+    return simulate_detector(cfg, cfg.visits[0], 0)
+
+
+def test_evaluate_detector_perfect_inputs_and_missing_inputs(simulated) -> None:
+    t = simulated.truth
+    mask = np.zeros(t.shape, MASK_DTYPE)
+    mask[t.cr_masks[0] | t.cr_masks[1]] = MASK_DTYPE(MaskPlane.CR)
+    stars = t.sources[t.sources["is_star"]]
+    row = evaluate_detector(visit=1, detector=0, wcs=t.wcs, psf=None,
+                            calibration_njy_per_count=t.calibration_njy_per_count,
+                            stars=Table({"x": stars["x"], "y": stars["y"]}), mask=mask, truth=t)
+    assert tuple(row) == EVALUATION_KEYS
+    assert row["wcs_rms_mas"] == 0.0 and row["wcs_max_mas"] == 0.0 and row["zp_err_mmag"] == 0.0
+    assert row["star_recovered_pct"] == 100.0 and row["star_contaminant_pct"] == 0.0
+    assert row["cr_masked_pct"] == 100.0
+    assert math.isnan(row["psf_size_err_pct"])
+    # The header WCS is off by the pointing error (2.5") and a 0.01° rotation.
+    hdr = wcs_error_mas(t.header_wcs, t.wcs, t.shape)
+    assert 2400.0 < hdr[0] < 4000.0
+    empty = evaluate_detector(visit=1, detector=0, wcs=None, psf=None, calibration_njy_per_count=None,
+                              stars=None, mask=None, truth=t)
+    assert tuple(empty) == EVALUATION_KEYS
+    assert all(math.isnan(v) for k, v in empty.items() if k not in ("visit", "detector"))
+
+
+def test_psf_error_of_a_gaussian_on_simulated_truth(simulated) -> None:
+    t = simulated.truth
+    # A Gaussian with the true central size: the median size error is the field variation, a few %.
+    err = psf_size_error_pct(GaussianPsf(t.psf_sigma_center_pix), t.psf_grid)
+    assert abs(err) < 3.0
+
+
+def test_format_evaluation_table_is_aligned() -> None:
+    rows = [{"visit": 1, "detector": 0, "wcs_rms_mas": 12.3456, "wcs_max_mas": 40.0, "zp_err_mmag": -3.2,
+             "psf_size_err_pct": float("nan"), "star_recovered_pct": 98.5, "star_contaminant_pct": 0.4,
+             "cr_masked_pct": 100.0},
+            {"visit": 20000, "detector": 3, "wcs_rms_mas": 1.0, "wcs_max_mas": 2.0, "zp_err_mmag": 0.0,
+             "psf_size_err_pct": 0.5, "star_recovered_pct": 100.0, "star_contaminant_pct": 0.0,
+             "cr_masked_pct": 99.0}]
+    text = format_evaluation_table(rows)
+    lines = text.splitlines()
+    assert len(lines) == 4 and len({len(line) for line in lines}) == 1
+    assert lines[0].split() == list(EVALUATION_KEYS)
+    assert "12.35" in lines[2] and "nan" in lines[2] and "20000" in lines[3]

@@ -1,0 +1,180 @@
+"""Ingest of plain and multi-extension FITS files into post_isr_image datasets."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.time import Time
+
+from singleframe.errors import IngestError
+from singleframe.exposure import DetectorInfo, Exposure, VisitInfo
+from singleframe.io import ArtifactStore, ingest_files, read_raw_file
+from singleframe.io.formats import exposure_to_fits_bytes
+from singleframe.masks import MaskPlane
+
+NY, NX = 120, 170  # non-square
+ROTATION_DEG = 25.0
+SCALE_DEG = 0.2 / 3600
+
+
+def _header(**changes: Any) -> fits.Header:
+    hdr = fits.Header()
+    theta = math.radians(ROTATION_DEG)
+    values: dict[str, Any] = {
+        "INSTRUME": "My Cam", "OBJECT": "M 31 field", "VISIT": 1001, "DETECTOR": 3, "EXPTIME": 30.0,
+        "GAIN": 2.0, "RDNOISE": 6.0, "SATURATE": 50000.0, "FILTER": "SDSS r'", "DATE-OBS": "2024-01-31T03:04:05.0",
+        "CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRVAL1": 10.5, "CRVAL2": 41.2, "CRPIX1": 80.0, "CRPIX2": 50.0,
+        # +y points at position angle ROTATION_DEG east of north; +x is 90 deg further round (west).
+        "CD1_1": -SCALE_DEG * math.cos(theta), "CD1_2": SCALE_DEG * math.sin(theta),
+        "CD2_1": SCALE_DEG * math.sin(theta), "CD2_2": SCALE_DEG * math.cos(theta),
+    }
+    values.update(changes)
+    for key, value in values.items():
+        if value is not None:
+            hdr[key] = value
+    return hdr
+
+
+def _image(seed: int, shape: tuple[int, int] = (NY, NX)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = rng.normal(1000.0, 30.0, shape).astype(np.float32)
+    img[10, 20] = 60000.0  # saturated
+    img[11, 21] = 50000.0  # exactly at SATURATE counts as saturated
+    img[30, 40] = np.nan  # no data
+    img[31, 41] = -500.0  # negative: Poisson term clipped to zero
+    return img
+
+
+def _write(path: Path, seed: int = 1, shape: tuple[int, int] = (NY, NX), **changes: Any) -> str:
+    fits.PrimaryHDU(_image(seed, shape), header=_header(**changes)).writeto(path)
+    return str(path)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ArtifactStore:
+    return ArtifactStore(str(tmp_path / "repo"))
+
+
+def test_plain_fits_builds_exposure_with_noise_model_and_visit_info(tmp_path: Path) -> None:
+    raw = read_raw_file(_write(tmp_path / "a.fits"))
+    e = raw.exposure
+    img = _image(1)
+    assert e.shape == (NY, NX) and e.origin == (0, 0) and raw.snap is None
+    # variance = max(image, 0)/gain + (rdnoise/gain)^2, in counts^2
+    expected = np.maximum(np.nan_to_num(img, nan=0.0), 0) / 2.0 + (6.0 / 2.0) ** 2
+    np.testing.assert_allclose(e.variance, expected, rtol=1e-6)  # float32 arithmetic
+    assert e.variance[31, 41] == pytest.approx(9.0)  # negative pixel: read noise only
+    assert e.mask[10, 20] & MaskPlane.SAT and e.mask[11, 21] & MaskPlane.SAT
+    assert e.mask[30, 40] & MaskPlane.NO_DATA and e.image[30, 40] == 0.0
+    assert int(np.count_nonzero(e.mask)) == 3
+    vi, det = e.visit_info, e.detector
+    assert (vi.visit, vi.instrument, vi.band, vi.physical_filter) == (1001, "My_Cam", "r", "SDSS r'")
+    assert (det.id, det.gain_e_per_count, det.read_noise_e, det.saturation_count) == (3, 2.0, 6.0, 50000.0)
+    # Mid-exposure in TAI: DATE-OBS is UTC start; +15 s; TAI-UTC = 37 s in 2024.
+    start = Time("2024-01-31T03:04:05.0", scale="utc")
+    assert vi.mjd_tai == pytest.approx(start.tai.mjd + 15.0 / 86400, abs=1e-9)  # 1e-9 d = 0.1 ms
+    assert vi.mjd_tai - start.mjd == pytest.approx(52.0 / 86400, abs=1e-9)
+    # Rotation angle from the CD matrix; boresight = WCS centre of the detector.
+    assert vi.rotation_angle_deg == pytest.approx(ROTATION_DEG, abs=1e-9)  # exact up to round-off
+    ra_c, dec_c = e.pixel_to_sky((NX - 1) / 2, (NY - 1) / 2)
+    assert (vi.boresight_ra_deg, vi.boresight_dec_deg) == pytest.approx((float(ra_c), float(dec_c)), abs=1e-12)
+    assert e.metadata["ingest.object"] == "M 31 field"
+
+
+def test_bad_file_is_reported_with_the_override_and_good_file_still_ingested(tmp_path: Path,
+                                                                            store: ArtifactStore) -> None:
+    good = _write(tmp_path / "good.fits")
+    bad = _write(tmp_path / "bad.fits", VISIT=1002, EXPTIME=None)
+    report = ingest_files(store, [good, bad])
+    assert not report.ok and len(report.refs) == 1 and len(report.failures) == 1
+    path, message = report.failures[0]
+    assert path == bad and "bad.fits" in message and "EXPTIME" in message and "overrides={'EXPTIME'" in message
+    ref = report.refs[0]
+    assert (ref.dataset_type, ref.instrument, ref.visit, ref.detector, ref.snap, ref.run) == (
+        "post_isr_image", "My_Cam", 1001, 3, 0, "raw")
+    stored = store.get_ref(ref, verify_checksum=True)
+    np.testing.assert_array_equal(stored.variance, read_raw_file(good).exposure.variance)
+    prov = store.provenance("post_isr_image", run="raw", instrument="My_Cam", visit=1001, detector=3, snap=0)
+    assert prov["ingested_from"] == good
+    # The override named in the message fixes the file.
+    fixed = ingest_files(store, [bad], overrides={"EXPTIME": 30.0})
+    assert fixed.ok and fixed.refs[0].visit == 1002
+    with pytest.raises(IngestError, match="READNOIS"):
+        read_raw_file(_write(tmp_path / "nonoise.fits", RDNOISE=None))
+
+
+def test_alternative_keywords_and_missing_visit(tmp_path: Path) -> None:
+    path = _write(tmp_path / "alt.fits", RDNOISE=None, READNOIS=4.0, DETECTOR=None, CCDNUM=9, VISIT=None,
+                  **{"DATE-OBS": None, "MJD-OBS": 60340.5, "TIMESYS": "TAI", "BORE-RA": 10.0, "BORE-DEC": 41.0})
+    e = read_raw_file(path, instrument="other").exposure
+    assert e.detector.read_noise_e == 4.0 and e.detector.id == 9 and e.visit_info.instrument == "other"
+    assert e.visit_info.mjd_tai == pytest.approx(60340.5 + 15 / 86400, abs=1e-9)  # TAI start + 15 s
+    # No VISIT/EXPID: 10-second intervals since 2000-01-01 TAI, below the 2**29 packed-id limit.
+    assert e.visit_info.visit == math.floor((60340.5 - 51544.0) * 8640)
+    assert e.visit_info.visit < 2**29
+    assert (e.visit_info.boresight_ra_deg, e.visit_info.boresight_dec_deg) == (10.0, 41.0)
+
+
+def test_two_files_of_one_visit_are_snaps_ordered_by_time_or_by_snap_keyword(tmp_path: Path,
+                                                                             store: ArtifactStore) -> None:
+    late = _write(tmp_path / "late.fits", seed=2, **{"DATE-OBS": "2024-01-31T03:05:00.0"})
+    early = _write(tmp_path / "early.fits", seed=3)
+    report = ingest_files(store, [late, early])
+    assert report.ok and [r.snap for r in report.refs] == [0, 1]
+    snap0 = store.get("post_isr_image", run="raw", instrument="My_Cam", visit=1001, detector=3, snap=0)
+    np.testing.assert_array_equal(snap0.variance, read_raw_file(early).exposure.variance)
+    # A SNAP keyword overrides the time order.
+    a = _write(tmp_path / "s1.fits", seed=4, VISIT=7, SNAP=1)
+    b = _write(tmp_path / "s0.fits", seed=5, VISIT=7, SNAP=0, **{"DATE-OBS": "2024-01-31T03:05:00.0"})
+    report = ingest_files(store, [a, b], run="snaps")
+    assert report.ok
+    snap1 = store.get("post_isr_image", run="snaps", instrument="My_Cam", visit=7, detector=3, snap=1)
+    np.testing.assert_array_equal(snap1.variance, read_raw_file(a).exposure.variance)
+
+
+def test_third_snap_and_mismatched_shapes_fail_the_group_only(tmp_path: Path, store: ArtifactStore) -> None:
+    trio = [_write(tmp_path / f"t{i}.fits", seed=i, VISIT=5) for i in range(3)]
+    other = _write(tmp_path / "other.fits", VISIT=6)
+    report = ingest_files(store, [*trio, other])
+    assert [r.visit for r in report.refs] == [6]
+    assert sorted(p for p, _ in report.failures) == sorted(trio)
+    assert all("at most two snaps" in m and "VISIT" in m for _, m in report.failures)
+    small = _write(tmp_path / "small.fits", seed=7, VISIT=8, shape=(NY, NX - 10))
+    big = _write(tmp_path / "big.fits", seed=8, VISIT=8, **{"DATE-OBS": "2024-01-31T03:05:00.0"})
+    report = ingest_files(store, [small, big])
+    assert not report.refs and sorted(p for p, _ in report.failures) == sorted([small, big])
+    assert "differ in shape" in report.failures[0][1]
+
+
+def test_unreadable_and_wcs_less_files(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.fits"
+    junk.write_bytes(b"this is not FITS")
+    with pytest.raises(IngestError, match="junk.fits"):
+        read_raw_file(str(junk))
+    nowcs = _write(tmp_path / "nowcs.fits", CTYPE1=None, CTYPE2=None)
+    with pytest.raises(IngestError, match="no celestial WCS"):
+        read_raw_file(nowcs)
+    with pytest.raises(IngestError, match="BUNIT"):
+        read_raw_file(_write(tmp_path / "flux.fits", BUNIT="nJy"))
+
+
+def test_multi_extension_layout_is_ingested_losslessly(tmp_path: Path, store: ArtifactStore) -> None:
+    rng = np.random.default_rng(9)
+    raw = read_raw_file(_write(tmp_path / "src.fits")).exposure
+    mask = rng.integers(0, 1 << 9, (NY, NX)).astype(np.uint32)
+    e = Exposure(raw.image, mask, raw.variance * 1.5, VisitInfo(77, 15.0, 60340.2, "r", "r_03", 10.5, 41.2, 25.0,
+                                                               instrument="sim"),
+                 DetectorInfo(4, "S04", 1.1, 4.0, 60000.0), wcs=raw.wcs, origin=(16, 24))
+    path = tmp_path / "ours.fits"
+    path.write_bytes(exposure_to_fits_bytes(e))
+    report = ingest_files(store, [str(path)], overrides={"DETECTOR": 5})
+    assert report.ok and (report.refs[0].visit, report.refs[0].detector) == (77, 5)
+    back = store.get_ref(report.refs[0])
+    np.testing.assert_array_equal(back.mask, mask)
+    np.testing.assert_array_equal(back.variance, e.variance)
+    assert back.origin == (16, 24) and back.detector.name == "S04" and back.visit_info.mjd_tai == 60340.2

@@ -1,0 +1,101 @@
+"""Tests of steps/aperture_correction.py on catalogues with a known ratio field."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.table import Table
+
+from singleframe.errors import ApertureCorrectionError
+from singleframe.steps.aperture_correction import (
+    ApertureCorrectionConfig,
+    apply_normalization,
+    measure_aperture_correction,
+)
+from singleframe.steps.measurement import apply_aperture_corrections
+
+BBOX = (1000.0, 2000.0, 1859.0, 2619.0)  # non-square, non-zero origin
+NORM = 1.04  # true 12-px aperture / compensated ratio
+
+
+def true_ratio(field: str, x, y):
+    """Known calib/flux ratios: linear across the detector (PSF), constant (Gaussian)."""
+    xs = (np.asarray(x) - BBOX[0]) / (BBOX[2] - BBOX[0])
+    ys = (np.asarray(y) - BBOX[1]) / (BBOX[3] - BBOX[1])
+    return 1.05 + 0.03 * xs - 0.02 * ys if field == "base_PsfFlux" else np.full(np.shape(x), 1.12)
+
+
+def catalog(n: int, seed: int = 0, noise_mag: float = 0.002) -> Table:
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(BBOX[0], BBOX[2], n)
+    y = rng.uniform(BBOX[1], BBOX[3], n)
+    ap12 = 10 ** rng.uniform(5, 6, n)  # S/N >> 200 everywhere
+    noise = lambda: 10 ** (-0.4 * rng.normal(0, noise_mag, n))  # noqa: E731
+    t = Table({"base_SdssCentroid_x": x, "base_SdssCentroid_y": y, "base_SdssCentroid_flag": np.zeros(n, bool),
+               "calib_psf_used": np.ones(n, bool)})
+    t["base_CircularApertureFlux_12_0_instFlux"] = ap12
+    t["base_CircularApertureFlux_12_0_flag"] = np.zeros(n, bool)
+    t["base_CompensatedTophatFlux_12_instFlux"] = ap12 / NORM * noise()
+    t["base_CompensatedTophatFlux_12_instFluxErr"] = ap12 / 1000
+    t["base_CompensatedTophatFlux_12_flag"] = np.zeros(n, bool)
+    calib = ap12  # = normalised compensated flux in expectation
+    for name in ("base_PsfFlux", "base_GaussianFlux"):
+        t[f"{name}_instFlux"] = calib / true_ratio(name, x, y) * noise()
+        t[f"{name}_instFluxErr"] = t[f"{name}_instFlux"] / 1000
+        t[f"{name}_flag"] = np.zeros(n, bool)
+    return t
+
+
+def test_recovers_linear_ratio_field_within_3_mmag():
+    cat = catalog(60)
+    # Outliers (a blended star, a CR-hit aperture) must be clipped, not fitted.
+    cat["base_PsfFlux_instFlux"][:3] *= 1.3
+    res = measure_aperture_correction(cat, bbox=BBOX, config=ApertureCorrectionConfig())
+    assert res.normalization == pytest.approx(NORM, rel=1e-3)  # 60 stars x 2 mmag noise: 0.3 mmag error
+    assert not res.fallback and res.n_stars >= 55
+    assert not np.any(res.used["base_PsfFlux"][:3])
+    x, y = cat["base_SdssCentroid_x"], cat["base_SdssCentroid_y"]
+    for name in ("base_PsfFlux", "base_GaussianFlux"):
+        field = res.ap_corr[name]
+        err_mag = 2.5 * np.log10(field.evaluate(x, y) / true_ratio(name, x, y))
+        assert np.sqrt(np.mean(err_mag**2)) < 0.003, name  # the brief's 3 mmag bar
+        assert field.error == pytest.approx(true_ratio(name, x, y).mean() * 0.0028, rel=0.4)  # ~2√2 mmag scatter
+    assert "base_NormalizedCompensatedTophatFlux_instFlux" in res.catalog.colnames
+    assert "apcorr_base_PsfFlux_used" in res.catalog.colnames and "apcorr_base_PsfFlux_used" not in cat.colnames
+    corrected = apply_aperture_corrections(res.catalog, res.ap_corr)
+    calib = corrected["base_NormalizedCompensatedTophatFlux_instFlux"]
+    resid = 2.5 * np.log10(corrected["base_PsfFlux_instFlux"][3:] / calib[3:])
+    assert abs(np.median(resid)) < 0.001  # corrected PSF fluxes are on the calibration-flux scale
+
+
+def test_three_stars_fall_back_to_flagged_constant():
+    cat = catalog(3, seed=4)
+    res = measure_aperture_correction(cat, bbox=BBOX, config=ApertureCorrectionConfig())
+    assert res.fallback
+    field = res.ap_corr["base_GaussianFlux"]
+    assert field.flagged_fallback and field.order == 0
+    assert field.evaluate(1500.0, 2300.0) == pytest.approx(1.12, rel=0.005)  # median of 3 stars, 2 mmag noise
+
+
+def test_low_snr_normalisation_falls_back_and_no_stars_raise():
+    cat = catalog(20, seed=5)
+    cat["base_CompensatedTophatFlux_12_instFluxErr"] = cat["base_CompensatedTophatFlux_12_instFlux"] / 150  # S/N 150
+    res = measure_aperture_correction(cat, bbox=BBOX, config=ApertureCorrectionConfig())
+    assert res.normalization_snr == 100.0 and res.normalization == pytest.approx(NORM, rel=3e-3)
+    none = cat.copy()
+    none["calib_psf_used"] = False
+    with pytest.raises(ApertureCorrectionError, match="no clean PSF star"):
+        measure_aperture_correction(none, bbox=BBOX, config=ApertureCorrectionConfig())
+    faint = cat.copy()
+    faint["base_PsfFlux_instFluxErr"] = faint["base_PsfFlux_instFlux"]  # S/N 1
+    with pytest.raises(ApertureCorrectionError, match="S/N >= 200") as info:
+        measure_aperture_correction(faint, bbox=BBOX, config=ApertureCorrectionConfig())
+    assert info.value.metadata["n_psf_used"] == 20
+
+
+def test_apply_normalization_is_a_copy():
+    cat = catalog(5, seed=6)
+    out = apply_normalization(cat, 2.0)
+    np.testing.assert_allclose(out["base_NormalizedCompensatedTophatFlux_instFlux"],
+                               2.0 * cat["base_CompensatedTophatFlux_12_instFlux"], rtol=1e-12)
+    assert "base_NormalizedCompensatedTophatFlux_instFlux" not in cat.colnames

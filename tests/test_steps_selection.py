@@ -1,0 +1,108 @@
+"""Star selection, sky-source placement and PSF-star flag propagation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.table import Table
+from singleframe.errors import ConfigError, NoPsfStarsToStarsMatchError
+from singleframe.masks import MaskPlane
+from singleframe.steps.flag_propagation import match_psf_stars
+from singleframe.steps.star_selection import StarSelectorConfig, place_sky_sources, select_stars
+
+CAL = "base_NormalizedCompensatedTophatFlux"
+
+
+def _catalog() -> Table:
+    t = Table()
+    t[f"{CAL}_instFlux"] = [1000.0, 1000.0, 1000.0, 50.0, 1000.0, np.nan, 0.0]
+    t[f"{CAL}_instFluxErr"] = [10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 1.0]
+    t["base_ClassificationSizeExtendedness_value"] = [0.0, 0.5, 0.05, 0.0, 0.0, 0.0, np.nan]
+    t["base_PixelFlags_flag_edge"] = [False, False, False, False, True, False, False]
+    t["base_PixelFlags_flag_saturated"] = np.zeros(7, bool)
+    t["sky_source"] = [False, False, False, False, False, False, True]
+    return t
+
+
+def test_select_stars_cuts():
+    # The synthetic catalogue carries the calibration flux only (Rubin's slot_CalibFlux cut).
+    cfg = StarSelectorConfig(flux_field="base_NormalizedCompensatedTophatFlux")
+    sel = select_stars(_catalog(), config=cfg)
+    # 0 good; 1 resolved; 2 good; 3 S/N 5; 4 edge; 5 NaN flux; 6 sky source (kept whatever its values).
+    assert sel.selected.tolist() == [True, False, True, False, False, False, True]
+    assert sel.n_selected == 3
+    no_ext = select_stars(_catalog(), config=StarSelectorConfig(flux_field=cfg.flux_field, max_extendedness=None))
+    assert no_ext.selected[1]
+
+
+def test_select_stars_missing_flux_raises():
+    with pytest.raises(ConfigError, match="flux_field"):
+        select_stars(_catalog(), config=StarSelectorConfig(flux_field="base_GaussianFlux"))
+
+
+def test_place_sky_sources_avoids_masks():
+    ny, nx = 300, 400
+    mask = np.zeros((ny, nx), np.uint32)
+    mask[:, :200] |= np.uint32(MaskPlane.DETECTED)  # left half covered by a detection
+    mask[250:, :] |= np.uint32(MaskPlane.NO_DATA)
+    origin = (1000, 2000)
+    sky = place_sky_sources(mask, n_sources=30, radius_pix=8, seed=1, origin=origin)
+    assert 0 < len(sky) <= 30
+    x = np.asarray(sky["x"]) - origin[0]
+    y = np.asarray(sky["y"]) - origin[1]
+    assert np.all(x >= 200 + 8) and np.all(y <= 250 - 8)  # whole aperture outside the masked regions
+    d = np.hypot(x[:, None] - x[None, :], y[:, None] - y[None, :]) + np.eye(len(x)) * 1e9
+    assert d.min() >= 16  # apertures do not overlap
+    again = place_sky_sources(mask, n_sources=30, radius_pix=8, seed=1, origin=origin)
+    np.testing.assert_array_equal(sky["x"], again["x"])  # seeded
+
+
+def _psf_and_stars():
+    psf = Table()
+    psf["id"] = np.array([11, 12, 13, 14], np.int64)
+    psf["base_SdssCentroid_x"] = [100.0, 200.0, 300.0, 300.6]
+    psf["base_SdssCentroid_y"] = [50.0, 60.0, 70.0, 70.0]
+    psf["calib_psf_candidate"] = [True, True, True, True]
+    psf["calib_psf_used"] = [True, False, False, True]
+    psf["calib_psf_reserved"] = [False, True, False, False]
+    psf["calib_astrometry_used"] = [True, True, False, False]
+    psf["apcorr_base_PsfFlux_used"] = [True, False, True, False]
+    psf["psf_max_value"] = np.array([10.0, 20.0, 30.0, 40.0], np.float32)
+    stars = Table()
+    stars["base_SdssCentroid_x"] = [100.3, 199.8, 300.2, 500.0, 200.0]
+    stars["base_SdssCentroid_y"] = [50.1, 60.0, 70.0, 500.0, 60.0]
+    # Star 4 is the deblended parent of star 1: PSF star 12 must go to the child.
+    stars["deblend_nChild"] = [0, 0, 0, 0, 2]
+    return psf, stars
+
+
+def test_flag_propagation():
+    psf, stars = _psf_and_stars()
+    res = match_psf_stars(psf, stars, radius_pix=3.0)
+    out = res.stars
+    assert res.n_matched == 4
+    assert res.n_multiple == 1  # PSF stars 13 and 14 both land on star 2
+    assert out["psf_id"].tolist() == [11, 12, 13, 0, 0]  # star 2 takes the closest (13)
+    assert out["calib_psf_used"].tolist() == [True, False, True, False, False]  # OR over 13 and 14: kept
+    assert out["calib_psf_reserved"].tolist() == [False, True, False, False, False]
+    assert out["calib_astrometry_used"].tolist() == [True, True, False, False, False]
+    assert out["apcorr_base_GaussianFlux_used"].tolist() == [False] * 5  # absent in PSF stars
+    assert out["psf_max_value"][2] == 30.0 and np.isnan(out["psf_max_value"][3])
+    assert "psf_id" not in stars.colnames  # input untouched
+
+
+def test_flag_propagation_parent_fallback_counted():
+    psf, stars = _psf_and_stars()
+    stars = stars[[0, 2, 3, 4]]  # the child of PSF star 12 is gone: only its parent remains
+    res = match_psf_stars(psf, stars, radius_pix=3.0)
+    assert res.n_matched_to_parent == 1
+    assert res.stars["psf_id"][3] == 12
+
+
+def test_disjoint_catalogues_raise_with_counts():
+    psf, stars = _psf_and_stars()
+    stars["base_SdssCentroid_x"] = np.asarray(stars["base_SdssCentroid_x"]) + 1000.0
+    with pytest.raises(NoPsfStarsToStarsMatchError) as info:
+        match_psf_stars(psf, stars, radius_pix=3.0)
+    assert info.value.metadata["n_psf_stars"] == 4
+    assert info.value.metadata["n_stars"] == 5

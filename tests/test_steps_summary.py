@@ -1,0 +1,84 @@
+"""Summary statistics on a synthetic exposure with a Gaussian PSF."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from astropy.table import Table
+from singleframe.background import BackgroundList, BackgroundModel
+from singleframe.camera import square_mosaic
+from singleframe.exposure import DetectorInfo, Exposure, VisitInfo
+from singleframe.fields import ChebyshevField
+from singleframe.photo_calib import PhotoCalib
+from singleframe.psf import GaussianPsf
+from singleframe.steps.summary import SUMMARY_FIELDS, SummaryConfig, compute_summary_stats
+
+NY, NX = 400, 600
+ORIGIN = (50, 70)
+SIGMA = 1.7
+
+
+def _inputs(seed: int = 1):
+    rng = np.random.default_rng(seed)
+    wcs = square_mosaic("t", n_side=1, nx=NX, ny=NY).initial_wcs(0, 150.0, -30.0, 10.0)
+    image = rng.normal(0, 8.0, (NY, NX)).astype(np.float32)
+    psf = GaussianPsf(SIGMA)
+    visit = VisitInfo(7, 30.0, 60400.1, "r", "r", 150.0, -30.0, 10.0, airmass=1.2)
+    exp = Exposure(image, np.zeros((NY, NX), np.uint32), np.full((NY, NX), 64.0, np.float32), visit,
+                   DetectorInfo(0, gain_e_per_count=1.5, read_noise_e=6.0), wcs=wcs, psf=psf, origin=ORIGIN,
+                   ap_corr={"base_PsfFlux": ChebyshevField(np.array([[0.98, 0.01], [0.0, 0.0]]),
+                                                           (ORIGIN[0], ORIGIN[1], ORIGIN[0] + NX - 1, ORIGIN[1] + NY - 1))})
+    bkg = BackgroundList((BackgroundModel(np.full((2, 3), 500.0), np.array([150.0, 350.0, 550.0]) + ORIGIN[0],
+                                          np.array([100.0, 300.0]) + ORIGIN[1], (NY, NX), ORIGIN),))
+    n = 80
+    stars = Table()
+    stars["base_SdssCentroid_x"] = rng.uniform(0, NX - 1, n) + ORIGIN[0]
+    stars["base_SdssCentroid_y"] = rng.uniform(0, NY - 1, n) + ORIGIN[1]
+    ixx, iyy, ixy = psf.moments(0, 0)
+    stars["ext_shapeHSM_HsmSourceMoments_xx"] = ixx * (1 + rng.normal(0, 0.02, n))
+    stars["ext_shapeHSM_HsmSourceMoments_yy"] = iyy * (1 + rng.normal(0, 0.02, n))
+    stars["ext_shapeHSM_HsmSourceMoments_xy"] = rng.normal(0, 0.02, n)
+    stars["base_PsfFlux_instFlux"] = np.full(n, 1e4)
+    stars["base_PsfFlux_instFluxErr"] = np.full(n, 1e2)  # S/N 100: inside 50-1000
+    stars["calib_psf_used"] = np.arange(n) % 2 == 0
+    matches = Table({"distance_arcsec": rng.rayleigh(0.01, 200)})
+    return exp, stars, bkg, matches
+
+
+def test_summary_fields_finite_and_psf_sigma():
+    exp, stars, bkg, matches = _inputs()
+    s = compute_summary_stats(exp, stars=stars, psf_stars=stars, background=bkg, astrometry_matches=matches,
+                              photo_calib=PhotoCalib(20.0, 0.1))
+    assert set(s) == set(SUMMARY_FIELDS)
+    for name, value in s.items():
+        values = value if isinstance(value, list) else [value]
+        assert all(math.isfinite(v) for v in values), name
+    # The determinant radius of an exact Gaussian: 0.1 % covers the 3x3 sub-pixel integration of the stamp.
+    assert s["psfSigma"] == pytest.approx(SIGMA, rel=1e-3)
+    # Pixel integration adds 1/12 px² to the variance of the kernel: area 4 pi (sigma² + 1/12); 0.5 % margin.
+    assert s["psfArea"] == pytest.approx(4 * math.pi * (SIGMA**2 + 1 / 12), rel=5e-3)
+    assert s["skyBg"] == pytest.approx(500.0)
+    assert s["skyNoise"] == pytest.approx(8.0, rel=0.02)  # 240k pixels; clipping bias ~1 %
+    assert s["meanVar"] == pytest.approx(64.0)
+    assert s["pixelScale"] == pytest.approx(0.2, rel=1e-3)
+    assert s["nPsfStar"] == 40
+    # Linear ap-corr field 0.98 + 0.01 y': range 0.02 over the grid (grid stops short of the top edge).
+    assert 0.015 / SIGMA < s["psfApCorrSigmaScaledDelta"] <= 0.02 / SIGMA
+    assert s["psfTraceRadiusDelta"] == pytest.approx(0.0, abs=1e-9)  # constant PSF
+    assert s["psfStarDeltaSizeScatter"] < 0.05
+    assert 0 < s["zenithDistance"] < 90
+    assert s["zeroPoint"] == pytest.approx(PhotoCalib(20.0).zero_point_mag)
+    assert s["astromOffsetMean"] == pytest.approx(0.01 * math.sqrt(math.pi / 2), rel=0.15)  # Rayleigh mean
+    assert 15 < s["magLim"] < 35
+
+
+def test_summary_without_calibrations_is_nan():
+    exp, stars, bkg, _ = _inputs()
+    exp = exp.replace(wcs=None, psf=None)
+    s = compute_summary_stats(exp, stars=stars[:0], psf_stars=stars[:0], background=None, astrometry_matches=None,
+                              photo_calib=None, config=SummaryConfig())
+    for name in ("psfSigma", "ra", "zenithDistance", "zeroPoint", "skyBg", "magLim", "effTime", "astromOffsetMean"):
+        assert math.isnan(s[name]), name
+    assert math.isfinite(s["skyNoise"])  # the pixels alone still give the noise
