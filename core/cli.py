@@ -7,7 +7,6 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from .errors import SingleframeError
@@ -18,42 +17,19 @@ def _add_store(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from .io.refcat import write_refcat
+    import dataclasses
+
+    from .flows.simulate import write_simulated_survey
     from .io.store import ArtifactStore
     from .sim.config import SimulationConfig, benchmark_config
-    from .sim.survey import iter_survey, make_camera, make_reference_catalog
 
     config = SimulationConfig() if args.preset == "demo" else benchmark_config(size=args.size)
     if args.seed is not None:
-        import dataclasses
-
         config = dataclasses.replace(config, seed=args.seed)
-    config.validate()
     store = ArtifactStore(args.store)
-    camera = make_camera(config)
-    store.put("camera", camera.to_dict(), run=args.run, instrument=config.instrument)
-    refcat = make_reference_catalog(config)
-    write_refcat(store.root, args.refcat, refcat)
-    n = 0
-    for visit, detector_id, sim in iter_survey(config):
-        where = {"run": args.run, "instrument": config.instrument, "visit": visit.visit, "detector": detector_id}
-        for snap, exposure in enumerate(sim.snaps):
-            store.put("post_isr_image", exposure, snap=snap, **where)
-            store.put("truth_cr_mask", sim.truth.cr_masks[snap].astype("uint8"), snap=snap, **where)
-        t = sim.truth
-        store.put("truth_sources", t.sources, **where)
-        store.put("truth_psf", t.psf_grid, **where)
-        store.put("truth_wcs", {"wcs_header": t.wcs.to_header(relax=True).tostring(sep="\n"),
-                                "header_wcs_header": t.header_wcs.to_header(relax=True).tostring(sep="\n")}, **where)
-        store.put("truth_calib", {"calibration_njy_per_count": t.calibration_njy_per_count,
-                                  "psf_sigma_center_pix": t.psf_sigma_center_pix,
-                                  "sky_counts_per_pixel": t.sky_counts_per_pixel,
-                                  "shape": list(t.shape), "origin": list(t.origin),
-                                  "bad_columns": list(t.bad_columns)}, **where)
-        n += 1
-        print(f"simulated visit {visit.visit} detector {detector_id} ({len(sim.snaps)} snap(s), "
-              f"{len(t.sources)} sources)", flush=True)
-    print(f"wrote {n} detectors and reference catalogue {args.refcat!r} ({len(refcat)} stars) to {store.root}")
+    n = write_simulated_survey(store, config, run=args.run, refcat=args.refcat,
+                               progress=lambda msg: print(msg, flush=True))
+    print(f"wrote {n} detectors and reference catalogue {args.refcat!r} to {store.root}")
     return 0
 
 

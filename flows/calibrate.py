@@ -32,7 +32,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from .. import __version__
-from ..errors import SingleframeError, StepFailedError, TransientIOError, failure_metadata
+from ..errors import (
+    ConfigError,
+    SingleframeError,
+    StepFailedError,
+    TransientIOError,
+    failure_metadata,
+)
 from ..exposure import Exposure
 from ..ids import DataId
 from ..io.refs import DatasetRef
@@ -94,9 +100,12 @@ def _input_refs(store: ArtifactStore, stage: Stage, data_id: DataId, ctx: RunCon
     refs: dict[str, list[DatasetRef]] = {}
     for name in stage.inputs:
         if name == "post_isr_image":
-            found = [r for r in store.query(name, run=ctx.input_run, instrument=data_id.instrument,
-                                            visit=data_id.visit, detector=data_id.detector)]
-            refs[name] = sorted(found, key=lambda r: r.snap or 0)
+            found = store.query(name, run=ctx.input_run, instrument=data_id.instrument,
+                                visit=data_id.visit, detector=data_id.detector)
+            # Refs with checksums (from provenance): the cache key depends on the input bytes.
+            refs[name] = [store.ref(name, run=ctx.input_run, instrument=data_id.instrument, visit=data_id.visit,
+                                    detector=data_id.detector, snap=r.snap)
+                          for r in sorted(found, key=lambda r: r.snap or 0)]
         else:
             refs[name] = [store.ref(name, run=ctx.output_run, instrument=data_id.instrument,
                                     visit=data_id.visit, detector=data_id.detector)]
@@ -211,7 +220,7 @@ def _summary_table(outcomes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @flow(name="calibrate-visits", flow_run_name="calibrate-{params.output_run}", log_prints=True,
       task_runner=ThreadPoolTaskRunner(max_workers=2))
-def calibrate_visits(params: CalibrateParams = CalibrateParams()) -> Any:
+def calibrate_visits(params: CalibrateParams = CalibrateParams()) -> Any:  # noqa: B008 - pydantic default renders in the UI
     """Calibrate every (visit, detector) of the input run; returns per-detector outcomes."""
     logger = get_run_logger()
     # The config is loaded and validated before any pixel is touched.
@@ -223,8 +232,7 @@ def calibrate_visits(params: CalibrateParams = CalibrateParams()) -> Any:
     ctx = RunContext(store=params.store, input_run=params.input_run, output_run=params.output_run,
                      refcat=params.refcat, config=config.to_dict(), config_hash=config.hash, rerun=params.rerun)
     for instrument in sorted({d.instrument for d in data_ids}):
-        store.put("calibrate_config", {"config": ctx.config, "config_hash": ctx.config_hash, "code_version": __version__},
-                  run=params.output_run, instrument=instrument)
+        _record_config(store, ctx, instrument)
     logger.info("calibrating %d detectors of %d visits with config %s", len(data_ids),
                 len({d.visit for d in data_ids}), ctx.config_hash)
     futures = [calibrate_detector.submit(ctx, d) for d in data_ids]
@@ -236,6 +244,22 @@ def calibrate_visits(params: CalibrateParams = CalibrateParams()) -> Any:
     message = f"{len(outcomes) - n_failed} of {len(outcomes)} detectors calibrated, {n_failed} failed"
     logger.info(message)
     return Completed(message=message, data=outcomes)
+
+
+def _record_config(store: ArtifactStore, ctx: RunContext, instrument: str) -> None:
+    """Save the resolved config with the outputs; one run holds the products of one config."""
+    where = {"run": ctx.output_run, "instrument": instrument}
+    if store.exists("calibrate_config", **where):
+        previous = store.get("calibrate_config", **where)
+        if previous.get("config_hash") == ctx.config_hash:
+            return
+        if not ctx.rerun:
+            raise ConfigError(
+                f"output run {ctx.output_run!r} was made with config {previous.get('config_hash')}, not "
+                f"{ctx.config_hash}; write to a new output run, or pass rerun to recompute it with this config"
+            )
+    store.put("calibrate_config", {"config": ctx.config, "config_hash": ctx.config_hash,
+                                   "code_version": __version__}, **where)
 
 
 def run_calibration(params: CalibrateParams, *, task_runner: Any = None) -> Any:

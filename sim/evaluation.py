@@ -12,10 +12,12 @@ import numpy as np
 import numpy.typing as npt
 from astropy.table import Table
 from scipy.spatial import cKDTree
+
 from singleframe.masks import MaskPlane, any_set
 
 if TYPE_CHECKING:
     from astropy.wcs import WCS
+
     from singleframe.psf import PsfModel
 
     from .survey import DetectorTruth

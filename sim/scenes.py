@@ -11,6 +11,7 @@ import numpy.typing as npt
 from astropy import units as u
 from astropy.table import Table
 from astropy.wcs import WCS
+
 from singleframe.exposure import DetectorInfo, Exposure, VisitInfo
 from singleframe.masks import MASK_DTYPE
 from singleframe.photo_calib import PhotoCalib

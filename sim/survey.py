@@ -34,6 +34,7 @@ from astropy import units as u
 from astropy.table import Table
 from astropy.wcs import WCS
 from scipy import ndimage
+
 from singleframe.camera import Camera, square_mosaic
 from singleframe.exposure import DetectorInfo, Exposure, VisitInfo
 from singleframe.masks import MASK_DTYPE, MaskPlane

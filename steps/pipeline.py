@@ -391,8 +391,8 @@ def refcat_search_radius_deg(exposure: Exposure, margin_arcsec: float) -> tuple[
     cx, cy = exposure.center_pix
     ra_c, dec_c = exposure.pixel_to_sky(cx, cy)
     ra_k, dec_k = exposure.pixel_to_sky(np.array([x0, x1, x0, x1]), np.array([y0, y0, y1, y1]))
-    from astropy.coordinates import SkyCoord
     import astropy.units as u
+    from astropy.coordinates import SkyCoord
 
     c = SkyCoord(float(ra_c), float(dec_c), unit="deg")
     r = float(np.max(c.separation(SkyCoord(ra_k, dec_k, unit="deg")).to_value(u.deg)))

@@ -24,8 +24,8 @@ def test_top_level_help_lists_every_command() -> None:
 
 
 def test_run_with_missing_config_file_is_a_config_error(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
-    from singleframe.steps.config import load_calibrate_config
     from singleframe.errors import ConfigError
+    from singleframe.steps.config import load_calibrate_config
 
     with pytest.raises(ConfigError, match="does not exist"):
         load_calibrate_config(tmp_path / "nope.yaml")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from astropy.table import Table
 from astropy.wcs import WCS
+
 from singleframe.masks import MASK_DTYPE, MaskPlane
 from singleframe.psf import GaussianPsf
 from singleframe.sim import (

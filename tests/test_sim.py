@@ -9,6 +9,7 @@ import galsim
 import numpy as np
 import pytest
 from scipy.spatial import cKDTree
+
 from singleframe.errors import ConfigError
 from singleframe.masks import MaskPlane, any_set
 from singleframe.sim import (

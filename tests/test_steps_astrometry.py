@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 from astropy.table import Table
+
 from singleframe.camera import square_mosaic
 from singleframe.errors import AstrometryError
 from singleframe.steps.astrometry import AstrometryConfig, compute_coordinates, fit_astrometry

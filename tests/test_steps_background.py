@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from astropy.io import fits
+
 from singleframe.background import BackgroundList, BackgroundModel
 from singleframe.errors import ConfigError, UnprocessableFrameError
 from singleframe.exposure import DetectorInfo, Exposure, VisitInfo

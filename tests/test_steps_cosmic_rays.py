@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from scipy.special import erf
+
 from singleframe.errors import ConfigError
 from singleframe.exposure import DetectorInfo, Exposure, VisitInfo
 from singleframe.masks import MaskPlane

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 from scipy.special import erf
+
 from singleframe.errors import ConfigError, PsfFitError
 from singleframe.masks import MaskPlane
 from singleframe.psf import FWHM_PER_SIGMA

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 from astropy.table import Table
+
 from singleframe.background import BackgroundList, BackgroundModel
 from singleframe.errors import PhotometryError
 from singleframe.exposure import DetectorInfo, Exposure, VisitInfo

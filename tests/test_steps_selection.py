@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from astropy.table import Table
+
 from singleframe.errors import ConfigError, NoPsfStarsToStarsMatchError
 from singleframe.masks import MaskPlane
 from singleframe.steps.flag_propagation import match_psf_stars

@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+
 from singleframe.errors import SnapCombineError
 from singleframe.exposure import DetectorInfo, Exposure, VisitInfo
 from singleframe.masks import MaskPlane
