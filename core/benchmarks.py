@@ -1,134 +1,591 @@
-"""``make bench``: time each calibration stage on simulated detectors.
+"""``make bench``: our calibration against the peer systems on the same simulated frames.
 
-Each repetition runs in a fresh subprocess so that its peak memory (max RSS)
-is its own. Reports median/min/max wall time per stage over the repetitions,
-plus a "physical limit" floor: reading the input, writing the outputs and
-one PSF-sized convolution over the frame. Results are printed and written as
-Markdown and JSON under ``benchmarks/results/`` (``latest.json`` too).
+For every benchmark frame (simulated once per run, written to a scratch
+directory) it measures, each timed run in a fresh subprocess with
+``OMP_NUM_THREADS=1``:
 
-    python -m singleframe.benchmarks --size 4096 --repeat 5
+* ``ours`` — read snaps + refcat, :func:`~singleframe.steps.pipeline.calibrate_image`,
+  write the outputs; per-stage breakdown; quality against the truth
+  (WCS rms, PSF size error, zero point, CR completeness of the output mask);
+* ``ours:cr_step`` — our cosmic-ray finder alone on the background-subtracted
+  image, and ``astroscrappy`` (L.A.Cosmic) on the same pixels;
+* ``sex+psfex+scamp`` — the AstrOmatic chain with a local LDAC refcat built
+  from our refcat (WCS from SCAMP's TPV ``.head``, PSF from PSFEx's ``.psf``
+  evaluated with HSM moments at the truth grid exactly like ours), plus one
+  row per tool;
+* ``solve-field`` — astrometry.net on SExtractor's xy list with locally built indexes;
+* ``physical_limit`` — read the input, write the outputs, one PSF-sized convolution.
+
+Wall times: median/min/max over the repeats; peak RSS: the largest over the
+repeats (of that process alone). One table is printed and written as
+Markdown and JSON under ``benchmarks/results/``; ``latest.json`` is the list
+of rows. ``--check`` exits with status 1 if a quality bar fails (times are
+reported, never asserted).
+
+    python -m singleframe.benchmarks --suite full --repeat 5
+    python -m singleframe.benchmarks --suite quick --repeat 3 --peer-repeat 1 --check
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
+import pickle
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+#: Keys every result row has (null where a system does not produce the quantity).
+ROW_KEYS = ("frame", "system", "wall_s_median", "wall_s_min", "wall_s_max", "n_runs", "peak_rss_mb",
+            "wcs_rms_mas", "psf_size_err_pct", "cr_completeness_pct", "zp_err_mmag", "ratio_to_ours", "notes")
+#: Environment of every timed subprocess: one thread everywhere.
+_ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "NUMEXPR_NUM_THREADS": "1"}
+#: Quality bars of issue 7 (do not lower them).
+WCS_RMS_BAR_MAS = 2.0
+CR_COMPLETENESS_BAR_PCT = 95.0
+TIME_RATIO_BAR = 0.5  # ours / (SEx+PSFEx+SCAMP) on the 4096² typical frame
+PEAK_RSS_BAR_MB = 1536.0
+CR_SPEEDUP_BAR = 10.0
+PHYSICAL_LIMIT_RATIO_BAR = 10.0
 
-def _worker(store_root: str, out_json: str) -> None:
-    """One timed calibration of the benchmark detector (in its own process)."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+@dataclass(frozen=True)
+class FrameSpec:
+    """One benchmark frame: a simulated single detector."""
+
+    name: str
+    size: int
+    field: str = "typical"
+    seeing_arcsec: float = 0.8
+    n_snaps: int = 1
+
+
+QUICK_FRAMES = (
+    FrameSpec("2048-typical", 2048),
+    FrameSpec("2048-sparse", 2048, "sparse"),
+    FrameSpec("2048-crowded", 2048, "crowded"),
+    FrameSpec("2048-poor-seeing", 2048, "typical", 1.3),
+    FrameSpec("2048-two-snaps", 2048, "typical", 0.8, 2),
+)
+FULL_FRAMES = (
+    FrameSpec("4096-typical", 4096),
+    FrameSpec("4096-sparse", 4096, "sparse"),
+    FrameSpec("4096-crowded", 4096, "crowded"),
+    FrameSpec("4096-poor-seeing", 4096, "typical", 1.3),
+    FrameSpec("4096-two-snaps", 4096, "typical", 0.8, 2),
+    FrameSpec("2048-typical", 2048),
+)
+MAIN_FRAME = "4096-typical"
+
+
+# --------------------------------------------------------------------------------------
+# Frame preparation (subprocess)
+# --------------------------------------------------------------------------------------
+def _prepare(spec: FrameSpec, frame_dir: Path) -> None:
+    """Simulate one frame and write everything the systems read: snaps, image, refcats, truth."""
+    import numpy as np
+    from astropy.io import fits
+
+    from .io.formats import exposure_to_fits_bytes
+    from .io.refcat import load_refcat, write_refcat
+    from .peers import refcat_to_ldac_table, write_ldac
+    from .sim import benchmark_config, make_reference_catalog, simulate_detector
+    from .steps.pipeline import refcat_search_radius_deg
+
+    cfg = benchmark_config(spec.size, spec.field, spec.seeing_arcsec)
+    visit = dataclasses.replace(cfg.visits[0], n_snaps=spec.n_snaps)
+    cfg = dataclasses.replace(cfg, visits=(visit,))
+    refcat = make_reference_catalog(cfg)
+    det = simulate_detector(cfg, visit, 0, refcat=refcat)
+    frame_dir.mkdir(parents=True, exist_ok=True)
+    for i, snap in enumerate(det.snaps):
+        (frame_dir / f"snap{i}.fits").write_bytes(exposure_to_fits_bytes(snap))
+    write_refcat(str(frame_dir / "store"), "refcat", refcat)
+    snap0 = det.snaps[0]
+    ra, dec, radius = refcat_search_radius_deg(snap0, 60.0)
+    epoch = 2000.0 + (visit.mjd_tai - 51544.5) / 365.25
+    local = load_refcat(str(frame_dir / "store"), "refcat", ra_deg=ra, dec_deg=dec, radius_deg=radius,
+                        epoch_year=epoch)
+    # The peers see one image in counts: the sum of the snaps, with the header (linear) WCS.
+    image = np.sum([s.image.astype(np.float64) for s in det.snaps], axis=0).astype(np.float32)
+    lin = snap0.wcs.deepcopy()
+    lin.sip = None
+    lin.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    hdr = lin.to_header()
+    d = snap0.detector
+    hdr["GAIN"] = (d.gain_e_per_count, "e-/count")
+    hdr["RDNOISE"] = (d.read_noise_e * math.sqrt(spec.n_snaps), "e-, summed snaps")
+    hdr["SATURATE"] = (d.saturation_count * spec.n_snaps, "counts")
+    hdr["FILTER"] = visit.band
+    hdr["EXPTIME"] = visit.exposure_time_s
+    hdr["MJD-OBS"] = visit.mjd_tai
+    fits.PrimaryHDU(image, header=hdr).writeto(frame_dir / "image.fits", overwrite=True)
+    bad = np.zeros(image.shape, bool)
+    for s in det.snaps:
+        bad |= s.mask != 0
+    np.save(frame_dir / "defects.npy", bad)
+    write_ldac(frame_dir / "refcat.ldac", refcat_to_ldac_table(local, band=visit.band, epoch_year=epoch))
+    with open(frame_dir / "truth.pkl", "wb") as fh:
+        pickle.dump(det.truth, fh)
+    local.write(frame_dir / "refcat_local.fits", overwrite=True)
+    meta = {"spec": dataclasses.asdict(spec), "band": visit.band, "epoch_year": epoch, "ra_deg": ra,
+            "dec_deg": dec, "radius_deg": radius, "pixel_scale_arcsec": cfg.pixel_scale_arcsec,
+            "gain": d.gain_e_per_count, "read_noise_e": d.read_noise_e * math.sqrt(spec.n_snaps),
+            "saturation": d.saturation_count * spec.n_snaps, "n_refcat": len(local),
+            "n_sources_true": len(det.truth.sources)}
+    (frame_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def _load_truth(frame_dir: Path) -> Any:
+    with open(frame_dir / "truth.pkl", "rb") as fh:
+        return pickle.load(fh)  # noqa: S301 - written by _prepare in this run
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# --------------------------------------------------------------------------------------
+# Workers (each in a fresh subprocess)
+# --------------------------------------------------------------------------------------
+def _worker_ours(frame_dir: Path) -> dict[str, Any]:
+    """One timed calibration: read, calibrate, write; then the quality against the truth."""
+    import numpy as np
+    from scipy.ndimage import gaussian_filter
+
+    from .io.formats import background_to_fits_bytes, exposure_from_fits_bytes, exposure_to_fits_bytes, table_to_parquet_bytes
     from .io.refcat import load_refcat
-    from .io.store import ArtifactStore
+    from .sim.evaluation import cr_masked_pct, psf_size_error_pct, wcs_error_mas, zero_point_error_mmag
     from .steps.config import load_calibrate_config
-    from .steps.pipeline import calibrate_image, refcat_search_radius_deg
+    from .steps.pipeline import calibrate_image
 
-    store = ArtifactStore(store_root)
-    t0 = time.perf_counter()
-    refs = sorted(store.query("post_isr_image", run="raw"), key=lambda r: r.snap or 0)
-    snaps = [store.get_ref(r) for r in refs]
-    t_read = time.perf_counter() - t0
+    meta = json.loads((frame_dir / "meta.json").read_text())
     config = load_calibrate_config(None)
-    ra, dec, radius = refcat_search_radius_deg(snaps[0], config.refcat_margin_arcsec)
-    epoch = 2000.0 + (snaps[0].visit_info.mjd_tai - 51544.5) / 365.25
-    refcat = load_refcat(store.root, "refcat", ra_deg=ra, dec_deg=dec, radius_deg=radius, epoch_year=epoch)
+    t0 = time.perf_counter()
+    snaps = [exposure_from_fits_bytes(p.read_bytes()) for p in sorted(frame_dir.glob("snap*.fits"))]
+    t_read = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    refcat = load_refcat(str(frame_dir / "store"), "refcat", ra_deg=meta["ra_deg"], dec_deg=meta["dec_deg"],
+                         radius_deg=meta["radius_deg"], epoch_year=meta["epoch_year"])
+    t_refcat = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = calibrate_image(snaps, refcat, config=config)
     t_cal = time.perf_counter() - t0
-    # Floor: write the image outputs once, and one PSF-sized convolution pass.
-    from scipy.ndimage import gaussian_filter
-
+    out = Path(tempfile.mkdtemp(prefix="sf-bench-out-"))
+    try:
+        t0 = time.perf_counter()
+        (out / "image.fits").write_bytes(exposure_to_fits_bytes(result.preliminary_visit_image))
+        (out / "background.fits").write_bytes(background_to_fits_bytes(result.preliminary_visit_image_background))
+        (out / "stars.parquet").write_bytes(table_to_parquet_bytes(result.single_visit_star_unstandardized))
+        (out / "psf_stars.parquet").write_bytes(table_to_parquet_bytes(result.single_visit_psf_star))
+        t_write = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    exp = result.preliminary_visit_image
+    sigma = float(exp.psf.sigma(*exp.center_pix)) if exp.psf is not None else 2.0
     t0 = time.perf_counter()
-    out = ArtifactStore(tempfile.mkdtemp(prefix="sf-bench-out-"))
-    out.put("preliminary_visit_image", result.preliminary_visit_image, run="bench", instrument="b", visit=1, detector=0)
-    t_write = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    gaussian_filter(snaps[0].image, 2.0, truncate=3.0)
+    gaussian_filter(snaps[0].image, sigma, truncate=4.0)
     t_conv = time.perf_counter() - t0
-    record = {
-        "stages_s": dict(result.timings_s), "calibrate_s": t_cal, "read_s": t_read, "write_s": t_write,
-        "convolution_s": t_conv, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-        "n_stars": len(result.single_visit_star_unstandardized),
-        "n_psf_stars": len(result.single_visit_psf_star),
+    rss = _peak_rss_mb()
+
+    truth = _load_truth(frame_dir)
+    rms, mx = wcs_error_mas(exp.wcs, truth.wcs, truth.shape, origin=truth.origin)
+    return {
+        "wall_s": t_read + t_refcat + t_cal + t_write, "calibrate_s": t_cal, "read_s": t_read,
+        "refcat_s": t_refcat, "write_s": t_write, "convolution_s": t_conv,
+        "stages_s": {k: float(v) for k, v in result.timings_s.items()}, "peak_rss_mb": rss,
+        "wcs_rms_mas": rms, "wcs_max_mas": mx,
+        "psf_size_err_pct": psf_size_error_pct(exp.psf, truth.psf_grid) if exp.psf is not None else None,
+        "zp_err_mmag": zero_point_error_mmag(result.initial_photoCalib_detector.calibration_njy_per_count,
+                                             truth.calibration_njy_per_count),
+        "cr_completeness_pct": cr_masked_pct(exp.mask, truth.cr_masks),
+        "n_stars": int(len(result.single_visit_star_unstandardized)),
+        "n_psf_stars": int(len(result.single_visit_psf_star)), "n_pixels": int(np.prod(exp.shape)),
     }
-    Path(out_json).write_text(json.dumps(record))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m singleframe.benchmarks", description=__doc__)
-    parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--worker", nargs=2, metavar=("STORE", "OUT_JSON"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        _worker(*args.worker)
-        return 0
-    from .cli import main as cli_main
+def _worker_cr(frame_dir: Path) -> dict[str, Any]:
+    """Our cosmic-ray finder alone on the background-subtracted (snap-summed) image."""
+    from .io.formats import exposure_from_fits_bytes
+    from .masks import MaskPlane
+    from .sim.evaluation import cr_masked_pct
+    from .steps.background import subtract_background
+    from .steps.config import load_calibrate_config
+    from .steps.cosmic_rays import find_cosmic_rays
+    from .steps.initial_psf import estimate_initial_psf
+    from .steps.snap_combination import combine_snaps
 
-    work = Path(tempfile.mkdtemp(prefix="sf-bench-"))
-    store = str(work / "store")
+    config = load_calibrate_config(None)
+    snaps = [exposure_from_fits_bytes(p.read_bytes()) for p in sorted(frame_dir.glob("snap*.fits"))]
+    # No snap-difference repair here: both finders see the same summed pixels.
+    comb = combine_snaps(snaps, config=dataclasses.replace(config.snap_combine, repair_cosmic_rays=False)).exposure
+    exp = subtract_background(comb, config=config.background).exposure
+    sigma = estimate_initial_psf(exp.image, exp.variance, exp.mask, config=config.initial_psf,
+                                 origin=exp.origin).sigma_pix
     t0 = time.perf_counter()
-    cli_main(["simulate", "--store", store, "--preset", "bench", "--size", str(args.size)])
-    print(f"simulated the benchmark frame in {time.perf_counter() - t0:.1f} s")
+    res = find_cosmic_rays(exp.image, exp.variance, exp.mask, psf_sigma_pix=sigma, config=config.cosmic_rays)
+    wall = time.perf_counter() - t0
+    rss = _peak_rss_mb()
+    truth = _load_truth(frame_dir)
+    mask = res.cr_mask.astype(exp.mask.dtype) * exp.mask.dtype.type(int(MaskPlane.CR))
+    return {"wall_s": wall, "peak_rss_mb": rss, "cr_completeness_pct": cr_masked_pct(mask, truth.cr_masks),
+            "n_cr_pixels": int(res.n_pixels)}
+
+
+def _worker_astroscrappy(frame_dir: Path) -> dict[str, Any]:
+    """astroscrappy (L.A.Cosmic, default parameters) on the snap-summed image in counts."""
+    import numpy as np
+    from astropy.io import fits
+
+    from .masks import MASK_DTYPE, MaskPlane
+    from .peers import run_astroscrappy
+    from .sim.evaluation import cr_masked_pct
+
+    meta = json.loads((frame_dir / "meta.json").read_text())
+    image = fits.getdata(frame_dir / "image.fits").astype(np.float32)
+    defects = np.load(frame_dir / "defects.npy")
+    crmask, wall = run_astroscrappy(image, gain_e_per_count=meta["gain"], read_noise_e=meta["read_noise_e"],
+                                    saturation_count=meta["saturation"], mask=defects)
+    rss = _peak_rss_mb()
+    truth = _load_truth(frame_dir)
+    mask = np.where(crmask, MASK_DTYPE(int(MaskPlane.CR)), MASK_DTYPE(0))
+    return {"wall_s": wall, "peak_rss_mb": rss, "cr_completeness_pct": cr_masked_pct(mask, truth.cr_masks),
+            "n_cr_pixels": int(crmask.sum())}
+
+
+_WORKERS = {"ours": _worker_ours, "cr": _worker_cr, "astroscrappy": _worker_astroscrappy}
+
+
+def _spawn(kind: str, frame_dir: Path, out_json: Path) -> dict[str, Any]:
+    env = {**os.environ, **_ONE_THREAD}
+    proc = subprocess.run([sys.executable, "-m", "singleframe.benchmarks", "--worker", kind, str(frame_dir),
+                           str(out_json)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} worker failed on {frame_dir.name}:\n{proc.stderr[-3000:]}")
+    return json.loads(out_json.read_text())
+
+
+# --------------------------------------------------------------------------------------
+# Peers run from the orchestrator (each binary timed by wait4)
+# --------------------------------------------------------------------------------------
+def _run_chain(frame_dir: Path, work: Path, repeat: int) -> list[dict[str, Any]]:
+    from astropy.io import fits
+
+    from .peers import PsfexPsf, wcs_from_scamp_head
+    from .sim.evaluation import psf_size_error_pct, wcs_error_mas
+
     runs = []
-    for i in range(args.repeat):
-        out_json = work / f"run{i}.json"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        subprocess.run([sys.executable, "-m", "singleframe.benchmarks", "--worker", store, str(out_json)],
-                       check=True, env=env)
-        runs.append(json.loads(out_json.read_text()))
-    rows = _summarise(runs)
-    table = _markdown(rows, args.size, args.repeat)
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    payload = {"machine": _machine(), "size": args.size, "repeat": args.repeat, "rows": rows}
-    (out / f"bench-{args.size}-{stamp}.json").write_text(json.dumps(payload, indent=1))
-    (out / f"bench-{args.size}-{stamp}.md").write_text(table)
-    (out / "latest.json").write_text(json.dumps(payload, indent=1))
-    (out / "latest.md").write_text(table)
-    return 0
+    truth = _load_truth(frame_dir)
+    header = fits.getheader(frame_dir / "image.fits")
+    from .peers import run_astromatic_chain
+
+    for i in range(repeat):
+        wd = work / f"chain{i}"
+        res = run_astromatic_chain(frame_dir / "image.fits", frame_dir / "refcat.ldac", workdir=wd)
+        rec: dict[str, Any] = {"tools": {k: {"wall_s": r.wall_s, "peak_rss_mb": r.peak_rss_mb}
+                                         for k, r in res.runs.items()},
+                               "wall_s": res.wall_s, "peak_rss_mb": res.peak_rss_mb, "n_sources": res.n_sources,
+                               "xy_contrast": res.scamp_xy_contrast, "catalog": str(res.catalog_path)}
+        if i == 0:
+            if res.head_path is not None:
+                wcs = wcs_from_scamp_head(res.head_path, image_header=header)
+                rec["wcs_rms_mas"], rec["wcs_max_mas"] = wcs_error_mas(wcs, truth.wcs, truth.shape,
+                                                                       origin=truth.origin)
+            if res.psf_path is not None:
+                psf = PsfexPsf.read(res.psf_path, origin=truth.origin)
+                rec["psf_size_err_pct"] = psf_size_error_pct(psf, truth.psf_grid)
+        runs.append(rec)
+    return runs
 
 
-def _summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    stage_names = list(runs[0]["stages_s"])
-    for name in [*stage_names, "calibrate_s", "read_s", "write_s", "convolution_s"]:
-        vals = [r["stages_s"][name] if name in r["stages_s"] else r[name] for r in runs]
-        rows.append({"step": name.removesuffix("_s"), "wall_s_median": statistics.median(vals),
-                     "wall_s_min": min(vals), "wall_s_max": max(vals)})
-    floor = statistics.median(r["read_s"] + r["write_s"] + r["convolution_s"] for r in runs)
-    total = statistics.median(r["calibrate_s"] for r in runs)
-    rows.append({"step": "ratio_to_physical_limit", "value": total / floor if floor else float("nan")})
-    rows.append({"step": "peak_rss_mb", "value": max(r["peak_rss_mb"] for r in runs)})
+def _run_anet(frame_dir: Path, work: Path, catalog: Path, repeat: int) -> list[dict[str, Any]]:
+    from astropy.table import Table
+
+    from .peers import read_ldac, read_wcs_file, run_solve_field
+    from .sim.evaluation import wcs_error_mas
+
+    meta = json.loads((frame_dir / "meta.json").read_text())
+    truth = _load_truth(frame_dir)
+    objects, _ = read_ldac(catalog)
+    refcat = Table.read(frame_dir / "refcat_local.fits")
+    runs = []
+    for i in range(repeat):
+        res = run_solve_field(objects, refcat, band=meta["band"], shape=truth.shape,
+                              pixel_scale_arcsec=meta["pixel_scale_arcsec"], ra_deg=meta["ra_deg"],
+                              dec_deg=meta["dec_deg"], workdir=work / f"anet{i}")
+        rec: dict[str, Any] = {"wall_s": res.solve.wall_s, "peak_rss_mb": res.solve.peak_rss_mb,
+                               "index_build_s": res.index_build.wall_s, "solved": res.wcs_path is not None}
+        if i == 0 and res.wcs_path is not None:
+            rec["wcs_rms_mas"], rec["wcs_max_mas"] = wcs_error_mas(read_wcs_file(res.wcs_path), truth.wcs,
+                                                                   truth.shape, origin=truth.origin)
+        runs.append(rec)
+    return runs
+
+
+# --------------------------------------------------------------------------------------
+# Rows, bars, output
+# --------------------------------------------------------------------------------------
+def make_row(frame: str, system: str, walls: Sequence[float], *, peak_rss_mb: float | None = None,
+             notes: str = "", **quality: float | None) -> dict[str, Any]:
+    """One result row with every key of :data:`ROW_KEYS` (None where not produced)."""
+    row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
+    row.update(frame=frame, system=system, n_runs=len(walls), notes=notes, peak_rss_mb=peak_rss_mb)
+    if walls:
+        row.update(wall_s_median=float(statistics.median(walls)), wall_s_min=float(min(walls)),
+                   wall_s_max=float(max(walls)))
+    for key, value in quality.items():
+        if key not in ROW_KEYS:
+            raise KeyError(f"unknown row key {key!r}; use one of {ROW_KEYS}")
+        row[key] = None if value is None or (isinstance(value, float) and not math.isfinite(value)) else float(value)
+    return row
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else float(a / b)
+
+
+def bench_frame(spec: FrameSpec, frame_dir: Path, work: Path, *, repeat: int, peer_repeat: int,
+                peers: bool) -> list[dict[str, Any]]:
+    """All systems on one prepared frame; returns its rows."""
+    from .peers import peer_available
+
+    rows: list[dict[str, Any]] = []
+    ours = [_spawn("ours", frame_dir, work / f"ours{i}.json") for i in range(repeat)]
+    q = ours[0]
+    stages = " ".join(f"{k}={statistics.median(r['stages_s'][k] for r in ours):.2f}" for k in q["stages_s"])
+    io_note = (f"read={statistics.median(r['read_s'] for r in ours):.2f} "
+               f"refcat={statistics.median(r['refcat_s'] for r in ours):.2f} "
+               f"write={statistics.median(r['write_s'] for r in ours):.2f}")
+    row_ours = make_row(spec.name, "ours", [r["wall_s"] for r in ours],
+                        peak_rss_mb=max(r["peak_rss_mb"] for r in ours), notes=f"{stages} {io_note}",
+                        wcs_rms_mas=q["wcs_rms_mas"], psf_size_err_pct=q["psf_size_err_pct"],
+                        cr_completeness_pct=q["cr_completeness_pct"], zp_err_mmag=q["zp_err_mmag"])
+    row_ours["ratio_to_ours"] = 1.0
+    row_ours["stages_s_median"] = {k: statistics.median(r["stages_s"][k] for r in ours) for k in q["stages_s"]}
+    rows.append(row_ours)
+    ours_wall = row_ours["wall_s_median"]
+    floor = [r["read_s"] + r["write_s"] + r["convolution_s"] for r in ours]
+    row_floor = make_row(spec.name, "physical_limit", floor, notes="read snaps + write outputs + 1 PSF convolution")
+    row_floor["ratio_to_ours"] = _ratio(row_floor["wall_s_median"], ours_wall)
+    rows.append(row_floor)
+
+    cr = [_spawn("cr", frame_dir, work / f"cr{i}.json") for i in range(repeat)]
+    row_cr = make_row(spec.name, "ours:cr_step", [r["wall_s"] for r in cr],
+                      peak_rss_mb=max(r["peak_rss_mb"] for r in cr), cr_completeness_pct=cr[0]["cr_completeness_pct"],
+                      notes="find_cosmic_rays on the bkg-subtracted summed image")
+    row_cr["ratio_to_ours"] = 1.0
+    rows.append(row_cr)
+    if not peers:
+        return rows
+
+    if peer_available("astroscrappy"):
+        sc = [_spawn("astroscrappy", frame_dir, work / f"scrappy{i}.json") for i in range(peer_repeat)]
+        row = make_row(spec.name, "astroscrappy", [r["wall_s"] for r in sc],
+                       peak_rss_mb=max(r["peak_rss_mb"] for r in sc),
+                       cr_completeness_pct=sc[0]["cr_completeness_pct"], notes="ratio vs ours:cr_step")
+        row["ratio_to_ours"] = _ratio(row["wall_s_median"], row_cr["wall_s_median"])
+        rows.append(row)
+    else:
+        print(f"[{spec.name}] astroscrappy not installed: skipped (make bench-setup)")
+
+    if all(peer_available(t) for t in ("source-extractor", "psfex", "scamp")):
+        chain = _run_chain(frame_dir, work, peer_repeat)
+        c0 = chain[0]
+        row = make_row(spec.name, "sex+psfex+scamp", [r["wall_s"] for r in chain],
+                       peak_rss_mb=max(r["peak_rss_mb"] for r in chain), wcs_rms_mas=c0.get("wcs_rms_mas"),
+                       psf_size_err_pct=c0.get("psf_size_err_pct"),
+                       notes=f"{c0['n_sources']} sources, SCAMP XY_Contrast {c0['xy_contrast']}")
+        row["ratio_to_ours"] = _ratio(row["wall_s_median"], ours_wall)
+        rows.append(row)
+        for tool in ("source-extractor", "psfex", "scamp"):
+            r = make_row(spec.name, tool, [c["tools"][tool]["wall_s"] for c in chain],
+                         peak_rss_mb=max(c["tools"][tool]["peak_rss_mb"] for c in chain),
+                         wcs_rms_mas=c0.get("wcs_rms_mas") if tool == "scamp" else None,
+                         psf_size_err_pct=c0.get("psf_size_err_pct") if tool == "psfex" else None)
+            r["ratio_to_ours"] = _ratio(r["wall_s_median"], ours_wall)
+            rows.append(r)
+        if all(peer_available(t) for t in ("solve-field", "build-astrometry-index")):
+            an = _run_anet(frame_dir, work, Path(c0["catalog"]), peer_repeat)
+            row = make_row(spec.name, "solve-field", [r["wall_s"] for r in an],
+                           peak_rss_mb=max(r["peak_rss_mb"] for r in an), wcs_rms_mas=an[0].get("wcs_rms_mas"),
+                           notes=f"solved={an[0]['solved']}, index build {an[0]['index_build_s']:.2f} s not included")
+            row["ratio_to_ours"] = _ratio(row["wall_s_median"], ours_wall)
+            rows.append(row)
+        else:
+            print(f"[{spec.name}] solve-field not installed: skipped")
+    else:
+        print(f"[{spec.name}] source-extractor/psfex/scamp not installed: skipped (make bench-setup)")
     return rows
 
 
-def _markdown(rows: list[dict[str, Any]], size: int, repeat: int) -> str:
-    lines = [f"Calibration of one simulated {size}x{size} detector, {repeat} runs, single thread ({_machine()})", "",
-             "| step | median s | min s | max s |", "|---|---|---|---|"]
+@dataclass(frozen=True)
+class Bar:
+    """One bar of issue 7 and whether it is met (None: could not be measured)."""
+
+    frame: str
+    name: str
+    measured: str
+    target: str
+    met: bool | None
+    asserted: bool  #: quality bars fail ``--check``; time bars are reported only
+
+
+def check_bars(rows: Sequence[dict[str, Any]]) -> list[Bar]:
+    """Evaluate the issue-7 bars on the result rows."""
+    bars: list[Bar] = []
+    by = {(r["frame"], r["system"]): r for r in rows}
+    for frame in dict.fromkeys(r["frame"] for r in rows):
+        ours = by.get((frame, "ours"))
+        if ours is None:
+            continue
+        scamp = by.get((frame, "sex+psfex+scamp"))
+        w = ours["wcs_rms_mas"]
+        bars.append(Bar(frame, "WCS rms <= 2 mas", _f(w), f"<= {WCS_RMS_BAR_MAS}",
+                        None if w is None else w <= WCS_RMS_BAR_MAS, True))
+        sw = scamp["wcs_rms_mas"] if scamp else None
+        bars.append(Bar(frame, "WCS rms <= SCAMP", f"{_f(w)} vs {_f(sw)}", "ours <= SCAMP",
+                        None if w is None or sw is None else w <= sw, True))
+        p, sp = ours["psf_size_err_pct"], scamp["psf_size_err_pct"] if scamp else None
+        bars.append(Bar(frame, "|PSF size err| <= PSFEx", f"{_f(p)} vs {_f(sp)} %", "|ours| <= |PSFEx|",
+                        None if p is None or sp is None else abs(p) <= abs(sp), True))
+        c = ours["cr_completeness_pct"]
+        bars.append(Bar(frame, "CR completeness >= 95 %", f"{_f(c)} %", f">= {CR_COMPLETENESS_BAR_PCT}",
+                        None if c is None else c >= CR_COMPLETENESS_BAR_PCT, True))
+        cr, sc = by.get((frame, "ours:cr_step")), by.get((frame, "astroscrappy"))
+        if cr and sc:
+            speed = _ratio(sc["wall_s_median"], cr["wall_s_median"])
+            bars.append(Bar(frame, "CR step >= 10x faster than astroscrappy", f"{_f(speed)}x",
+                            f">= {CR_SPEEDUP_BAR}x", None if speed is None else speed >= CR_SPEEDUP_BAR, False))
+            a, b = cr["cr_completeness_pct"], sc["cr_completeness_pct"]
+            bars.append(Bar(frame, "CR step completeness >= astroscrappy", f"{_f(a)} vs {_f(b)} %", "ours >= peer",
+                            None if a is None or b is None else a >= b, False))
+        floor = by.get((frame, "physical_limit"))
+        if floor:
+            ratio = _ratio(ours["wall_s_median"], floor["wall_s_median"])
+            bars.append(Bar(frame, "total <= 10x physical limit", f"{_f(ratio)}x", f"<= {PHYSICAL_LIMIT_RATIO_BAR}x",
+                            None if ratio is None else ratio <= PHYSICAL_LIMIT_RATIO_BAR, False))
+        if frame == MAIN_FRAME:
+            ratio = _ratio(ours["wall_s_median"], scamp["wall_s_median"]) if scamp else None
+            bars.append(Bar(frame, "time <= 0.5x SEx+PSFEx+SCAMP", f"{_f(ratio)}x", f"<= {TIME_RATIO_BAR}x",
+                            None if ratio is None else ratio <= TIME_RATIO_BAR, False))
+            m = ours["peak_rss_mb"]
+            bars.append(Bar(frame, "peak RSS <= 1.5 GB", f"{_f(m)} MB", f"<= {PEAK_RSS_BAR_MB:.0f} MB",
+                            None if m is None else m <= PEAK_RSS_BAR_MB, False))
+    return bars
+
+
+def _f(v: float | None, digits: int = 2) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def format_markdown(rows: Sequence[dict[str, Any]], bars: Sequence[Bar], header: str) -> str:
+    """The result table and the bars as Markdown."""
+    cols = ("frame", "system", "wall_s_median", "wall_s_min", "wall_s_max", "peak_rss_mb", "wcs_rms_mas",
+            "psf_size_err_pct", "cr_completeness_pct", "zp_err_mmag", "ratio_to_ours")
+    lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        if "value" in r:
-            lines.append(f"| {r['step']} | {r['value']:.2f} | | |")
-        else:
-            lines.append(f"| {r['step']} | {r['wall_s_median']:.3f} | {r['wall_s_min']:.3f} | {r['wall_s_max']:.3f} |")
+        cells = [str(r[c]) if c in ("frame", "system") else _f(r[c], 3 if c.startswith("wall") else 2) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Per-stage medians (ours) and notes:", ""]
+    lines += [f"- {r['frame']} / {r['system']}: {r['notes']}" for r in rows if r.get("notes")]
+    lines += ["", "| frame | bar | measured | target | met | asserted |", "|---|---|---|---|---|---|"]
+    for b in bars:
+        met = "n/a" if b.met is None else ("yes" if b.met else "**NO**")
+        lines.append(f"| {b.frame} | {b.name} | {b.measured} | {b.target} | {met} | {'yes' if b.asserted else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
 def _machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.node()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m singleframe.benchmarks",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=["quick", "full"], default="full",
+                        help="quick: 2048² frames (CI); full: 4096² frames + one 2048²")
+    parser.add_argument("--frames", nargs="*", help="only these frame names")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs of ours (each a fresh process)")
+    parser.add_argument("--peer-repeat", type=int, default=None, help="timed runs of each peer (default: --repeat)")
+    parser.add_argument("--no-peers", action="store_true", help="skip the peer systems")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a quality bar fails")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument("--worker", nargs=3, metavar=("KIND", "FRAME_DIR", "OUT_JSON"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        kind, frame_dir, out_json = args.worker
+        Path(out_json).write_text(json.dumps(_WORKERS[kind](Path(frame_dir))))
+        return 0
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
+    peer_repeat = args.peer_repeat or args.repeat
+    specs = QUICK_FRAMES if args.suite == "quick" else FULL_FRAMES
+    if args.frames:
+        unknown = set(args.frames) - {s.name for s in specs}
+        if unknown:
+            parser.error(f"unknown frames {sorted(unknown)}; {args.suite} has {[s.name for s in specs]}")
+        specs = tuple(s for s in specs if s.name in args.frames)
+
+    scratch = Path(tempfile.mkdtemp(prefix="sf-bench-"))
+    rows: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    try:
+        for spec in specs:
+            frame_dir = scratch / spec.name / "frame"
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-c", "import sys, json; from singleframe.benchmarks import "
+                                   "FrameSpec, _prepare; from pathlib import Path; "
+                                   "_prepare(FrameSpec(**json.loads(sys.argv[1])), Path(sys.argv[2]))",
+                                   json.dumps(dataclasses.asdict(spec)), str(frame_dir)],
+                                  env={**os.environ, **_ONE_THREAD}, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"simulating {spec.name} failed:\n{proc.stderr[-3000:]}")
+            print(f"[{spec.name}] simulated in {time.perf_counter() - t0:.1f} s", flush=True)
+            t0 = time.perf_counter()
+            frame_rows = bench_frame(spec, frame_dir, scratch / spec.name, repeat=args.repeat,
+                                     peer_repeat=peer_repeat, peers=not args.no_peers)
+            rows += frame_rows
+            print(f"[{spec.name}] benchmarked in {time.perf_counter() - t0:.1f} s", flush=True)
+            shutil.rmtree(frame_dir / "store", ignore_errors=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+        else:
+            print(f"scratch kept in {scratch}")
+
+    bars = check_bars(rows)
+    header = (f"singleframe benchmark, suite {args.suite}, {args.repeat} runs of ours / {peer_repeat} of each peer, "
+              f"OMP_NUM_THREADS=1 ({_machine()}), total {time.perf_counter() - t_start:.0f} s")
+    table = format_markdown(rows, bars, header)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    payload = {"machine": _machine(), "suite": args.suite, "repeat": args.repeat, "peer_repeat": peer_repeat,
+               "rows": rows, "bars": [dataclasses.asdict(b) for b in bars]}
+    (out / f"bench-{args.suite}-{stamp}.json").write_text(json.dumps(payload, indent=1))
+    (out / f"bench-{args.suite}-{stamp}.md").write_text(table)
+    (out / "latest.json").write_text(json.dumps(rows, indent=1))
+    (out / "latest.md").write_text(table)
+    failed = [b for b in bars if b.asserted and b.met is False]
+    if args.check and failed:
+        print("QUALITY BARS FAILED: " + "; ".join(f"{b.frame}: {b.name} ({b.measured})" for b in failed))
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

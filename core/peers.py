@@ -117,9 +117,8 @@ def write_ldac(path: str | Path, objects: Table, *, image_header: fits.Header | 
     """
     hdr = image_header.copy() if image_header is not None else fits.Header({"NAXIS": 0})
     cards = [c.image for c in hdr.cards] + ["END".ljust(80)]
-    text = "".join(cards)
-    col = fits.Column(name="Field Header Card", format=f"{len(text)}A", dim=f"(80,{len(cards)})",
-                      array=np.array([text]))
+    col = fits.Column(name="Field Header Card", format=f"{80 * len(cards)}A", dim=f"(80,{len(cards)})",
+                      array=np.array([cards], dtype="S80"))
     imhead = fits.BinTableHDU.from_columns([col], name="LDAC_IMHEAD")
     obj = fits.BinTableHDU(objects, name="LDAC_OBJECTS")
     fits.HDUList([fits.PrimaryHDU(), imhead, obj]).writeto(path, overwrite=True)
@@ -135,11 +134,12 @@ def read_ldac(path: str | Path) -> tuple[Table, fits.Header]:
         header = fits.Header()
         if "LDAC_IMHEAD" in names:
             raw = hdul["LDAC_IMHEAD"].data[0][0]
-            text = "".join(raw) if not isinstance(raw, (str, bytes)) else raw
-            if isinstance(text, bytes):
-                text = text.decode("ascii", "replace")
-            cards = [text[i:i + 80] for i in range(0, len(text), 80)]
-            header = fits.Header.fromstring("".join(c.ljust(80) for c in cards))
+            # Read back as one string per card (trailing blanks stripped) or as one long string.
+            items = [raw] if isinstance(raw, (str, bytes)) else list(np.ravel(raw))
+            items = [c.decode("ascii", "replace") if isinstance(c, bytes) else str(c) for c in items]
+            if len(items) == 1:
+                items = [items[0][i:i + 80] for i in range(0, len(items[0]), 80)]
+            header = fits.Header.fromstring("".join(c.ljust(80) for c in items))
     return objects, header
 
 
