@@ -186,7 +186,9 @@ def wcs_from_scamp_head(head: str | Path, *, image_header: fits.Header | None = 
     text = str(head) if is_text else Path(head).read_text()
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("COMMENT", "HISTORY", "END"))]
     hdr = image_header.copy() if image_header is not None else fits.Header()
-    for key in [k for k in hdr if k.startswith(("A_", "B_", "AP_", "BP_"))]:
+    # Drop every linear/distortion term of the image header: wcslib prefers PCi_j over the
+    # .head's CDi_j when both are present, which would silently keep the header's rotation.
+    for key in [k for k in hdr if k.startswith(("A_", "B_", "AP_", "BP_", "PC", "CD", "CROTA", "PV"))]:
         del hdr[key]
     for ln in lines:
         card = fits.Card.fromstring(ln.ljust(80)[:80])

@@ -135,7 +135,12 @@ def run_stage(stage: Stage, ctx: RunContext, data_id: DataId,
         loaded[name] = objs if name == "post_isr_image" else objs[0]
     config = calibrate_config_from_dict(ctx.config)
     loader = refcat_loader or _refcat_loader(store, ctx, config)
-    products = stage.compute(loaded, StageContext(data_id, config, loader))
+    try:
+        products = stage.compute(loaded, StageContext(data_id, config, loader))
+    except StepFailedError as exc:
+        # Name the files, so the failure record says which inputs could not be processed.
+        exc.metadata.setdefault("input_uris", [r.uri for refs in input_refs.values() for r in refs])
+        raise
     provenance = {
         "cache_key": key,
         "stage": stage.name,

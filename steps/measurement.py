@@ -348,9 +348,27 @@ def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.
         mxy = np.where(shape_ok, am.xy, np.nan)
         g_flux, g_err = am.flux, am.flux_err
         g_ok = shape_ok & np.isfinite(g_flux) & np.isfinite(g_err)
+        # Adaptive moments fail on ~1 % of faint (S/N < 15) point sources (noise drives the
+        # size iteration away). A fixed-weight (PSF-sized Gaussian) centroid still measures them,
+        # so their PSF flux is not lost; their size is estimated below from the fixed-weight trace.
+        fb = np.flatnonzero(~cen_ok) if recentre else np.zeros(0, np.int64)
+        fb_trace = np.full(n, np.nan)
+        if fb.size:
+            fx, fy, fex, fey, ftr = _fixed_weight_moments(
+                img_st[fb][:, sl, sl], var_st[fb][:, sl, sl], valid[fb][:, sl, sl], sigma0,
+                ((x_start - ox) - ix)[fb], ((y_start - oy) - iy)[fb])
+            fshift = np.hypot(fx + ix[fb] - (x_start - ox)[fb], fy + iy[fb] - (y_start - oy)[fb])
+            good = np.isfinite(fx) & np.isfinite(fy) & (fshift <= config.max_centroid_shift_pix)
+            g = fb[good]
+            xc[g] = fx[good] + ix[g] + ox
+            yc[g] = fy[good] + iy[g] + oy
+            x_err[g] = fex[good]
+            y_err[g] = fey[good]
+            cen_ok[g] = True
+            fb_trace[g] = ftr[good]
     else:
         xc, yc = x_start.copy(), y_start.copy()
-        x_err = y_err = mxx = myy = mxy = g_flux = g_err = np.zeros(0)
+        x_err = y_err = mxx = myy = mxy = g_flux = g_err = fb_trace = np.zeros(0)
         cen_ok = shape_ok = g_ok = np.zeros(0, bool)
     cat["base_SdssCentroid_x"] = u.Quantity(xc, u.pix)
     cat["base_SdssCentroid_y"] = u.Quantity(yc, u.pix)
@@ -396,6 +414,24 @@ def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.
         npix = np.zeros(n, np.int64)
         p_edge = np.zeros(n, bool)
         p_flag = np.ones(n, bool)
+    # Fallback sizes (shape flag stays set): for Gaussians of per-axis variance s under a weight
+    # of variance w, the weighted trace is 2 s w / (s + w); linearised about the PSF (s = p) its
+    # log-derivative is w / (p + w), which converts the trace ratio into a size ratio.
+    fbs = np.flatnonzero(np.isfinite(fb_trace) & ~shape_ok) if n else np.zeros(0, np.int64)
+    if fbs.size:
+        t_psf_fb = pm[fbs, 0] + pm[fbs, 1]
+        p_var, w_var = t_psf_fb / 2.0, sigma0**2
+        tw_psf = 2.0 * p_var * w_var / (p_var + w_var)
+        beta = w_var / (p_var + w_var)
+        t_est = t_psf_fb * (1.0 + (fb_trace[fbs] / tw_psf - 1.0) / beta)
+        mxx = mxx.copy()
+        myy = myy.copy()
+        mxy = mxy.copy()
+        mxx[fbs] = myy[fbs] = t_est / 2.0
+        mxy[fbs] = 0.0
+        cat["ext_shapeHSM_HsmSourceMoments_xx"] = u.Quantity(mxx, u.pix**2)
+        cat["ext_shapeHSM_HsmSourceMoments_yy"] = u.Quantity(myy, u.pix**2)
+        cat["ext_shapeHSM_HsmSourceMoments_xy"] = u.Quantity(mxy, u.pix**2)
     cat["ext_shapeHSM_HsmPsfMoments_xx"] = u.Quantity(pm[:, 0], u.pix**2)
     cat["ext_shapeHSM_HsmPsfMoments_yy"] = u.Quantity(pm[:, 1], u.pix**2)
     cat["ext_shapeHSM_HsmPsfMoments_xy"] = u.Quantity(pm[:, 2], u.pix**2)
@@ -528,6 +564,47 @@ def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.
     pmax = np.max(np.where(own, img_st, -np.inf), axis=(1, 2)) if n else np.zeros(0)
     cat["psf_max_value"] = u.Quantity(np.where(np.isfinite(pmax), pmax, np.nan).astype(np.float32), u.ct)
     return cat
+
+
+def _fixed_weight_moments(img: npt.NDArray[np.floating], var: npt.NDArray[np.floating],
+                          valid: npt.NDArray[np.bool_], sigma_w: float, x0: npt.NDArray[np.float64],
+                          y0: npt.NDArray[np.float64], n_iter: int = 8
+                          ) -> tuple[npt.NDArray[np.float64], ...]:
+    """Centroid and weighted trace with a fixed circular Gaussian weight (fallback for faint sources).
+
+    Returns ``(x, y, x_err, y_err, trace)`` relative to the stamp centre; NaN where the weighted
+    flux is not positive. The centre step is twice the weighted first moment (exact for a
+    Gaussian source as wide as the weight).
+    """
+    m, ny, nx = img.shape
+    gy, gx = np.mgrid[-(ny // 2):ny - ny // 2, -(nx // 2):nx - nx // 2]
+    d = np.where(valid, img, 0.0).astype(float)
+    v = np.where(valid, var, 0.0).astype(float)
+    cx, cy = np.asarray(x0, float).copy(), np.asarray(y0, float).copy()
+    ok = np.ones(m, bool)
+    inv2 = 0.5 / sigma_w**2
+    for _ in range(n_iter):
+        dx = gx[None] - cx[:, None, None]
+        dy = gy[None] - cy[:, None, None]
+        w = np.exp(-(dx * dx + dy * dy) * inv2) * valid
+        s0 = np.sum(w * d, axis=(1, 2))
+        ok = s0 > 0
+        s0 = np.where(ok, s0, 1.0)
+        cx = cx + np.clip(2.0 * np.sum(w * d * dx, axis=(1, 2)) / s0, -1.0, 1.0)
+        cy = cy + np.clip(2.0 * np.sum(w * d * dy, axis=(1, 2)) / s0, -1.0, 1.0)
+    dx = gx[None] - cx[:, None, None]
+    dy = gy[None] - cy[:, None, None]
+    w = np.exp(-(dx * dx + dy * dy) * inv2) * valid
+    s0 = np.sum(w * d, axis=(1, 2))
+    ok &= s0 > 0
+    s0 = np.where(ok, s0, np.nan)
+    trace = np.sum(w * d * (dx * dx + dy * dy), axis=(1, 2)) / s0
+    w2v = w * w * v
+    x_err = 2.0 * np.sqrt(np.sum(w2v * dx * dx, axis=(1, 2))) / s0
+    y_err = 2.0 * np.sqrt(np.sum(w2v * dy * dy, axis=(1, 2))) / s0
+    ok &= np.isfinite(trace) & (trace > 0)
+    nan = np.where(ok, 1.0, np.nan)
+    return cx * nan, cy * nan, x_err * nan, y_err * nan, trace * nan
 
 
 def _footprint_flags(mask: npt.NDArray[np.uint32], labels: npt.NDArray[np.int32] | None,

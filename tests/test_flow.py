@@ -68,6 +68,8 @@ def test_flow_completes_and_isolates_the_failed_detector(survey: dict) -> None:
     failure = survey["store"].get("detector_failure", **_where(BROKEN_DETECTOR))
     assert failure["failure.type"].endswith("PsfFitError")
     assert failure["expected"] is True
+    # The record names the input files that could not be processed.
+    assert any("post_isr_image" in uri and "det-003" in uri for uri in failure["failure.metadata.input_uris"])
     for det in (0, 1, 2):
         assert outcomes[det]["status"] == "ok", outcomes[det]
         assert not survey["store"].exists("detector_failure", **_where(det))
