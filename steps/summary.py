@@ -206,13 +206,14 @@ def _psf_stats(out: dict[str, Any], exposure: Exposure, cx: float, cy: float, co
     xs, ys = _unmasked_grid(exposure, config.psf_grid_spacing_pix)
     if len(xs) == 0:
         return
-    trace = np.array([math.sqrt(0.5 * (a + b)) for a, b, _ in (psf.moments(x, y) for x, y in zip(xs, ys, strict=True))])
+    m = psf.moments_many(xs, ys)  # vectorised (interpolated for pixel models)
+    trace = np.sqrt(0.5 * (m[:, 0] + m[:, 1]))
     out["psfTraceRadiusDelta"] = float(trace.max() - trace.min())
     radius = max(2.0, 3.0 * out["psfSigma"])
     size = int(2 * math.ceil(radius) + 3)
     oy, ox = np.mgrid[: size, : size] - size // 2
     inside = np.hypot(ox, oy) <= radius
-    apflux = np.array([float(psf.image(x, y, size=size)[inside].sum()) for x, y in zip(xs, ys, strict=True)])
+    apflux = psf.images(xs, ys, size=size)[:, inside].sum(axis=1)
     out["psfApFluxDelta"] = float(apflux.max() - apflux.min())
     apc = exposure.ap_corr.get("base_PsfFlux", exposure.ap_corr.get("base_PsfFlux_instFlux"))
     if apc is not None and out["psfSigma"] > 0:
@@ -246,28 +247,36 @@ def _wcs_stats(out: dict[str, Any], exposure: Exposure, cx: float, cy: float) ->
 
 
 def _zenith_distance(ra: float, dec: float, exposure: Exposure) -> float:
-    visit = exposure.visit_info
-    try:
-        from astropy import units as u
-        from astropy.coordinates import AltAz, EarthLocation, SkyCoord
-        from astropy.time import Time
-        from astropy.utils import iers
+    """Geometric zenith distance (deg) of (ra, dec) at the visit's mid-point and site.
 
-        lon, lat, height = visit.observatory_lon_lat_height
-        loc = EarthLocation(lon=lon * u.deg, lat=lat * u.deg, height=height * u.m)
-        # No network from a step: use the bundled IERS tables, degraded accuracy (~arcsec) is fine here.
-        with iers.conf.set_temp("auto_download", False), iers.conf.set_temp("iers_degraded_accuracy", "ignore"), \
-                warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            t = Time(visit.mjd_tai, format="mjd", scale="tai")
-            altaz = SkyCoord(ra * u.deg, dec * u.deg).transform_to(AltAz(obstime=t, location=loc))
-            zd = float(90.0 - altaz.alt.deg)
-        if math.isfinite(zd):
-            return zd
-    except (ValueError, TypeError, ArithmeticError, ImportError, RuntimeError, OSError):
-        pass
-    am = float(visit.airmass)
-    return float(math.degrees(math.acos(1.0 / am))) if math.isfinite(am) and am >= 1.0 else float("nan")
+    Computed from the Greenwich mean sidereal time (UT1 ~ UTC = TAI - leap seconds) with first-order
+    precession from J2000 to the date, without nutation, aberration or refraction: within
+    ~0.01 deg of astropy's AltAz. That is ample for a summary statistic and costs
+    microseconds, where an astropy AltAz transform reads the IERS tables (~2 s on first use).
+    """
+    visit = exposure.visit_info
+    lon, lat, _height = visit.observatory_lon_lat_height
+    mjd = float(visit.mjd_tai)
+    if not (math.isfinite(mjd) and math.isfinite(lat) and math.isfinite(lon)):
+        am = float(visit.airmass)
+        return float(math.degrees(math.acos(1.0 / am))) if math.isfinite(am) and am >= 1.0 else float("nan")
+    import erfa
+
+    y, mo, dy, frac = erfa.jd2cal(2400000.5, mjd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # erfa warns about dates beyond its leap-second table
+        tai_minus_utc_s = float(erfa.dat(int(y), int(mo), int(dy), float(frac)))
+    d = mjd - tai_minus_utc_s / 86400.0 - 51544.5  # UT days from J2000.0
+    years = d / 365.25
+    a, dd = math.radians(ra), math.radians(dec)
+    # First-order precession: m = 3.075 s/yr, n = 1.336 s/yr = 20.04 arcsec/yr.
+    ra = ra + years * (3.075 + 1.336 * math.sin(a) * math.tan(dd)) * 15.0 / 3600.0
+    dec = dec + years * 20.04 * math.cos(a) / 3600.0
+    gmst_deg = (280.46061837 + 360.98564736629 * d) % 360.0
+    hour_angle = math.radians((gmst_deg + lon - ra) % 360.0)
+    phi, delta = math.radians(lat), math.radians(dec)
+    cos_zd = math.sin(phi) * math.sin(delta) + math.cos(phi) * math.cos(delta) * math.cos(hour_angle)
+    return float(math.degrees(math.acos(max(-1.0, min(1.0, cos_zd)))))
 
 
 def _image_stats(out: dict[str, Any], exposure: Exposure, config: SummaryConfig) -> None:
