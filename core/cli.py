@@ -67,12 +67,20 @@ def cmd_ingest_refcat(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .flows.calibrate import CalibrateParams, run_calibration
+    from .flows.calibrate import CalibrateParams, make_task_runner, run_calibration
 
     params = CalibrateParams(store=args.store, input_run=args.input_run, output_run=args.output_run,
                              instrument=args.instrument, visits=args.visits, detectors=args.detectors,
                              config_file=args.config, refcat=args.refcat, max_workers=args.workers, rerun=args.rerun)
-    state = run_calibration(params)
+    runner = make_task_runner(max_workers=args.workers, dask_workers=args.dask_workers,
+                              dask_address=args.dask_address)
+
+    def progress(done: int, total: int, failed: int) -> None:
+        # Plain text on stderr, one line per finished detector: readable in logs and terminals alike.
+        sys.stderr.write(f"{done}/{total} detectors done, {failed} failed\n")
+        sys.stderr.flush()
+
+    state = run_calibration(params, task_runner=runner, progress=None if args.quiet else progress)
     outcomes = state.result(raise_on_failure=False) if state.is_completed() else None
     print(state.message or state.name)
     if isinstance(outcomes, list):
@@ -99,7 +107,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .deployments.serve import serve
 
-    return serve(port=args.port)
+    return serve(port=args.port, worker_limit=args.worker_limit)
 
 
 def _parse_value(value: str) -> Any:
@@ -158,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refcat", default="refcat")
     p.add_argument("--workers", type=int, default=int(os.environ.get("SINGLEFRAME_WORKERS", "2")))
     p.add_argument("--rerun", action="store_true", help="recompute every stage (ignore current outputs)")
+    p.add_argument("--dask-workers", type=int, default=None, metavar="N",
+                   help="fan detectors out on a local Dask cluster of N worker processes (needs prefect-dask)")
+    p.add_argument("--dask-address", default=None, metavar="tcp://HOST:PORT",
+                   help="fan detectors out on an existing Dask scheduler (e.g. a dask-jobqueue SLURM cluster)")
+    p.add_argument("--quiet", action="store_true", help="no per-detector progress lines")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("evaluate", help="compare outputs with the simulator's truth")
@@ -169,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="start a local Prefect server, register deployments and a worker")
     p.add_argument("--port", type=int, default=4200)
+    p.add_argument("--worker-limit", type=int, default=2, help="flow runs the worker runs at once")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -2,7 +2,10 @@
 
 Everything runs as child processes of this command and stops with it (Ctrl-C).
 For production, run ``prefect server start`` against PostgreSQL instead
-(``PREFECT_API_DATABASE_CONNECTION_URL``) and point workers at it.
+(see ``deployments/README.md``) and point workers at it.
+
+The pieces (:func:`start_server`, :func:`register_deployments`,
+:func:`start_worker`) are also used by the end-to-end deployment test.
 """
 
 from __future__ import annotations
@@ -12,43 +15,93 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 POOL = "singleframe-process"
 
+#: The deployments, as data (entrypoints into the installed package).
+PREFECT_YAML = Path(__file__).with_name("prefect.yaml")
 
-def _wait_healthy(url: str, timeout_s: float = 90.0) -> None:
+
+def prefect_executable() -> str:
+    """The ``prefect`` command of this Python environment."""
+    return str(Path(sys.executable).with_name("prefect"))
+
+
+def prefect_env(api_url: str, **extra: str) -> dict[str, str]:
+    """Environment for server, CLI and worker processes: offline, pointed at ``api_url``."""
+    return {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1", **extra}
+
+
+def wait_healthy(api_url: str, timeout_s: float = 90.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``{api_url}/health`` until it answers 200; raise after ``timeout_s`` or if ``proc`` died."""
     t_end = time.monotonic() + timeout_s
     while time.monotonic() < t_end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the Prefect server exited with code {proc.returncode} before becoming healthy")
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as resp:
                 if resp.status == 200:
                     return
         except OSError:
-            time.sleep(1.0)
-    raise RuntimeError(f"the Prefect server at {url} did not become healthy within {timeout_s:.0f} s")
+            time.sleep(0.5)
+    raise RuntimeError(f"the Prefect server at {api_url} did not become healthy within {timeout_s:.0f} s")
 
 
-def serve(*, port: int = 4200) -> int:
+def start_server(port: int, env: Mapping[str, str], **popen: object) -> subprocess.Popen:
+    """Start ``prefect server start`` bound to 127.0.0.1 (not reachable from other hosts)."""
+    return subprocess.Popen([prefect_executable(), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=dict(env), **popen)  # type: ignore[call-overload]
+
+
+def register_deployments(env: Mapping[str, str], *, cwd: str | Path | None = None,
+                         prefect_file: Path = PREFECT_YAML) -> None:
+    """Create the process work pool and register every deployment of ``prefect_file``.
+
+    ``cwd`` is where the worker's flow runs start (the ``{{ $PWD }}`` pull step);
+    relative store paths in the parameters resolve against it.
+    """
+    exe = prefect_executable()
+    subprocess.run([exe, "work-pool", "create", POOL, "--type", "process", "--overwrite"], env=dict(env),
+                   check=True, cwd=cwd, capture_output=True, timeout=120)
+    subprocess.run([exe, "--no-prompt", "deploy", "--prefect-file", str(prefect_file), "--all"], env=dict(env),
+                   check=True, cwd=cwd, capture_output=True, timeout=300)
+
+
+def start_worker(env: Mapping[str, str], *, limit: int = 2, **popen: object) -> subprocess.Popen:
+    """Start a process worker on the pool; each flow run is a child process of it."""
+    return subprocess.Popen([prefect_executable(), "worker", "start", "--pool", POOL, "--limit", str(limit)],
+                            env=dict(env), **popen)  # type: ignore[call-overload]
+
+
+def stop(procs: list[subprocess.Popen], timeout_s: float = 30.0) -> None:
+    """Terminate ``procs`` (newest first) and wait; kill whatever does not stop in time."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=timeout_s)
+
+
+def serve(*, port: int = 4200, worker_limit: int = 2) -> int:
     """Start server, register deployments from deployments/prefect.yaml, start a worker; block."""
-    prefect = str(Path(sys.executable).with_name("prefect"))
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-    yaml_path = Path(__file__).with_name("prefect.yaml")
-    procs = [subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env)]
+    env = prefect_env(api)
+    procs = [start_server(port, env)]
     try:
-        _wait_healthy(api)
-        subprocess.run([prefect, "work-pool", "create", POOL, "--type", "process", "--overwrite"], env=env, check=True)
-        subprocess.run([prefect, "--no-prompt", "deploy", "--prefect-file", str(yaml_path), "--all"],
-                       env=env, check=True)
-        procs.append(subprocess.Popen([prefect, "worker", "start", "--pool", POOL, "--limit", "2"], env=env))
+        wait_healthy(api, proc=procs[0])
+        register_deployments(env)
+        procs.append(start_worker(env, limit=worker_limit))
         print(f"Prefect UI: http://127.0.0.1:{port}  (Ctrl-C stops server and worker)", flush=True)
         procs[0].wait()
     except KeyboardInterrupt:
         pass
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
+        stop(procs)
     return 0

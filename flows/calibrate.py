@@ -11,22 +11,33 @@ carries the same cache key (stage, data id, checksums of the inputs, resolved
 config hash, code version). A deleted or changed product is therefore always
 recomputed, and a finished run recomputes nothing.
 
-Retries apply only to :class:`~singleframe.errors.TransientIOError`;
-algorithmic failures are recorded once as ``detector_failure`` and the rest
-of the visit goes on.
+Prefect persists no results of its own (``persist_result=False``,
+``NO_CACHE``): the artifact store is the only cache and the only record of
+products, so nothing of Prefect's is ever written beside the datasets.
+
+Retries apply only to :class:`~singleframe.errors.TransientIOError`, with
+growing, jittered delays; algorithmic failures are recorded once as
+``detector_failure`` and the rest of the visit goes on.
+
+Fan-out: detectors run on a bounded thread pool (default), or on Dask
+(:func:`make_task_runner`). Tasks exchange only data ids and small dicts;
+pixels go through the store.
 """
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.futures import wait
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
@@ -44,7 +55,18 @@ from ..ids import DataId
 from ..io.refs import DatasetRef
 from ..io.store import ArtifactStore
 from ..steps.config import CalibrateImageConfig, calibrate_config_from_dict, load_calibrate_config
+from .artifacts import SUMMARY_KEYS, VisitProgress, publish_visit_artifacts
+from .diagnostics import plot_detector_diagnostics
 from .stages import STAGES, Stage, StageContext
+
+#: Delays before the 1st, 2nd and 3rd retry of a transient I/O failure (s), each +/- 50 % jitter.
+RETRY_DELAYS_S = [1.0, 4.0, 16.0]
+RETRY_JITTER = 0.5
+
+#: Called as ``progress(done, total, failed)`` each time a detector finishes (the CLI's progress line).
+ProgressCallback = Callable[[int, int, int], None]
+_progress_callback: contextvars.ContextVar[ProgressCallback | None] = contextvars.ContextVar(
+    "singleframe_progress_callback", default=None)
 
 
 class CalibrateParams(BaseModel):
@@ -162,9 +184,15 @@ def _refcat_loader(store: ArtifactStore, ctx: RunContext, config: CalibrateImage
     return load
 
 
+#: Options shared by every task: our store is the cache, so Prefect keeps no result records.
+_TASK_OPTIONS: dict[str, Any] = {"persist_result": False, "cache_policy": NO_CACHE}
+_RETRY_OPTIONS: dict[str, Any] = {"retries": len(RETRY_DELAYS_S), "retry_delay_seconds": RETRY_DELAYS_S,
+                                  "retry_jitter_factor": RETRY_JITTER, "retry_condition_fn": _only_transient}
+
+
 def _make_stage_task(stage: Stage) -> Any:
-    @task(name=stage.name, retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=_only_transient,
-          task_run_name=f"{stage.name}:{{data_id.label}}", description=stage.doc)
+    @task(name=stage.name, task_run_name=f"{stage.name}:{{data_id.label}}", description=stage.doc,
+          **_TASK_OPTIONS, **_RETRY_OPTIONS)
     def stage_task(ctx: RunContext, data_id: DataId) -> dict[str, DatasetRef]:
         return run_stage(stage, ctx, data_id)
 
@@ -174,8 +202,13 @@ def _make_stage_task(stage: Stage) -> Any:
 STAGE_TASKS = {stage.name: _make_stage_task(stage) for stage in STAGES}
 
 
-@task(name="calibrate_detector", task_run_name="{data_id.label}")
-def calibrate_detector(ctx: RunContext, data_id: DataId) -> dict[str, Any]:
+@task(name="plot_diagnostics", task_run_name="plot:{data_id.label}", **_TASK_OPTIONS, **_RETRY_OPTIONS)
+def plot_diagnostics(ctx: RunContext, data_id: DataId) -> str:
+    """PSF, astrometric, photometric and background diagnostics of one detector, as a PNG in the store."""
+    return plot_detector_diagnostics(ArtifactStore(ctx.store), run=ctx.output_run, data_id=data_id, force=ctx.rerun)
+
+
+def calibrate_one_detector(ctx: RunContext, data_id: DataId) -> dict[str, Any]:
     """All stages of one detector; a failure is recorded, never raised to the visit."""
     store = ArtifactStore(ctx.store)
     where = {"run": ctx.output_run, "instrument": data_id.instrument, "visit": data_id.visit, "detector": data_id.detector}
@@ -197,9 +230,20 @@ def calibrate_detector(ctx: RunContext, data_id: DataId) -> dict[str, Any]:
                 "error": record["failure.type"], "message": str(exc), "wall_s": time.perf_counter() - t0}
     if store.exists("detector_failure", **where):
         store.delete("detector_failure", **where)
+    try:
+        plot_uri: str | None = plot_diagnostics(ctx, data_id)
+    except Exception as exc:  # a missing plot is not a failed calibration; say so and go on
+        get_run_logger().warning("%s: diagnostic plot failed: %s: %s", data_id.label, type(exc).__name__, exc)
+        plot_uri = None
     summary = store.get("detector_summary", **where)
-    return {"data_id": data_id.to_dict(), "status": "ok", "wall_s": time.perf_counter() - t0,
-            "summary": {k: summary.get(k) for k in ("psfSigma", "zeroPoint", "nPsfStar", "astromOffsetMean", "magLim")}}
+    return {"data_id": data_id.to_dict(), "status": "ok", "wall_s": time.perf_counter() - t0, "plot": plot_uri,
+            "summary": {k: summary.get(k) for k in SUMMARY_KEYS}}
+
+
+# The task wraps a module-level function so that Dask pickles it by reference (workers import
+# this module) instead of by value with everything it refers to.
+calibrate_detector = task(name="calibrate_detector", task_run_name="{data_id.label}",
+                          **_TASK_OPTIONS)(calibrate_one_detector)
 
 
 def discover_data_ids(store: ArtifactStore, params: CalibrateParams) -> list[DataId]:
@@ -210,21 +254,8 @@ def discover_data_ids(store: ArtifactStore, params: CalibrateParams) -> list[Dat
     return ids
 
 
-def _summary_table(outcomes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    for o in outcomes:
-        row = {"visit": o["data_id"]["visit"], "detector": o["data_id"]["detector"], "status": o["status"],
-               "wall_s": round(float(o.get("wall_s", 0.0)), 2)}
-        if o["status"] == "ok":
-            row.update({k: (None if v is None else round(float(v), 4)) for k, v in o["summary"].items()})
-        else:
-            row.update({"stage": o["stage"], "error": o["error"].rsplit(".", 1)[-1], "message": o["message"][:200]})
-        rows.append(row)
-    return rows
-
-
 @flow(name="calibrate-visits", flow_run_name="calibrate-{params.output_run}", log_prints=True,
-      task_runner=ThreadPoolTaskRunner(max_workers=2))
+      task_runner=ThreadPoolTaskRunner(max_workers=2), persist_result=False)
 def calibrate_visits(params: CalibrateParams = CalibrateParams()) -> Any:  # noqa: B008 - pydantic default renders in the UI
     """Calibrate every (visit, detector) of the input run; returns per-detector outcomes."""
     logger = get_run_logger()
@@ -241,10 +272,21 @@ def calibrate_visits(params: CalibrateParams = CalibrateParams()) -> Any:  # noq
     logger.info("calibrating %d detectors of %d visits with config %s", len(data_ids),
                 len({d.visit for d in data_ids}), ctx.config_hash)
     futures = [calibrate_detector.submit(ctx, d) for d in data_ids]
-    wait(futures)
-    outcomes = [f.result() for f in futures]
-    rows = _summary_table(outcomes)
-    _publish_artifacts(rows, params)
+    visits = sorted({d.visit for d in data_ids})
+    progress = VisitProgress(params.output_run, {v: sum(d.visit == v for d in data_ids) for v in visits})
+    report = current_progress_callback()
+    outcomes: list[dict[str, Any]] = []
+    for future in as_completed(futures):
+        outcome = future.result()
+        outcomes.append(outcome)
+        visit = int(outcome["data_id"]["visit"])
+        progress.update(visit, outcome["status"] == "ok")
+        if report is not None:
+            report(len(outcomes), len(futures), sum(o["status"] != "ok" for o in outcomes))
+        if progress.done[visit] == progress.total[visit]:
+            publish_visit_artifacts(params.output_run, visit,
+                                    [o for o in outcomes if o["data_id"]["visit"] == visit])
+    outcomes.sort(key=lambda o: (o["data_id"]["visit"], o["data_id"]["detector"]))
     n_failed = sum(o["status"] != "ok" for o in outcomes)
     message = f"{len(outcomes) - n_failed} of {len(outcomes)} detectors calibrated, {n_failed} failed"
     logger.info(message)
@@ -267,17 +309,69 @@ def _record_config(store: ArtifactStore, ctx: RunContext, instrument: str) -> No
                                    "code_version": __version__}, **where)
 
 
-def run_calibration(params: CalibrateParams, *, task_runner: Any = None) -> Any:
-    """Run :func:`calibrate_visits` with ``params.max_workers`` threads (or the given task runner)."""
-    runner = task_runner or ThreadPoolTaskRunner(max_workers=params.max_workers)
-    return calibrate_visits.with_options(task_runner=runner)(params, return_state=True)
+def make_task_runner(*, max_workers: int = 2, dask_workers: int | None = None,
+                     dask_address: str | None = None) -> Any:
+    """The task runner that fans detectors out.
 
+    Parameters
+    ----------
+    max_workers
+        Threads of the default :class:`~prefect.task_runners.ThreadPoolTaskRunner`.
+    dask_workers
+        Start a Dask ``LocalCluster`` with this many single-threaded worker processes.
+    dask_address
+        Use the existing Dask scheduler at this address (``tcp://host:8786``);
+        its workers need ``PREFECT_API_URL`` and access to the store.
 
-def _publish_artifacts(rows: list[dict[str, Any]], params: CalibrateParams) -> None:
+    Raises
+    ------
+    ConfigError
+        If both Dask options are given, or prefect-dask is not installed.
+    """
+    if dask_workers is None and dask_address is None:
+        return ThreadPoolTaskRunner(max_workers=max_workers)
+    if dask_workers is not None and dask_address is not None:
+        raise ConfigError("give either --dask-workers (a local cluster) or --dask-address (an existing "
+                          "scheduler), not both")
     try:
-        from prefect.artifacts import create_table_artifact
+        from prefect_dask import DaskTaskRunner
+    except ImportError as exc:
+        raise ConfigError(f"Dask fan-out needs prefect-dask ({exc}); install it with "
+                          f"`pip install 'singleframe[dask]'`") from exc
+    if dask_address is not None:
+        return DaskTaskRunner(address=dask_address)
+    if dask_workers is not None and dask_workers < 1:
+        raise ConfigError(f"--dask-workers must be >= 1, got {dask_workers}")
+    # One thread per worker process: the steps hold the GIL in per-source loops.
+    return DaskTaskRunner(cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1,
+                                          "processes": True, "dashboard_address": None})
 
-        key = f"calibration-{params.output_run}".lower().replace("_", "-")
-        create_table_artifact(key=key, table=rows, description="Per-detector outcome and summary statistics")
-    except Exception as exc:  # the UI table is a convenience; never fail the run on it
-        get_run_logger().warning("could not publish the summary artifact: %s", exc)
+
+def current_progress_callback() -> ProgressCallback | None:
+    """The callback set by :func:`reporting_progress`, if any.
+
+    The flow calls this function rather than reading the context variable: Dask
+    pickles the flow's function by value, and a context variable cannot be pickled.
+    """
+    return _progress_callback.get()
+
+
+@contextmanager
+def reporting_progress(callback: ProgressCallback | None) -> Iterator[None]:
+    """Call ``callback(done, total, failed)`` as detectors finish in flows run in this context."""
+    token = _progress_callback.set(callback)
+    try:
+        yield
+    finally:
+        _progress_callback.reset(token)
+
+
+def run_calibration(params: CalibrateParams, *, task_runner: Any = None,
+                    progress: ProgressCallback | None = None) -> Any:
+    """Run :func:`calibrate_visits` with ``params.max_workers`` threads (or the given task runner).
+
+    Returns the final flow-run state; ``progress(done, total, failed)`` is called as detectors finish.
+    """
+    runner = task_runner or make_task_runner(max_workers=params.max_workers)
+    with reporting_progress(progress):
+        return calibrate_visits.with_options(task_runner=runner)(params, return_state=True)

@@ -1,0 +1,215 @@
+"""Operating the flow: retries, failure isolation, caching speed, kill-and-resume, artifacts.
+
+A tiny survey (one single-snap visit, 2x2 detectors of 640x512) keeps each
+flow run to a few seconds; all runs share the session's Prefect test server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from singleframe.errors import TransientIOError
+from singleframe.io.store import PROVENANCE_SUFFIX, ArtifactStore
+
+pytestmark = pytest.mark.slow
+
+OUTPUTS = ("preliminary_visit_image", "preliminary_visit_image_background", "single_visit_star_unstandardized",
+           "single_visit_psf_star", "single_visit_psf_star_footprints", "initial_astrometry_match_detector",
+           "initial_photometry_match_detector", "initial_photoCalib_detector")
+VISIT = 2
+BROKEN = 3
+
+
+def make_tiny_survey(root: Path) -> ArtifactStore:
+    """One single-snap visit on 2x2 detectors of 640x512 (~100 PSF stars each: dense star field)."""
+    from singleframe.flows.simulate import write_simulated_survey
+    from singleframe.sim.config import SimulationConfig, _demo_visits
+
+    store = ArtifactStore(str(root))
+    config = dataclasses.replace(SimulationConfig(), nx=640, ny=512, visits=_demo_visits()[1:],
+                                 star_density_per_deg2=3.0e5)
+    write_simulated_survey(store, config)
+    return store
+
+
+def _where(detector: int, run: str = "calib") -> dict:
+    return {"run": run, "instrument": "SimCam", "visit": VISIT, "detector": detector}
+
+
+def _data_files(root: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def survey(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> dict:
+    from singleframe.flows.calibrate import CalibrateParams, run_calibration
+
+    root = tmp_path_factory.mktemp("ops")
+    store = make_tiny_survey(root)
+    params = CalibrateParams(store=str(root), max_workers=2)
+    lines: list[tuple[int, int, int]] = []
+    t0 = time.perf_counter()
+    state = run_calibration(params, progress=lambda *a: lines.append(a))
+    first_s = time.perf_counter() - t0
+    return {"root": root, "store": store, "params": params, "state": state, "first_s": first_s,
+            "progress": lines}
+
+
+def test_first_run_completes_with_progress_reports(survey: dict) -> None:
+    assert survey["state"].is_completed(), survey["state"].message
+    assert survey["state"].message == "4 of 4 detectors calibrated, 0 failed"
+    # One report per finished detector, counting up to the total.
+    assert [done for done, _, _ in survey["progress"]] == [1, 2, 3, 4]
+    assert all(total == 4 and failed == 0 for _, total, failed in survey["progress"])
+
+
+def test_prefect_keeps_no_result_records_in_the_store(survey: dict) -> None:
+    # Every file under the store is a dataset, its provenance, or a diagnostic plot and its key:
+    # Prefect's own records (none are persisted) never land beside the products.
+    for path in _data_files(survey["root"]):
+        rel = path.relative_to(survey["root"]).as_posix()
+        assert (rel.endswith(PROVENANCE_SUFFIX) or rel.endswith((".fits", ".parquet", ".json", ".png"))
+                or "/refcat/" in f"/{rel}"), rel
+        assert not rel.endswith(".tmp"), rel
+
+
+def test_rerun_of_a_finished_visit_recomputes_nothing_and_is_fast(survey: dict) -> None:
+    from singleframe.flows.calibrate import run_calibration
+
+    before = _data_files(survey["root"])
+    t0 = time.perf_counter()
+    state = run_calibration(survey["params"])
+    rerun_s = time.perf_counter() - t0
+    assert state.is_completed()
+    assert _data_files(survey["root"]) == before, "a finished visit must recompute nothing"
+    ratio = rerun_s / survey["first_s"]
+    print(f"\nfirst run {survey['first_s']:.2f} s, re-run {rerun_s:.2f} s ({100 * ratio:.1f} %)")
+    # Bar from issue 6 is 5 % of the first run on real-sized detectors. Here a detector takes only
+    # ~2 s of compute, so the fixed Prefect cost of a flow run (~0.5-1 s) is a larger share: 15 % catches
+    # any recomputation (one stage of one detector is already more) without flaking on a busy machine.
+    assert ratio < 0.15
+
+
+def test_artifacts_per_visit_table_progress_and_plot_links(survey: dict) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        def latest(key: str):
+            found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            assert found, f"no artifact {key}"
+            return max(found, key=lambda a: a.created)
+
+        table = latest(f"calibration-calib-visit-{VISIT}")
+        rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+        assert sorted(r["detector"] for r in rows) == [0, 1, 2, 3]
+        assert all(r["status"] == "ok" and r["psfSigma"] > 0 for r in rows)
+        progress = latest(f"progress-calib-visit-{VISIT}")
+        assert float(progress.data) == pytest.approx(100.0)
+        links = latest(f"diagnostics-calib-visit-{VISIT}")
+        assert links.data.count(".png)") == 4
+    png = survey["root"] / "calib" / "diagnostics" / "SimCam" / f"visit-{VISIT}" / "det-000.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_transient_errors_are_retried_and_algorithmic_failures_are_not(
+        survey: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from singleframe.flows.calibrate import CalibrateParams, run_calibration
+
+    store: ArtifactStore = survey["store"]
+    # Detector 3's raw snap becomes pure noise in a separate input run: PSF fitting must fail.
+    raw = store.get("post_isr_image", **{**_where(BROKEN, "raw"), "snap": 0})
+    rng = np.random.default_rng(3)
+    blank = raw.replace(image=rng.normal(0.0, 30.0, raw.shape).astype(np.float32),
+                        variance=np.full(raw.shape, 900.0, np.float32))
+    for det, exposure in ((0, store.get("post_isr_image", **{**_where(0, "raw"), "snap": 0})), (BROKEN, blank)):
+        store.put("post_isr_image", exposure, **{**_where(det, "faulty_raw"), "snap": 0})
+
+    reads: dict[tuple[str, int], int] = {}
+    original = ArtifactStore.get_ref
+
+    def flaky_get_ref(self: ArtifactStore, ref, **kw):
+        key = (ref.dataset_type, ref.detector)
+        reads[key] = reads.get(key, 0) + 1
+        # The first two reads of detector 0's characterized image fail as a network hiccup would.
+        if key == ("characterized_image", 0) and reads[key] <= 2:
+            raise TransientIOError("injected: connection reset while reading", uri=ref.uri)
+        return original(self, ref, **kw)
+
+    monkeypatch.setattr(ArtifactStore, "get_ref", flaky_get_ref)
+    params = CalibrateParams(store=str(survey["root"]), input_run="faulty_raw", output_run="faults", max_workers=2)
+    state = run_calibration(params)
+    assert state.message == "1 of 2 detectors calibrated, 1 failed"
+    outcomes = {o["data_id"]["detector"]: o for o in state.result()}
+    assert outcomes[0]["status"] == "ok"
+    # Stage correct_apertures read the image twice in vain, then once more successfully.
+    assert reads[("characterized_image", 0)] >= 3
+    assert outcomes[BROKEN]["status"] == "failed" and outcomes[BROKEN]["stage"] == "characterize"
+    # The unprocessable detector's single snap was read exactly once: no retry of a PsfFitError.
+    assert reads[("post_isr_image", BROKEN)] == 1
+    assert store.exists("detector_failure", **_where(BROKEN, "faults"))
+
+
+def _check_complete_and_consistent(root: Path, run: str) -> None:
+    """Every dataset file has its sidecar, whose checksum matches the bytes; no temporary files."""
+    run_root = root / run
+    assert not list(run_root.rglob("*.tmp")), "a temporary file was left behind"
+    for sidecar in run_root.rglob(f"*{PROVENANCE_SUFFIX}"):
+        data = Path(str(sidecar)[: -len(PROVENANCE_SUFFIX)])
+        assert data.exists(), sidecar
+        record = json.loads(sidecar.read_text())
+        assert hashlib.sha256(data.read_bytes()).hexdigest() == record["checksum"], data
+
+
+def test_killed_worker_then_rerun_completes_without_recomputing_finished_detectors(survey: dict) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    from singleframe.flows.calibrate import CalibrateParams, run_calibration
+
+    root: Path = survey["root"]
+    store: ArtifactStore = survey["store"]
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    cmd = [str(Path(sys.executable).with_name("singleframe")), "run", "--store", str(root),
+           "--output-run", "killed", "--workers", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    def finished_detectors() -> list[int]:
+        # The plot's key file is the last thing a detector writes.
+        return [d for d in range(4)
+                if (root / "killed" / "diagnostics" / "SimCam" / f"visit-{VISIT}" / f"det-{d:03d}.png.key.json").exists()]
+
+    finished: list[int] = []
+    try:
+        t_end = time.monotonic() + 120
+        while time.monotonic() < t_end and proc.poll() is None and not finished:
+            finished = finished_detectors()
+            time.sleep(0.05)
+        assert finished, "no detector finished within 120 s"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-visit"
+    assert len(finished_detectors()) < 4, "the kill came after the last detector"
+    done_det = finished[0]
+    before = {p: p.stat().st_mtime_ns for p in (root / "killed").rglob(f"*det-{done_det:03d}*")}
+
+    state = run_calibration(CalibrateParams(store=str(root), output_run="killed", max_workers=2))
+    assert state.message == "4 of 4 detectors calibrated, 0 failed"
+    after = {p: p.stat().st_mtime_ns for p in (root / "killed").rglob(f"*det-{done_det:03d}*")}
+    assert after == before, "a detector finished before the kill was computed again"
+    _check_complete_and_consistent(root, "killed")
+    for det in range(4):
+        for name in OUTPUTS:
+            store.get(name, **_where(det, "killed"))  # opens: nothing partial or corrupt
