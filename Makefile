@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_STORE ?= demo_store
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench bench-quick serve clean lint
+.PHONY: venv demo test bench bench-quick bench-setup serve clean lint
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,12 +28,26 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-## make bench: time each stage on a simulated 4096x4096 detector (median of repeated runs, peak memory).
+## make bench: ours vs SExtractor+PSFEx+SCAMP, astrometry.net and astroscrappy on simulated 4096x4096 frames.
 bench: $(STAMP)
-	$(PY) -m singleframe.benchmarks --size 4096 --repeat 5
+	$(PY) -m singleframe.benchmarks --suite full --repeat 5 --peer-repeat 3
 
+## make bench-quick: CI-sized 2048x2048 frames, fewer repeats; fails if a quality bar regresses.
 bench-quick: $(STAMP)
-	$(PY) -m singleframe.benchmarks --size 2048 --repeat 3
+	$(PY) -m singleframe.benchmarks --suite quick --repeat 3 --peer-repeat 1 --check
+
+## make bench-setup: install the peer systems (Debian packages when root with apt; astroscrappy into .venv).
+bench-setup: $(STAMP)
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y source-extractor psfex scamp astrometry.net; \
+	else \
+		echo "bench-setup: skipping apt packages (needs root and apt-get); install source-extractor psfex scamp astrometry.net yourself"; \
+	fi
+	$(PY) -m pip install --quiet -e '.[bench]'
+
+## make serve: local Prefect server on 127.0.0.1:4200, the deployments of deployments/prefect.yaml and a worker.
+serve: $(STAMP)
+	$(SF) serve
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check core steps io flows sim tests
