@@ -166,9 +166,19 @@ def _worker_ours(frame_dir: Path) -> dict[str, Any]:
     import numpy as np
     from scipy.ndimage import gaussian_filter
 
-    from .io.formats import background_to_fits_bytes, exposure_from_fits_bytes, exposure_to_fits_bytes, table_to_parquet_bytes
+    from .io.formats import (
+        background_to_fits_bytes,
+        exposure_from_fits_bytes,
+        exposure_to_fits_bytes,
+        table_to_parquet_bytes,
+    )
     from .io.refcat import load_refcat
-    from .sim.evaluation import cr_masked_pct, psf_size_error_pct, wcs_error_mas, zero_point_error_mmag
+    from .sim.evaluation import (
+        cr_masked_pct,
+        psf_size_error_pct,
+        wcs_error_mas,
+        zero_point_error_mmag,
+    )
     from .steps.config import load_calibrate_config
     from .steps.pipeline import calibrate_image
 

@@ -35,6 +35,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from scipy import ndimage
 
 from .errors import SingleframeError
+from .photo_calib import AB_MAG_OF_ONE_NJY
 from .psf import PsfModel
 
 #: Where Debian's source-extractor package keeps its filter and neural-network files.
@@ -159,7 +160,7 @@ def refcat_to_ldac_table(refcat: Table, *, band: str, epoch_year: float) -> Tabl
     out["ERRA_WORLD"] = np.asarray(refcat["ra_err"], float)[good] / 3.6e6
     out["ERRB_WORLD"] = np.asarray(refcat["dec_err"], float)[good] / 3.6e6
     out["ERRTHETA_WORLD"] = np.zeros(int(good.sum()))
-    out["MAG"] = (31.4 - 2.5 * np.log10(flux[good])).astype(np.float32)
+    out["MAG"] = (AB_MAG_OF_ONE_NJY - 2.5 * np.log10(flux[good])).astype(np.float32)
     out["MAGERR"] = (2.5 / math.log(10) * ferr[good] / flux[good]).astype(np.float32)
     out["OBSDATE"] = np.full(int(good.sum()), float(epoch_year))
     return out
@@ -259,7 +260,8 @@ class PsfexPsf(PsfModel):
         h["POLSCAL1"], h["POLSCAL2"] = self.scale
         h["POLDEG1"] = self.degree
         h["PSF_SAMP"] = self.sampling
-        h["PSF_FWHM"] = self.fwhm_pix
+        if math.isfinite(self.fwhm_pix):  # FITS headers cannot hold NaN
+            h["PSF_FWHM"] = self.fwhm_pix
         return [hdu]
 
     def _coefficients(self, x: float, y: float) -> npt.NDArray[np.float64]:
@@ -409,7 +411,7 @@ def run_solve_field(catalog: Table, refcat: Table, *, band: str, shape: tuple[in
     flux = np.asarray(refcat[f"{band}_flux"], float)
     good = flux > 0
     ref = Table({"ra": np.asarray(refcat["ra"], float)[good], "dec": np.asarray(refcat["dec"], float)[good],
-                 "mag": 31.4 - 2.5 * np.log10(flux[good])})
+                 "mag": AB_MAG_OF_ONE_NJY - 2.5 * np.log10(flux[good])})
     ref.write(wd / "ref.fits", overwrite=True)
     xy = Table({"X": np.asarray(catalog[x_col], float), "Y": np.asarray(catalog[y_col], float),
                 "FLUX": np.asarray(catalog[flux_col], float)})

@@ -57,8 +57,10 @@ def wcs_from_record(record: Mapping[str, Any]) -> WCS:
     return WCS(fits.Header.fromstring(record["wcs_header"], sep="\n"))
 
 
-def ap_corr_to_record(ap_corr: Mapping[str, ChebyshevField], normalization: float, fallback: bool) -> dict[str, Any]:
-    return {"fields": {k: v.to_dict() for k, v in ap_corr.items()}, "normalization": normalization, "fallback": fallback}
+def ap_corr_to_record(ap_corr: Mapping[str, ChebyshevField], normalization: float, fallback: bool,
+                      scale_err: Mapping[str, float]) -> dict[str, Any]:
+    return {"fields": {k: v.to_dict() for k, v in ap_corr.items()}, "normalization": normalization,
+            "fallback": fallback, "scale_err": dict(scale_err)}
 
 
 def ap_corr_from_record(record: Mapping[str, Any]) -> tuple[dict[str, ChebyshevField], float]:
@@ -80,7 +82,7 @@ def _characterize(d: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:
 def _correct_apertures(d: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:
     res = pipeline.correct_apertures(d["characterized_image"], d["characterized_psf_stars"], config=ctx.config)
     return {
-        "aperture_correction": ap_corr_to_record(res.ap_corr, res.normalization, res.fallback),
+        "aperture_correction": ap_corr_to_record(res.ap_corr, res.normalization, res.fallback, res.scale_err),
         "apcorr_psf_stars": res.psf_stars,
     }
 
@@ -109,7 +111,8 @@ def _find_stars(d: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:
 def _calibrate_photometry(d: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:
     exposure = d["characterized_image"]
     refcat = ctx.load_refcat(exposure)
-    res = pipeline.calibrate_photometry(d["star_catalog"], refcat, band=exposure.visit_info.band, config=ctx.config)
+    res = pipeline.calibrate_photometry(d["star_catalog"], refcat, band=exposure.visit_info.band, config=ctx.config,
+                                        scale_err=d["aperture_correction"].get("scale_err", {}))
     record = {**res.photo_calib.to_dict(), **res.quality}
     return {"initial_photoCalib_detector": record, "initial_photometry_match_detector": res.matches}
 
@@ -145,7 +148,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("find_stars", ("characterized_image", "aperture_correction", "astrometric_solution", "single_visit_psf_star"),
           ("star_catalog",), _find_stars,
           "detect (S/N>=10), deblend, measure, aperture-correct, select stars, propagate psf_id flags"),
-    Stage("calibrate_photometry", ("characterized_image", "star_catalog"),
+    Stage("calibrate_photometry", ("characterized_image", "star_catalog", "aperture_correction"),
           ("initial_photoCalib_detector", "initial_photometry_match_detector"), _calibrate_photometry,
           "fit the zero point to the refcat"),
     Stage("finalize", ("characterized_image", "characterized_background", "star_catalog", "single_visit_psf_star",

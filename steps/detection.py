@@ -46,8 +46,12 @@ class DetectionConfig:
     min_pixels: int = 1
     #: Number of deblending sub-thresholds (sep ``deblend_nthresh``).
     deblend_nthresh: int = 32
-    #: Minimum flux fraction of a child (sep ``deblend_cont``; 1 disables deblending).
-    deblend_cont: float = 0.005
+    #: Minimum flux fraction of a child (sep ``deblend_cont``; 1 disables deblending). sep counts
+    #: only a branch's flux above its splitting level, so a S/N 15 star 14 px from a 50x brighter
+    #: one holds < 0.5 % and SExtractor's 0.005 merges it (~1 % of S/N >= 10 stars on the demo
+    #: detectors); 1e-4 separates them (0.001 most of them) at no measurable cost (sep time
+    #: unchanged; +0.3 % peaks; PSF size and WCS unchanged on the demo detectors).
+    deblend_cont: float = 0.0001
     #: Pixels in these planes are excluded from detection.
     excluded_planes: MaskPlane = MaskPlane.BAD | MaskPlane.NO_DATA
     #: Bin size (pixels) of the smooth sky-noise map.

@@ -458,25 +458,21 @@ def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.
         seg_kw = {"segmap": np.ascontiguousarray(labels, dtype=np.int32),
                   "seg_id": np.ascontiguousarray(own_label, dtype=np.int32)}
 
-    sums: dict[float, tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.bool_]]] = {}
-
-    def _sum_circle(r: float) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
-        if r not in sums:
-            if n == 0:
-                sums[r] = (np.zeros(0), np.zeros(0), np.zeros(0, bool))
-            else:
-                s, e, f = sep.sum_circle(sep_img, xl, yl, r, var=sep_var, subpix=0, **seg_kw)
-                trunc = (np.asarray(f) & sep.APER_TRUNC) != 0
-                sums[r] = (np.asarray(s, float), np.asarray(e, float), trunc)
-        return sums[r]
-
     for r in config.aperture_radii_pix:
-        s, e, trunc = _sum_circle(float(r))
+        if n == 0:
+            s, e, trunc, neigh = np.zeros(0), np.zeros(0), np.zeros(0, bool), np.zeros(0, bool)
+        else:
+            s, e, f = sep.sum_circle(sep_img, xl, yl, float(r), var=sep_var, subpix=0, **seg_kw)
+            s, e, f = np.asarray(s, float), np.asarray(e, float), np.asarray(f)
+            trunc = (f & sep.APER_TRUNC) != 0
+            # With a segmentation map, sep flags apertures where other sources' pixels were zeroed.
+            neigh = (f & sep.APER_HASMASKED) != 0
         stem = aperture_name(float(r))
         cat[f"{stem}_instFlux"] = u.Quantity(s, u.ct)
         cat[f"{stem}_instFluxErr"] = u.Quantity(e, u.ct)
         cat[f"{stem}_flag"] = trunc | ~np.isfinite(s)
         cat[f"{stem}_flag_apertureTruncated"] = trunc
+        cat[f"{stem}_flag_neighbours"] = neigh
 
     rc = float(config.compensated_radius_pix)
     r_in = rc * config.compensated_annulus_inner_factor

@@ -15,7 +15,8 @@ Algorithm
    intrinsic scatter σ_int ≥ 0 is solved so that χ²/dof = 1 (zero when the
    errors already explain the scatter). The zero-point error is
    sqrt((AᵀWA)⁻¹)₀₀ (= sqrt(1/Σw) without a colour term), so it includes the
-   intrinsic scatter. Clipping of step 4 is repeated about the weighted model
+   intrinsic scatter, plus (in quadrature) the flux-scale error ``scale_err_mag``
+   shared by all stars (aperture-correction normalisation). Clipping of step 4 is repeated about the weighted model
    until the kept set is stable.
 6. Optional colour term (``colour_band_pair = (b1, b2)``): Δ = ZP + k·(C − C₀)
    with C = m_ref(b1) − m_ref(b2) and C₀ the median colour of the fit stars,
@@ -52,10 +53,14 @@ class PhotometryConfig:
 
     #: Match radius (arcsec); the closest reference wins.
     match_radius_arcsec: float = 0.5
-    #: Source flux used (``<flux_field>_instFlux``); Rubin's slot_CalibFlux.
-    flux_field: str = "base_NormalizedCompensatedTophatFlux"
-    #: Minimum S/N on the source flux.
-    min_snr: float = 10.0
+    #: Source flux used (``<flux_field>_instFlux``). The aperture-corrected PSF flux is on the
+    #: total-flux scale of the calibration flux (Rubin's slot_CalibFlux) but has ~3x its S/N and
+    #: no bias from neighbours' pixels (zeroed in apertures, zero-weighted in the PSF fit).
+    flux_field: str = "base_PsfFlux"
+    #: Minimum S/N on the source flux. Selecting on the calibrated flux itself biases faint stars
+    #: bright (measured +5 mmag at S/N >= 10 on the calibration flux); at S/N >= 50 the bias is
+    #: < 0.5 mmag and the reference errors (0.5-1 %) dominate each star's error anyway.
+    min_snr: float = 50.0
     #: Source flags that exclude a star (absent columns ignored); the flux's own ``_flag`` is always applied.
     bad_flags: tuple[str, ...] = ("base_PixelFlags_flag_saturated", "base_PixelFlags_flag_edge")
     #: Clipping threshold (normal-scaled MAD sigmas).
@@ -132,7 +137,7 @@ class PhotometryResult:
 
 
 def fit_photometry(stars: Table, refcat: Table, *, band: str,
-                   config: PhotometryConfig = PhotometryConfig()) -> PhotometryResult:
+                   config: PhotometryConfig = PhotometryConfig(), scale_err_mag: float = 0.0) -> PhotometryResult:
     """Fit the photometric zero point of a detector.
 
     Parameters
@@ -145,6 +150,10 @@ def fit_photometry(stars: Table, refcat: Table, *, band: str,
         Band of the exposure (selects ``<band>_flux``).
     config
         Step configuration.
+    scale_err_mag
+        One-sigma error (mag) of the flux scale shared by every star of the detector (the
+        aperture-correction normalisation, ``ApertureCorrectionResult.scale_err``); added in
+        quadrature to the zero-point error, since no number of stars averages it down.
 
     Returns
     -------
@@ -156,6 +165,8 @@ def fit_photometry(stars: Table, refcat: Table, *, band: str,
         Missing columns, or fewer than ``min_matches`` usable matches.
     """
     config.validate()
+    if not (math.isfinite(scale_err_mag) and scale_err_mag >= 0):
+        raise ConfigError(f"scale_err_mag must be finite and >= 0, got {scale_err_mag}")
     n = len(stars)
     meta = {"n_stars": n, "n_refs": len(refcat), "band": band}
     ref_col, ref_err_col = f"{band}_flux", f"{band}_fluxErr"
@@ -253,7 +264,7 @@ def fit_photometry(stars: Table, refcat: Table, *, band: str,
         raise PhotometryError(f"only {n_used} photometric matches survive clipping; need {config.min_matches}", meta)
 
     zp = float(params[0])
-    zp_err = float(math.sqrt(cov[0, 0]))
+    zp_err = float(math.sqrt(cov[0, 0] + scale_err_mag**2))
     mad_sigma = 1.4826 * float(np.median(np.abs(resid[keep] - np.median(resid[keep]))))
     res_ok = reserved_m & (np.abs(resid) <= config.clip_sigma * np.maximum(mad_sigma, sig))
     reserved_rms = float(np.sqrt(np.mean(resid[res_ok] ** 2))) if res_ok.any() else float("nan")

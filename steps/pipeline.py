@@ -163,13 +163,16 @@ class ApertureCorrectionStage:
     ap_corr: Mapping[str, ChebyshevField]
     normalization: float
     fallback: bool
+    #: Relative flux-scale error of each corrected flux (to total flux), for the zero-point error.
+    scale_err: Mapping[str, float]
 
 
 def correct_apertures(exposure: Exposure, psf_stars: Table, *, config: CalibrateImageConfig) -> ApertureCorrectionStage:
     """Brief step 3: calibration-flux normalisation and aperture-correction fields."""
     bbox = tuple(float(v) for v in exposure.bbox)
     res = measure_aperture_correction(psf_stars, bbox=bbox, config=config.aperture_correction)  # type: ignore[arg-type]
-    return ApertureCorrectionStage(res.catalog, dict(res.ap_corr), float(res.normalization), bool(res.fallback))
+    return ApertureCorrectionStage(res.catalog, dict(res.ap_corr), float(res.normalization), bool(res.fallback),
+                                   dict(res.scale_err))
 
 
 # --------------------------------------------------------------------------------------
@@ -275,10 +278,17 @@ class PhotometryStage:
     quality: Mapping[str, Any]
 
 
-def calibrate_photometry(stars: Table, refcat: Table, *, band: str, config: CalibrateImageConfig) -> PhotometryStage:
-    """Brief step 8 (fit): the zero point against the reference catalogue."""
+def calibrate_photometry(stars: Table, refcat: Table, *, band: str, config: CalibrateImageConfig,
+                         scale_err: Mapping[str, float] | None = None) -> PhotometryStage:
+    """Brief step 8 (fit): the zero point against the reference catalogue.
+
+    ``scale_err`` (relative, per flux, from :func:`correct_apertures`) is the error of the
+    aperture correction to total flux; it adds to the zero-point error in quadrature.
+    """
     real = stars[~np.asarray(stars["sky_source"], bool)]
-    res = fit_photometry(real, refcat, band=band, config=config.photometry)
+    rel = float((scale_err or {}).get(config.photometry.flux_field, 0.0))
+    res = fit_photometry(real, refcat, band=band, config=config.photometry,
+                         scale_err_mag=2.5 / math.log(10) * rel)
     matches = res.matches
     used_ids = set(np.asarray(real["id"])[np.asarray(res.used, bool)].tolist())
     reserved_ids = set(np.asarray(real["id"])[np.asarray(res.reserved, bool)].tolist())
@@ -372,7 +382,8 @@ def calibrate_image(snaps: Sequence[Exposure], refcat: Table, *, config: Calibra
                     normalization=ap.normalization, config=config)
     t["find_stars"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ph = calibrate_photometry(fs.stars, refcat, band=ch.exposure.visit_info.band, config=config)
+    ph = calibrate_photometry(fs.stars, refcat, band=ch.exposure.visit_info.band, config=config,
+                              scale_err=ap.scale_err)
     t["calibrate_photometry"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     fin = finalize(ch.exposure, ch.background, fs.stars, ast.psf_stars, wcs=ast.wcs, ap_corr=ap.ap_corr,
@@ -401,5 +412,5 @@ def refcat_search_radius_deg(exposure: Exposure, margin_arcsec: float) -> tuple[
 
 __all__ = [
     "CalibrateImageResult", "calibrate_image", "characterize", "correct_apertures", "calibrate_astrometry",
-    "find_stars", "calibrate_photometry", "finalize", "refcat_search_radius_deg", "math",
+    "find_stars", "calibrate_photometry", "finalize", "refcat_search_radius_deg",
 ]

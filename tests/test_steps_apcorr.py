@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from singleframe.errors import ApertureCorrectionError
+from singleframe.errors import ApertureCorrectionError, ConfigError
 from singleframe.steps.aperture_correction import (
     ApertureCorrectionConfig,
     apply_normalization,
@@ -16,6 +16,9 @@ from singleframe.steps.measurement import apply_aperture_corrections
 
 BBOX = (1000.0, 2000.0, 1859.0, 2619.0)  # non-square, non-zero origin
 NORM = 1.04  # true 12-px aperture / compensated ratio
+G_COG = 0.011  # true total / 12-px aperture flux - 1 (the simulated Kolmogorov PSF: 0.008-0.011)
+C_ANN = 800.0  # counts of undetected-source light in the 12-25 px annulus (demo detectors: 700-1400)
+E_ANN = 900.0  # sky noise (counts) of that annulus
 
 
 def true_ratio(field: str, x, y):
@@ -34,11 +37,16 @@ def catalog(n: int, seed: int = 0, noise_mag: float = 0.002) -> Table:
     t = Table({"base_SdssCentroid_x": x, "base_SdssCentroid_y": y, "base_SdssCentroid_flag": np.zeros(n, bool),
                "calib_psf_used": np.ones(n, bool)})
     t["base_CircularApertureFlux_12_0_instFlux"] = ap12
+    t["base_CircularApertureFlux_12_0_instFluxErr"] = ap12 / 1000
     t["base_CircularApertureFlux_12_0_flag"] = np.zeros(n, bool)
+    # The 25-px aperture holds the total flux plus a constant contamination and the annulus noise.
+    t["base_CircularApertureFlux_25_0_instFlux"] = ap12 * (1 + G_COG) + C_ANN + rng.normal(0, E_ANN, n)
+    t["base_CircularApertureFlux_25_0_instFluxErr"] = np.hypot(ap12 / 1000, E_ANN)
+    t["base_CircularApertureFlux_25_0_flag"] = np.zeros(n, bool)
     t["base_CompensatedTophatFlux_12_instFlux"] = ap12 / NORM * noise()
     t["base_CompensatedTophatFlux_12_instFluxErr"] = ap12 / 1000
     t["base_CompensatedTophatFlux_12_flag"] = np.zeros(n, bool)
-    calib = ap12  # = normalised compensated flux in expectation
+    calib = ap12 * (1 + G_COG)  # = normalised (total) compensated flux in expectation
     for name in ("base_PsfFlux", "base_GaussianFlux"):
         t[f"{name}_instFlux"] = calib / true_ratio(name, x, y) * noise()
         t[f"{name}_instFluxErr"] = t[f"{name}_instFlux"] / 1000
@@ -51,7 +59,8 @@ def test_recovers_linear_ratio_field_within_3_mmag():
     # Outliers (a blended star, a CR-hit aperture) must be clipped, not fitted.
     cat["base_PsfFlux_instFlux"][:3] *= 1.3
     res = measure_aperture_correction(cat, bbox=BBOX, config=ApertureCorrectionConfig())
-    assert res.normalization == pytest.approx(NORM, rel=1e-3)  # 60 stars x 2 mmag noise: 0.3 mmag error
+    # 60 stars x 2 mmag noise: 0.3 mmag on the 12-px ratio; the curve of growth adds ~0.5 mmag.
+    assert res.normalization == pytest.approx(NORM * (1 + G_COG), rel=1.5e-3)
     assert not res.fallback and res.n_stars >= 55
     assert not np.any(res.used["base_PsfFlux"][:3])
     x, y = cat["base_SdssCentroid_x"], cat["base_SdssCentroid_y"]
@@ -68,6 +77,31 @@ def test_recovers_linear_ratio_field_within_3_mmag():
     assert abs(np.median(resid)) < 0.001  # corrected PSF fluxes are on the calibration-flux scale
 
 
+def test_curve_of_growth_extrapolates_away_annulus_contamination():
+    cat = catalog(80, seed=11)
+    res = measure_aperture_correction(cat, bbox=BBOX, config=ApertureCorrectionConfig())
+    assert not res.cog_fallback and res.curve_of_growth_n_stars >= 75
+    # 80 stars of 1e5-1e6 counts with 900 counts of annulus noise: ~4e-4 on the intercept.
+    assert abs(res.curve_of_growth - (1 + G_COG)) < max(3 * res.curve_of_growth_err, 1e-3)
+    assert 1e-4 < res.curve_of_growth_err < 2e-3
+    # A plain mean of the ratios keeps the C_ANN / f_12 bias (~0.3 %): the extrapolation is needed.
+    f12 = np.asarray(cat["base_CircularApertureFlux_12_0_instFlux"])
+    plain = np.mean(np.asarray(cat["base_CircularApertureFlux_25_0_instFlux"]) / f12)
+    assert plain - (1 + G_COG) > 0.002
+    assert res.normalization_err >= res.curve_of_growth_err
+    assert res.scale_err["base_PsfFlux"] >= res.normalization_err > 0
+    # Rubin's behaviour (calibration flux = 12-px aperture flux) is kept with total_aperture=None.
+    rubin = measure_aperture_correction(cat, bbox=BBOX, config=ApertureCorrectionConfig(total_aperture=None))
+    assert rubin.curve_of_growth == 1.0 and rubin.normalization == pytest.approx(NORM, rel=1e-3)
+
+
+def test_missing_total_aperture_is_a_config_error():
+    cat = catalog(20, seed=12)
+    cat.remove_column("base_CircularApertureFlux_25_0_instFlux")
+    with pytest.raises(ConfigError, match="total_aperture"):
+        measure_aperture_correction(cat, bbox=BBOX, config=ApertureCorrectionConfig())
+
+
 def test_three_stars_fall_back_to_flagged_constant():
     cat = catalog(3, seed=4)
     res = measure_aperture_correction(cat, bbox=BBOX, config=ApertureCorrectionConfig())
@@ -81,7 +115,8 @@ def test_low_snr_normalisation_falls_back_and_no_stars_raise():
     cat = catalog(20, seed=5)
     cat["base_CompensatedTophatFlux_12_instFluxErr"] = cat["base_CompensatedTophatFlux_12_instFlux"] / 150  # S/N 150
     res = measure_aperture_correction(cat, bbox=BBOX, config=ApertureCorrectionConfig())
-    assert res.normalization_snr == 100.0 and res.normalization == pytest.approx(NORM, rel=3e-3)
+    # 20 stars: ~1 mmag on the 12-px ratio and on the curve of growth each.
+    assert res.normalization_snr == 100.0 and res.normalization == pytest.approx(NORM * (1 + G_COG), rel=3e-3)
     none = cat.copy()
     none["calib_psf_used"] = False
     with pytest.raises(ApertureCorrectionError, match="no clean PSF star"):

@@ -135,3 +135,27 @@ def test_initial_psf_too_few_stars():
     with pytest.raises(PsfFitError) as info:
         estimate_initial_psf(img, np.full(img.shape, 100.0, np.float32), np.zeros(img.shape, np.uint32))
     assert info.value.metadata["n_candidates"] == 0
+
+
+def _moffat(ny, nx, x, y, flux, alpha=3.0, beta=2.5):
+    gy, gx = np.mgrid[:ny, :nx]
+    p = (1 + ((gx - x) ** 2 + (gy - y) ** 2) / alpha**2) ** (-beta)
+    return flux * p / p.sum()
+
+
+def test_faint_star_on_a_bright_star_wing_is_deblended():
+    # A star 60x fainter 14 px from a bright one, both with Moffat (beta 2.5) wings that join their
+    # footprints: sep counts only the faint branch's flux above its splitting level (< 0.5 % of the
+    # parent), so SExtractor's deblend_cont = 0.005 merges it; the default 1e-4 separates it.
+    ny, nx = 120, 140
+    clean = _moffat(ny, nx, 60.3, 55.6, 3e5) + _moffat(ny, nx, 73.2, 60.1, 3e5 / 60)
+    var = clean + SKY
+    for seed in range(3):
+        img = clean + np.random.default_rng(seed).normal(0, 1, clean.shape) * np.sqrt(var)
+        found = []
+        for cont in (0.005, DetectionConfig().deblend_cont):
+            cfg = DetectionConfig(threshold_snr=5.0, peak_threshold_snr=7.0, deblend_cont=cont)
+            s = detect_sources(img, var, np.zeros((ny, nx), np.uint32), psf_sigma_pix=1.44, config=cfg,
+                               origin=ORIGIN).detections.sources
+            found.append(bool(np.any(np.hypot(s["x_peak"] - ORIGIN[0] - 73.2, s["y_peak"] - ORIGIN[1] - 60.1) < 2)))
+        assert found == [False, True], seed

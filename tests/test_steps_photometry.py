@@ -9,14 +9,14 @@ import pytest
 from astropy.table import Table
 
 from singleframe.background import BackgroundList, BackgroundModel
-from singleframe.errors import PhotometryError
+from singleframe.errors import ConfigError, PhotometryError
 from singleframe.exposure import DetectorInfo, Exposure, VisitInfo
 from singleframe.photo_calib import AB_MAG_OF_ONE_NJY, PhotoCalib
 from singleframe.steps.calibration import calibrate_catalog, calibrate_exposure
 from singleframe.steps.photometry import PhotometryConfig, fit_photometry
 
 ZP_TRUE = 28.3  # mag of one count
-FLUX = "base_NormalizedCompensatedTophatFlux"
+FLUX = "base_PsfFlux"  # the default calibration flux (aperture-corrected to total)
 
 
 def _scene(seed: int, n: int = 300, *, colour_term: float = 0.0, sky_noise: float = 30.0):
@@ -24,7 +24,8 @@ def _scene(seed: int, n: int = 300, *, colour_term: float = 0.0, sky_noise: floa
     rng = np.random.default_rng(seed)
     ra = 150.0 + rng.uniform(-0.1, 0.1, n)
     dec = -30.0 + rng.uniform(-0.1, 0.1, n)
-    r_mag = rng.uniform(16.0, 21.0, n)
+    # r <= 19.5: S/N >= 50 with this noise (the default photometry.min_snr).
+    r_mag = rng.uniform(15.0, 19.5, n)
     g_mag = r_mag + rng.uniform(0.2, 1.5, n)
     colour = g_mag - r_mag
     # ref = inst + ZP + k (g - r) ; the zero point applies at the median colour of the stars.
@@ -54,7 +55,7 @@ def test_recovers_zero_point_within_error():
     res = fit_photometry(stars, ref, band="r")
     # 3 sigma: a single realisation of an unbiased estimate with a correct error.
     assert abs(res.zero_point_mag - ZP_TRUE) < 3 * res.zero_point_err_mag
-    assert res.zero_point_err_mag < 0.01  # 270 stars at S/N 10-1000
+    assert res.zero_point_err_mag < 0.01  # 270 stars at S/N 50-2000
     assert res.photo_calib.zero_point_mag == pytest.approx(res.zero_point_mag, abs=1e-9)
     assert res.n_matches > 250  # 10 % reserved, a few clipped
     assert res.reserved.sum() == pytest.approx(30, abs=1)
@@ -87,6 +88,21 @@ def test_intrinsic_scatter_enters_error():
     assert res.intrinsic_scatter_mag == pytest.approx(0.05, abs=0.015)  # ~270 stars: ~10 % precision
     assert abs(res.zero_point_mag - ZP_TRUE) < 3 * res.zero_point_err_mag
     assert res.zero_point_err_mag > 0.05 / math.sqrt(res.n_matches) * 0.9  # at least the scatter term
+
+
+def test_scale_error_adds_in_quadrature_and_faint_stars_are_cut():
+    stars, ref = _scene(7)
+    base = fit_photometry(stars, ref, band="r")
+    with_scale = fit_photometry(stars, ref, band="r", scale_err_mag=0.002)
+    assert with_scale.zero_point_mag == pytest.approx(base.zero_point_mag, abs=1e-12)  # error only
+    assert with_scale.zero_point_err_mag == pytest.approx(math.hypot(base.zero_point_err_mag, 0.002), rel=1e-9)
+    with pytest.raises(ConfigError):
+        fit_photometry(stars, ref, band="r", scale_err_mag=-1.0)
+    # Stars below the default S/N 50 are not used: their flux-selected fluxes are biased bright.
+    faint = stars.copy()
+    faint[f"{FLUX}_instFluxErr"][:50] = faint[f"{FLUX}_instFlux"][:50] / 20.0
+    res = fit_photometry(faint, ref, band="r")
+    assert not np.any(res.used[:50]) and not np.any(res.reserved[:50])
 
 
 def test_outliers_are_clipped():

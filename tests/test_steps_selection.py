@@ -27,13 +27,46 @@ def _catalog() -> Table:
 
 def test_select_stars_cuts():
     # The synthetic catalogue carries the calibration flux only (Rubin's slot_CalibFlux cut).
-    cfg = StarSelectorConfig(flux_field="base_NormalizedCompensatedTophatFlux")
+    cfg = StarSelectorConfig(flux_field="base_NormalizedCompensatedTophatFlux", max_extendedness=0.1)
     sel = select_stars(_catalog(), config=cfg)
     # 0 good; 1 resolved; 2 good; 3 S/N 5; 4 edge; 5 NaN flux; 6 sky source (kept whatever its values).
     assert sel.selected.tolist() == [True, False, True, False, False, False, True]
     assert sel.n_selected == 3
     no_ext = select_stars(_catalog(), config=StarSelectorConfig(flux_field=cfg.flux_field, max_extendedness=None))
     assert no_ext.selected[1]
+
+
+def _size_catalog(seed: int = 3) -> tuple[Table, np.ndarray]:
+    """Point sources at S/N 8-500 with the measured size noise, and galaxies 40 % larger than the PSF."""
+    rng = np.random.default_rng(seed)
+    n_star, n_gal = 4000, 400
+    snr = np.concatenate([10 ** rng.uniform(np.log10(8), np.log10(500), n_star), rng.uniform(30, 500, n_gal)])
+    t_psf = np.full(snr.size, 6.5)  # px^2: sigma 1.8 px
+    excess = np.concatenate([rng.normal(0, 2.5 / snr[:n_star]), np.full(n_gal, 0.4)])
+    t = Table()
+    t["base_PsfFlux_instFlux"] = snr * 100.0
+    t["base_PsfFlux_instFluxErr"] = np.full(snr.size, 100.0)
+    t["ext_shapeHSM_HsmPsfMoments_xx"] = t["ext_shapeHSM_HsmPsfMoments_yy"] = t_psf / 2
+    t["ext_shapeHSM_HsmSourceMoments_xx"] = t["ext_shapeHSM_HsmSourceMoments_yy"] = t_psf * (1 + excess) / 2
+    is_star = np.arange(snr.size) < n_star
+    return t, is_star
+
+
+def test_size_significance_keeps_faint_stars_and_rejects_resolved():
+    t, is_star = _size_catalog()
+    sel = select_stars(t, config=StarSelectorConfig())
+    # 3.5 sigma one-sided on a Gaussian: 2e-4 of stars lost; 4000 stars -> <= 0.3 % with margin.
+    assert sel.selected[is_star].mean() > 0.997
+    assert not np.any(sel.selected[~is_star])  # 40 % larger than the PSF at S/N >= 30: > 3.5 sigma
+    # Rubin's fixed cut on |excess| (extendedness < 0.1 <-> |dT| < 0.46 sqrt(T_psf)) loses faint stars.
+    t_ext = t.copy()
+    chi = (t["ext_shapeHSM_HsmSourceMoments_xx"] * 2 - 6.5) / np.sqrt(6.5)
+    t_ext["base_ClassificationSizeExtendedness_value"] = 1 - np.exp(-0.5 * chi**2)
+    rubin = select_stars(t_ext, config=StarSelectorConfig(max_extendedness=0.1, max_size_excess_sigma=None))
+    assert rubin.selected[is_star].mean() < 0.95
+    # NaN sizes (failed moments) are not accepted as point sources.
+    t["ext_shapeHSM_HsmSourceMoments_xx"][0] = np.nan
+    assert not select_stars(t).selected[0]
 
 
 def test_select_stars_missing_flux_raises():

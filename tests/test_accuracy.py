@@ -1,0 +1,79 @@
+"""End-to-end accuracy against the simulator's truth on small detectors (star completeness, purity, zero point).
+
+Each test simulates one 1024x768 detector of one demo visit (GalSim Kolmogorov PSF, galaxies, cosmic
+rays, saturated stars, bad columns), runs the in-memory pipeline and scores it with the evaluator.
+
+Regressions these catch (measured on the 8 demo detectors before the fixes):
+* star completeness 80-86 %: the noise-blind extendedness cut (< 0.1) dropped faint stars, stars
+  within ~15 px of a brighter star were not deblended, and S/N 10 stars fell below the S/N 10 cuts;
+* zero point +3…+9 mmag: the calibration flux was normalised to a 12-px aperture, ~1 % short of
+  the total flux the reference catalogue (and the truth) is on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from singleframe.io.refcat import load_refcat, write_refcat
+from singleframe.sim import (
+    SimulationConfig,
+    evaluate_detector,
+    make_reference_catalog,
+    simulate_detector,
+)
+from singleframe.steps.aperture_correction import measure_aperture_correction
+from singleframe.steps.config import load_calibrate_config
+from singleframe.steps.pipeline import calibrate_image, refcat_search_radius_deg
+
+# Star detection peaks at S/N 7 (the star selector cuts at 8): a star of true S/N 10 is measured at
+# ~9.1 +- 1 (the truth's S/N uses a Gaussian noise-equivalent area, 16 % smaller than the Kolmogorov
+# PSF's), so a peak cut at 10 loses ~20 % of the S/N 10-12 stars. Proposed for steps/config.py.
+OVERRIDES = {"star_detection": {"peak_threshold_snr": 7.0}}
+
+
+def _run(visit_index: int, store: str) -> tuple[dict, float, float]:
+    """Evaluation row, reported zero-point error with the flux-scale error (mmag), and that scale error."""
+    base = SimulationConfig()
+    cfg = replace(base, n_side=1, nx=1024, ny=768, visits=(base.visits[visit_index],))
+    refcat = make_reference_catalog(cfg)
+    sim = simulate_detector(cfg, cfg.visits[0], 0, refcat=refcat)
+    epoch = 2000.0 + (cfg.visits[0].mjd_tai - 51544.5) / 365.25
+    write_refcat(store, "refcat", refcat)
+    ra, dec, radius = refcat_search_radius_deg(sim.snaps[0], 400.0)
+    ref = load_refcat(store, "refcat", ra_deg=ra, dec_deg=dec, radius_deg=radius, epoch_year=epoch)
+    conf = load_calibrate_config(None, OVERRIDES)
+    res = calibrate_image(sim.snaps, ref, config=conf)
+    stars = res.single_visit_star_unstandardized
+    stars = stars[~np.asarray(stars["sky_source"], bool)]
+    pc = res.initial_photoCalib_detector
+    row = evaluate_detector(visit=cfg.visits[0].visit, detector=0, wcs=None, psf=None,
+                            calibration_njy_per_count=pc.calibration_njy_per_count, stars=stars, mask=None,
+                            truth=sim.truth)
+    # The pipeline does not yet pass the aperture-correction scale error to the photometric fit:
+    # recompute it from the PSF-star catalogue (same rows and flags, deterministic).
+    x0, y0 = sim.snaps[0].origin
+    ny, nx = sim.snaps[0].shape
+    ap = measure_aperture_correction(res.single_visit_psf_star, bbox=(x0, y0, x0 + nx - 1, y0 + ny - 1),
+                                     config=conf.aperture_correction)
+    scale_mmag = 1000 * 2.5 / math.log(10) * ap.scale_err[conf.photometry.flux_field]
+    fit_mmag = 1000 * 2.5 / math.log(10) * pc.calibration_err_njy_per_count / pc.calibration_njy_per_count
+    return row, math.hypot(fit_mmag, scale_mmag), scale_mmag
+
+
+@pytest.mark.parametrize("visit_index", [0, 1])
+def test_star_selection_and_zero_point_against_truth(visit_index: int, tmp_path) -> None:
+    row, zp_sigma_mmag, scale_mmag = _run(visit_index, str(tmp_path))
+    # ~150 eligible stars: the demo detectors give 98.4-99.3 %; one star is 0.7 %, and 96 % is ~3
+    # binomial sigmas below the expected 98.8 % (the full-size bar is 98 % over 2048^2 detectors).
+    assert row["star_recovered_pct"] >= 96.0, row
+    # ~180 selected: demo detectors give 1.0-2.3 % (faint compact galaxies); 4 % is ~2.5 sigma above.
+    assert row["star_contaminant_pct"] <= 4.0, row
+    # The zero point is unbiased within its (honest) error: 3 sigma, sigma 2-4 mmag here (dominated
+    # by the curve-of-growth factor from ~40 stars). The old 12-px normalisation was ~1 % (10 mmag) off.
+    assert abs(row["zp_err_mmag"]) <= 3 * zp_sigma_mmag, (row, zp_sigma_mmag)
+    assert abs(row["zp_err_mmag"]) <= 8.0, row
+    assert 0.3 < scale_mmag < 10.0  # a real, finite flux-scale error (~20-40 curve-of-growth stars here)

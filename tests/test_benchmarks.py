@@ -1,0 +1,209 @@
+"""Fast tests of the benchmark harness and the peer adapters (no full benchmark run)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS
+
+from singleframe.benchmarks import ROW_KEYS, check_bars, format_markdown, make_row
+from singleframe.peers import (
+    PsfexPsf,
+    _index_presets,
+    peer_available,
+    read_ldac,
+    refcat_to_ldac_table,
+    run_timed,
+    wcs_from_scamp_head,
+    write_ldac,
+)
+from singleframe.sim.evaluation import _adaptive_moments, psf_size_error_pct
+
+
+def _tan_header(nx: int = 300, ny: int = 200) -> fits.Header:
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [210.0, -12.0]
+    w.wcs.crpix = [150.5, 100.5]
+    th = math.radians(5.0)
+    s = 0.2 / 3600
+    w.wcs.pc = [[-math.cos(th), math.sin(th)], [math.sin(th), math.cos(th)]]
+    w.wcs.cdelt = [s, s]
+    hdr = w.to_header()
+    hdr["NAXIS"], hdr["NAXIS1"], hdr["NAXIS2"] = 2, nx, ny
+    return hdr
+
+
+def test_ldac_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    objects = Table({"X_WORLD": rng.uniform(0, 360, 50), "Y_WORLD": rng.uniform(-90, 90, 50),
+                     "MAG": rng.uniform(15, 22, 50).astype(np.float32), "FLAGS": np.arange(50, dtype=np.int16)})
+    hdr = _tan_header()
+    write_ldac(tmp_path / "x.ldac", objects, image_header=hdr)
+    back, back_hdr = read_ldac(tmp_path / "x.ldac")
+    for name in objects.colnames:
+        np.testing.assert_array_equal(back[name], objects[name])
+    assert back_hdr["NAXIS1"] == 300 and back_hdr["CTYPE1"] == "RA---TAN"
+    # Float cards go through their 80-character text form: 1e-12 relative is far below any use.
+    assert back_hdr["CRVAL2"] == pytest.approx(-12.0, rel=1e-12)
+    with fits.open(tmp_path / "x.ldac") as hdul:
+        assert [h.name for h in hdul] == ["PRIMARY", "LDAC_IMHEAD", "LDAC_OBJECTS"]
+
+
+def test_refcat_to_ldac_columns():
+    refcat = Table({"ra": [10.0, 11.0, 12.0], "dec": [-5.0, -5.1, -5.2], "ra_err": [1.0, 2.0, 3.0],
+                    "dec_err": [1.0, 2.0, 3.0], "r_flux": [3631e9 * 10**-8, 0.0, 1000.0],
+                    "r_fluxErr": [1.0, 1.0, 10.0]})
+    out = refcat_to_ldac_table(refcat, band="r", epoch_year=2026.9)
+    assert len(out) == 2  # the zero-flux star has no magnitude and is dropped
+    # 3631 Jy × 1e-8 is AB 20 exactly; float32 storage keeps ~1e-6 mag.
+    assert out["MAG"][0] == pytest.approx(20.0, abs=1e-5)
+    assert out["ERRA_WORLD"][1] == pytest.approx(3.0 / 3.6e6)
+    assert np.all(out["OBSDATE"] == 2026.9)
+
+
+def _scamp_head_text(cd: np.ndarray, pv1: dict[int, float], pv2: dict[int, float]) -> str:
+    cards = [fits.Card("CTYPE1", "RA---TAN"), fits.Card("CTYPE2", "DEC--TAN"), fits.Card("CRVAL1", 210.001),
+             fits.Card("CRVAL2", -11.999), fits.Card("CRPIX1", 150.5), fits.Card("CRPIX2", 100.5)]
+    cards += [fits.Card(f"CD{i + 1}_{j + 1}", float(cd[i, j])) for i in range(2) for j in range(2)]
+    cards += [fits.Card(f"PV1_{k}", v) for k, v in pv1.items()] + [fits.Card(f"PV2_{k}", v) for k, v in pv2.items()]
+    return "HISTORY   Astrometric solution by SCAMP\n" + "\n".join(c.image for c in cards) + "\nEND\n"
+
+
+def test_scamp_head_is_read_as_tpv_and_overrides_the_image_pc_matrix(tmp_path):
+    s = 0.2 / 3600
+    cd = np.array([[-s, 1e-7], [2e-7, s]])
+    c3 = 0.2  # deg^-2: cubic term of xi, large enough to move the corners by ~1 mas
+    pv1 = {0: 0.0, 1: 1.0, 2: 0.0, 7: c3}
+    pv2 = {0: 0.0, 1: 1.0, 2: 0.0}
+    head = tmp_path / "frame.head"
+    head.write_text(_scamp_head_text(cd, pv1, pv2))
+    # The image header carries a different (rotated) PC matrix: it must not survive.
+    w = wcs_from_scamp_head(head, image_header=_tan_header())
+    px, py = np.array([0.0, 299.0, 37.0]), np.array([0.0, 199.0, 150.0])
+    ra, dec = w.all_pix2world(px, py, 0)
+    # Expected: intermediate coordinates from CD, the TPV polynomial, then the TAN projection.
+    x, y = cd @ np.vstack([px + 1 - 150.5, py + 1 - 100.5])
+    xi, eta = x + c3 * x**3, y
+    tan = WCS(naxis=2)
+    tan.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    tan.wcs.crval = [210.001, -11.999]
+    tan.wcs.crpix = [1.0, 1.0]
+    tan.wcs.cdelt = [1.0, 1.0]
+    era, edec = tan.all_pix2world(xi, eta, 0)
+    # 1e-9 deg = 3.6 µas: numerical agreement, far below the mas scale of the benchmark.
+    np.testing.assert_allclose(ra, era, atol=1e-9)
+    np.testing.assert_allclose(dec, edec, atol=1e-9)
+    # The same text given directly (not a path) gives the same WCS.
+    w2 = wcs_from_scamp_head(head.read_text(), image_header=_tan_header())
+    np.testing.assert_allclose(w2.all_pix2world(px, py, 0), [ra, dec], atol=1e-12)
+
+
+def _gaussian_stamp(n: int, sigma_pix: float, step: float = 1.0) -> np.ndarray:
+    c = (np.arange(n) - n // 2) * step
+    g = np.exp(-0.5 * (c / sigma_pix) ** 2)
+    img = np.outer(g, g)
+    return img / img.sum()
+
+
+@pytest.mark.parametrize("sampling", [1.0, 0.5])
+def test_psfex_adapter_matches_the_gaussian_it_encodes(sampling):
+    sigma = 2.1
+    n_grid = 41 if sampling == 1.0 else 81
+    const = _gaussian_stamp(n_grid, sigma, step=sampling)
+    basis = np.stack([const, np.zeros_like(const), np.zeros_like(const)])  # degree 1: 1, x, y
+    psf = PsfexPsf(basis=basis, degree=1, zero=(150.0, 100.0), scale=(300.0, 200.0), sampling=sampling)
+    img = psf.image(10.0, 20.0, size=31)
+    assert img.shape == (31, 31) and img.sum() == pytest.approx(1.0)
+    ref = _gaussian_stamp(31, sigma)  # the same Gaussian sampled at our pixel centres
+    # Cubic resampling of a 0.5-px grid: 1e-3 of the peak is interpolation error, not a bug.
+    np.testing.assert_allclose(img, ref, atol=1e-3 * ref.max())
+    true_sigma = _adaptive_moments(ref)[0]
+    grid = Table({"x": [10.0, 200.0], "y": [20.0, 150.0], "sigma_pix": [true_sigma, true_sigma]})
+    # The evaluator's HSM size of the adapter equals that of the stamp to 0.2 % (resampling).
+    assert psf_size_error_pct(psf, grid) == pytest.approx(0.0, abs=0.2)
+    ixx, iyy, ixy = psf.moments(10.0, 20.0)
+    # Unweighted moments of a truncated 41-px stamp: 2 % of sigma² covers the truncation.
+    assert ixx == pytest.approx(sigma**2, rel=0.02) and abs(ixy) < 1e-6
+
+
+def test_psfex_spatial_terms_and_hdu_round_trip():
+    const = _gaussian_stamp(25, 2.0)
+    slope = _gaussian_stamp(25, 2.5) - const  # the x term widens the PSF to the right
+    basis = np.stack([const, slope, np.zeros_like(const)])
+    psf = PsfexPsf(basis=basis, degree=1, zero=(101.0, 51.0), scale=(100.0, 50.0), sampling=1.0)
+    # Parent x = 100 is X_IMAGE = 101 = POLZERO1: the constant term alone.
+    np.testing.assert_allclose(psf.image(100.0, 50.0), const, atol=1e-12)
+    assert psf.sigma(200.0, 50.0) > psf.sigma(100.0, 50.0)
+    back = PsfexPsf.from_hdus(psf.to_hdus())
+    # float32 storage of the basis: 1e-6 relative.
+    np.testing.assert_allclose(back.image(180.0, 70.0), psf.image(180.0, 70.0), rtol=1e-5, atol=1e-8)
+
+
+def test_index_presets_cover_a_tenth_to_the_whole_field():
+    presets = _index_presets(13.6)
+    quad = [2.0 * math.sqrt(2.0) ** p for p in presets]
+    assert presets and min(quad) >= 1.36 and max(quad) <= 13.6
+
+
+def test_rows_have_the_schema_and_bars_fail_on_regression():
+    rows = [make_row("f", "ours", [2.0, 1.0, 3.0], peak_rss_mb=500.0, wcs_rms_mas=2.5, psf_size_err_pct=0.1,
+                     cr_completeness_pct=90.0, zp_err_mmag=float("nan")),
+            make_row("f", "sex+psfex+scamp", [6.0], peak_rss_mb=600.0, wcs_rms_mas=1.9, psf_size_err_pct=-0.3),
+            make_row("f", "physical_limit", [0.5])]
+    for r in rows:
+        assert set(ROW_KEYS) <= set(r)
+    assert rows[0]["wall_s_median"] == 2.0 and rows[0]["wall_s_min"] == 1.0 and rows[0]["n_runs"] == 3
+    assert rows[0]["zp_err_mmag"] is None  # NaN becomes null
+    assert rows[1]["cr_completeness_pct"] is None  # the chain has no CR step
+    json.dumps(rows)
+    bars = {b.name: b for b in check_bars(rows)}
+    assert bars["WCS rms <= 2 mas"].met is False and bars["WCS rms <= 2 mas"].asserted
+    assert bars["WCS rms <= SCAMP"].met is False
+    assert bars["|PSF size err| <= PSFEx"].met is True
+    assert bars["CR completeness >= 95 %"].met is False
+    assert bars["total <= 10x physical limit"].met is True and not bars["total <= 10x physical limit"].asserted
+    assert "**NO**" in format_markdown(rows, list(bars.values()), "t")
+    with pytest.raises(KeyError):
+        make_row("f", "x", [1.0], not_a_key=1.0)
+
+
+@pytest.mark.skipif(not peer_available("source-extractor"), reason="source-extractor not installed")
+def test_sextractor_positions_are_fits_one_based(tmp_path):
+    rng = np.random.default_rng(3)
+    ny, nx = 120, 160
+    image = rng.normal(100.0, 3.0, (ny, nx))
+    stars = [(40.0, 30.0), (120.3, 85.6)]
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    for x, y in stars:
+        image += 5000.0 * np.exp(-0.5 * ((xx - x) ** 2 + (yy - y) ** 2) / 1.8**2)
+    hdr = _tan_header(nx, ny)
+    hdr["GAIN"], hdr["SATURATE"] = 1.0, 1e6
+    fits.PrimaryHDU(image.astype(np.float32), header=hdr).writeto(tmp_path / "img.fits")
+    param = tmp_path / "p.param"
+    param.write_text("XWIN_IMAGE\nYWIN_IMAGE\nFLUX_AUTO\n")
+    run_timed(["source-extractor", "img.fits", "-CATALOG_TYPE", "FITS_LDAC", "-CATALOG_NAME", "img.ldac",
+               "-PARAMETERS_NAME", str(param), "-FILTER", "N", "-DETECT_THRESH", "10"], cwd=tmp_path)
+    cat, hdr_back = read_ldac(tmp_path / "img.ldac")
+    assert len(cat) == 2 and hdr_back["NAXIS1"] == nx
+    got = sorted(zip(cat["XWIN_IMAGE"], cat["YWIN_IMAGE"], strict=True))
+    for (gx, gy), (x, y) in zip(got, stars, strict=True):
+        # Array index x is X_IMAGE = x + 1; S/N ~ 1000 puts windowed centroids within 0.02 px.
+        assert gx == pytest.approx(x + 1, abs=0.02) and gy == pytest.approx(y + 1, abs=0.02)
+
+
+@pytest.mark.skipif(not peer_available("astroscrappy"), reason="astroscrappy not installed")
+def test_astroscrappy_wrapper_finds_a_cosmic_ray():
+    from singleframe.peers import run_astroscrappy
+
+    rng = np.random.default_rng(4)
+    image = rng.normal(500.0, np.sqrt(500.0), (100, 140)).astype(np.float32)
+    image[50, 60:64] += 3000.0
+    mask, wall = run_astroscrappy(image, gain_e_per_count=1.0, read_noise_e=5.0, saturation_count=60000.0)
+    assert mask[50, 60:64].all() and wall >= 0
+    assert mask.sum() < 20  # a 4-pixel track, grown by at most a pixel around it
