@@ -211,6 +211,25 @@ def _median_filter_bins(values: npt.NDArray[np.float64], size: int) -> npt.NDArr
     return out[pad_y: pad_y + values.shape[0], pad_x: pad_x + values.shape[1]]
 
 
+def _count_sorted(blocks: npt.NDArray[np.float32], t: npt.NDArray[np.float64], *,
+                  strict: bool) -> npt.NDArray[np.int64]:
+    """Per bin, how many sorted samples are ``< t`` (``strict``) or ``<= t``: a vectorised
+    binary search (log2(m) gathers of one value per bin instead of comparing every sample)."""
+    m = blocks.shape[2]
+    lo = np.zeros(t.shape, np.int64)
+    hi = np.full(t.shape, m, np.int64)
+    while True:
+        active = lo < hi
+        if not active.any():
+            return lo
+        mid = (lo + hi) // 2
+        v = np.take_along_axis(blocks, np.minimum(mid, m - 1)[..., None], axis=2)[..., 0]
+        below = (v < t) if strict else (v <= t)
+        below &= active
+        lo = np.where(below, mid + 1, lo)
+        hi = np.where(active & ~below, mid, hi)
+
+
 def _clipped_levels(blocks: npt.NDArray[np.float32], n_good: npt.NDArray[np.integer],
                     config: BackgroundConfig) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Per-bin level and clipped sigma from sorted samples (``inf`` = masked, at the end)."""
@@ -242,8 +261,8 @@ def _clipped_levels(blocks: npt.NDArray[np.float32], n_good: npt.NDArray[np.inte
             sigma = std
         lo = median - config.clip_sigma * sigma
         hi = median + config.clip_sigma * sigma
-        lo_i = (blocks < lo[..., None]).sum(axis=2)
-        hi_i = np.maximum((blocks <= hi[..., None]).sum(axis=2), lo_i + 1)
+        lo_i = _count_sorted(blocks, lo, strict=True)
+        hi_i = np.maximum(_count_sorted(blocks, hi, strict=False), lo_i + 1)
         hi_i = np.minimum(hi_i, n)
         lo_i = np.minimum(lo_i, hi_i - 1)
     if config.statistic == "median":

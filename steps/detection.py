@@ -166,13 +166,15 @@ def detect_sources(
     var = np.asarray(variance, dtype=np.float32)
     msk = np.asarray(mask, dtype=MASK_DTYPE)
     ny, nx = img.shape
-    excluded = ((msk & MASK_DTYPE(int(config.excluded_planes))) != 0) | ~np.isfinite(img)
+    excluded = (msk & MASK_DTYPE(int(config.excluded_planes))) != 0
+    excluded |= ~np.isfinite(img)
 
     half = int(7 * psf_sigma_pix + 0.5) // 2  # Rubin's smoothing-kernel width int(7 sigma + 0.5)//2*2+1
     kernel = GaussianPsf(psf_sigma_pix).image(0.0, 0.0, size=2 * max(half, 1) + 1).astype(np.float32)
     k_norm = float(np.sqrt(np.sum(kernel.astype(np.float64) ** 2)))
     sky_sigma = _sky_sigma_map(var, excluded, config.noise_bin_size_pix)
-    data = np.ascontiguousarray(np.where(excluded, 0.0, img) / sky_sigma, dtype=np.float32)
+    data = np.divide(img, sky_sigma, dtype=np.float32)
+    data[excluded] = 0.0
 
     objects, seg = _run_sep(data, float(config.threshold_snr * k_norm), excluded, kernel, config)
     seg = np.asarray(seg, dtype=np.int32)
@@ -180,7 +182,9 @@ def detect_sources(
     # Every footprint is grown (sources below the peak threshold too, so that they are DETECTED
     # and ignored by later background estimates); labels keep only the retained sources.
     grown = _grow_labels(seg, grow) if grow > 0 and len(objects) else seg
-    out_mask = msk | np.where(grown > 0, MASK_DTYPE(int(MaskPlane.DETECTED)), MASK_DTYPE(0))
+    detected = (grown > 0).astype(MASK_DTYPE)
+    detected *= MASK_DTYPE(int(MaskPlane.DETECTED))
+    out_mask = np.bitwise_or(msk, detected, out=detected)
 
     if len(objects) == 0:
         dets = Detections(np.zeros((ny, nx), np.int32), _empty_sources(), (int(origin[0]), int(origin[1])),
@@ -201,7 +205,7 @@ def detect_sources(
 
     lut = np.zeros(len(objects) + 1, dtype=np.int32)
     lut[kept_idx + 1] = np.arange(1, n_kept + 1, dtype=np.int32)
-    labels = lut[grown]
+    labels = grown if n_kept == len(objects) else np.take(lut, grown)
     npix = np.bincount(labels.ravel(), minlength=n_kept + 1)[1:]
 
     # Parents are renumbered 1..n over those that keep a source; isolated sources get 0.
@@ -280,7 +284,11 @@ def _grow_labels(labels: npt.NDArray[np.int32], r: int) -> npt.NDArray[np.int32]
     Shifted in-place maxima (2r per axis) run on contiguous memory; scipy's 1-D maximum
     filter along axis 0 is ~10x slower on a 4k x 4k image.
     """
-    grown = labels.copy()
+    # The narrowest unsigned type that holds the labels: the shifts are memory-bound, so
+    # uint16 (any frame with < 65536 sources) is ~2-5x faster than int32 on a 4k x 4k image.
+    top = int(labels.max(initial=0))
+    work = np.uint16 if top < 2**16 else np.uint32
+    grown = labels.astype(work)
     for axis in (0, 1):
         src = grown.copy()
         n = src.shape[axis]
@@ -291,4 +299,6 @@ def _grow_labels(labels: npt.NDArray[np.int32], r: int) -> npt.NDArray[np.int32]
             else:
                 np.maximum(grown[:, k:], src[:, :-k], out=grown[:, k:])
                 np.maximum(grown[:, :-k], src[:, k:], out=grown[:, :-k])
-    return np.where(labels > 0, labels, grown).astype(np.int32)
+    out = grown.astype(np.int32)
+    np.copyto(out, labels, where=labels > 0)
+    return out

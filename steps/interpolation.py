@@ -171,23 +171,37 @@ def _profile_pass(img: npt.NDArray[np.float32], bad: npt.NDArray[np.bool_], psf_
 
 
 def _normalized_convolution_pass(img: npt.NDArray[np.float32], todo: npt.NDArray[np.bool_], sigma: float,
-                                 min_weight: float) -> npt.NDArray[np.bool_]:
-    """Order-0 fill of ``todo`` pixels in place, inside their padded bounding box."""
+                                 min_weight: float, tile_pix: int = 256) -> npt.NDArray[np.bool_]:
+    """Order-0 fill of ``todo`` pixels in place, tile by tile.
+
+    Only tiles holding ``todo`` pixels are filtered, each inside its box padded by the
+    filter radius (bad columns and bleed trails cover a few percent of a 4k frame, while
+    their bounding box is the whole frame). The result equals one full-frame pass: the
+    Gaussian is truncated at 4 sigma <= the padding, and pixels filled in this pass are
+    not used as data until the next one.
+    """
     ny, nx = img.shape
     pad = int(math.ceil(4.0 * sigma))
-    rows = np.flatnonzero(todo.any(axis=1))
-    cols = np.flatnonzero(todo.any(axis=0))
-    y0, y1 = max(rows[0] - pad, 0), min(rows[-1] + pad + 1, ny)
-    x0, x1 = max(cols[0] - pad, 0), min(cols[-1] + pad + 1, nx)
-    box = np.s_[y0:y1, x0:x1]
-    good = (~todo[box]).astype(np.float32)
-    num = ndimage.gaussian_filter(np.where(good > 0, img[box], 0.0).astype(np.float32), sigma, mode="constant")
-    den = ndimage.gaussian_filter(good, sigma, mode="constant")
-    # The peak of a unit-normalised 2-D Gaussian is 1/(2 pi sigma^2); scale min_weight to it.
-    enough = den * (2.0 * math.pi * sigma * sigma) >= min_weight
-    fill = todo[box] & enough
-    sub = img[box]
-    sub[fill] = num[fill] / den[fill]
+    nty, ntx = -(-ny // tile_pix), -(-nx // tile_pix)
+    padded = np.zeros((nty * tile_pix, ntx * tile_pix), bool)
+    padded[:ny, :nx] = todo
+    tiles = padded.reshape(nty, tile_pix, ntx, tile_pix).any(axis=(1, 3))
     left = todo.copy()
-    left[box] &= ~fill
+    # The peak of a unit-normalised 2-D Gaussian is 1/(2 pi sigma^2); scale min_weight to it.
+    peak = 2.0 * math.pi * sigma * sigma
+    for ty, tx in zip(*np.nonzero(tiles), strict=True):
+        ty0, tx0 = int(ty) * tile_pix, int(tx) * tile_pix
+        ty1, tx1 = min(ty0 + tile_pix, ny), min(tx0 + tile_pix, nx)
+        y0, y1 = max(ty0 - pad, 0), min(ty1 + pad, ny)
+        x0, x1 = max(tx0 - pad, 0), min(tx1 + pad, nx)
+        box_todo = todo[y0:y1, x0:x1]
+        good = (~box_todo).astype(np.float32)
+        num = ndimage.gaussian_filter(np.where(box_todo, np.float32(0.0), img[y0:y1, x0:x1]), sigma,
+                                      mode="constant")
+        den = ndimage.gaussian_filter(good, sigma, mode="constant")
+        inner = np.s_[ty0 - y0: ty1 - y0, tx0 - x0: tx1 - x0]
+        fill = box_todo[inner] & (den[inner] * peak >= min_weight)
+        sub = img[ty0:ty1, tx0:tx1]
+        sub[fill] = num[inner][fill] / den[inner][fill]
+        left[ty0:ty1, tx0:tx1] &= ~fill
     return left
