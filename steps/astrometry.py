@@ -35,8 +35,10 @@ Algorithm
 from __future__ import annotations
 
 import copy
+import itertools
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -79,7 +81,9 @@ class AstrometryConfig:
     pattern_n_sources: int = 100
     #: Histogram bin of the pattern stage (pixels); also sets the (θ, s) grid steps.
     pattern_bin_pix: float = 25.0
-    #: Minimum (false-alarm based) confidence of the pattern match.
+    #: Minimum confidence (1 − false-alarm probability) of the pattern match and of the blind
+    #: verification. Right 4096² matches reach 1 − 1e-20; wrong fields measured up to 0.9996
+    #: (pattern; then stopped by the rms checks) and 0.997 (blind).
     min_match_confidence: float = 0.999
     #: Smallest match radius of the refinement (arcsec).
     min_match_radius_arcsec: float = 0.05
@@ -95,6 +99,24 @@ class AstrometryConfig:
     max_rms_arcsec: float = 0.5
     #: Larger mean separation is a failure (arcsec; Rubin's maxMeanDistanceArcsec).
     max_mean_offset_arcsec: float = 0.5
+    #: SIP order fitted on top of the affine part when the initial WCS has no distortion (no camera
+    #: model, e.g. a TAN header); 0 or 1 = affine only.
+    fit_distortion_order: int = 0
+    #: Radius (deg) of the blind quad search around the initial pointing, tried when matching from
+    #: the initial WCS fails; 0 disables it. Only references in ``refcat`` can be found.
+    blind_search_radius_deg: float = 2.0
+    #: Bright, spatially balanced sources (and references per equal area) that build quads.
+    blind_n_sources: int = 60
+    #: Each star forms quads with 3 of its ``blind_quad_neighbours`` nearest selected stars.
+    blind_quad_neighbours: int = 6
+    #: Largest distance between a source quad code and a reference quad code (code space is ~unit).
+    blind_code_tolerance: float = 0.012
+    #: Largest scale change accepted for a quad hypothesis (fraction of the initial scale).
+    blind_max_scale_change: float = 0.1
+    #: Also try the mirrored sky (unknown parity, e.g. a header without a trusted CD matrix).
+    blind_try_flipped_parity: bool = False
+    #: Largest number of quad hypotheses verified.
+    blind_max_hypotheses: int = 20000
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on inconsistent values."""
@@ -114,6 +136,16 @@ class AstrometryConfig:
             raise ConfigError("astrometry.min_matches and pattern_n_sources must be >= 3 (an affine fit needs 3 points)")
         if self.max_iterations < 1:
             raise ConfigError("astrometry.max_iterations must be >= 1")
+        if not 0 <= self.fit_distortion_order <= 7:
+            raise ConfigError("astrometry.fit_distortion_order must be in [0, 7] (0/1: affine only)")
+        if not 0 <= self.blind_search_radius_deg <= 30:
+            raise ConfigError("astrometry.blind_search_radius_deg must be in [0, 30] (0 disables the blind search)")
+        if self.blind_n_sources < 8 or not 3 <= self.blind_quad_neighbours <= 10:
+            raise ConfigError("astrometry.blind_n_sources must be >= 8 and blind_quad_neighbours in [3, 10]")
+        if not 0 < self.blind_code_tolerance < 0.2 or not 0 <= self.blind_max_scale_change < 1:
+            raise ConfigError("astrometry.blind_code_tolerance must be in (0, 0.2), blind_max_scale_change in [0, 1)")
+        if self.blind_max_hypotheses < 1:
+            raise ConfigError("astrometry.blind_max_hypotheses must be >= 1")
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,7 +169,9 @@ class AstrometryResult:
     pattern_peak, pattern_background
         Height of the winning offset-histogram peak and the expected chance count.
     rotation_deg, scale
-        Correction found by the pattern stage relative to the initial WCS.
+        Correction found by the pattern stage relative to the (initial or blind) WCS.
+    blind, blind_confidence
+        Whether the blind quad search supplied the starting WCS, and 1 − its false-alarm probability.
     """
 
     wcs: WCS
@@ -153,6 +187,8 @@ class AstrometryResult:
     pattern_background: float = 0.0
     rotation_deg: float = 0.0
     scale: float = 1.0
+    blind: bool = False
+    blind_confidence: float = float("nan")
 
 
 # --------------------------------------------------------------------------------------
@@ -169,6 +205,7 @@ def fit_astrometry(sources: Table, refcat: Table, *, initial_wcs: WCS, origin: t
         ``base_PsfFlux_instFlux/_instFluxErr`` and pixel/centroid flags.
     refcat
         Reference table: ``id``, ``ra``, ``dec`` (deg, observation epoch), ``<band>_flux``.
+        For the blind fallback it must cover the search circle.
     initial_wcs
         Camera-model WCS (array-pixel convention) used as the starting point.
     origin, shape
@@ -183,13 +220,15 @@ def fit_astrometry(sources: Table, refcat: Table, *, initial_wcs: WCS, origin: t
     Raises
     ------
     AstrometryError
-        Too few usable sources or references, no significant pattern match,
-        too few final matches, or rms / mean offset above the limits.
+        Too few usable sources or references, no significant pattern match
+        (and no blind solution), too few final matches, or rms / mean offset
+        above the limits.
     """
     config.validate()
     x0, y0 = origin
     n_src_total = len(sources)
-    meta = {"n_sources": n_src_total, "n_refs": len(refcat), "n_matches": 0, "rms_arcsec": float("nan")}
+    meta: dict[str, object] = {"n_sources": n_src_total, "n_refs": len(refcat), "n_matches": 0,
+                               "rms_arcsec": float("nan"), "blind": False}
     good = _select_sources(sources, config)
     meta["n_good_sources"] = int(good.sum())
     if good.sum() < config.min_matches:
@@ -198,87 +237,122 @@ def fit_astrometry(sources: Table, refcat: Table, *, initial_wcs: WCS, origin: t
             f"unflagged); need {config.min_matches}. Check the PSF-star catalogue or lower astrometry.min_snr",
             meta)
     src_idx = np.flatnonzero(good)
-    sx = np.asarray(sources["base_SdssCentroid_x"], float)[src_idx] - x0
-    sy = np.asarray(sources["base_SdssCentroid_y"], float)[src_idx] - y0
-    s_flux = np.asarray(sources["base_PsfFlux_instFlux"], float)[src_idx]
-
     ra = np.asarray(refcat["ra"], float)
     dec = np.asarray(refcat["dec"], float)
-    ref_ok = np.isfinite(ra) & np.isfinite(dec)
-    ref_idx = np.flatnonzero(ref_ok)
+    ref_idx = np.flatnonzero(np.isfinite(ra) & np.isfinite(dec))
     if len(ref_idx) < config.min_matches:
         raise AstrometryError(f"the reference catalogue has only {len(ref_idx)} usable stars; "
                               f"need {config.min_matches}. Load a larger region or another catalogue", meta)
-    r_ra, r_dec = ra[ref_idx], dec[ref_idx]
-    r_flux = _ref_brightness(refcat)[ref_idx]
+    inp = _Inputs(
+        sources=sources, refcat=refcat, src_idx=src_idx, ref_idx=ref_idx,
+        sx=np.asarray(sources["base_SdssCentroid_x"], float)[src_idx] - x0,
+        sy=np.asarray(sources["base_SdssCentroid_y"], float)[src_idx] - y0,
+        s_flux=np.asarray(sources["base_PsfFlux_instFlux"], float)[src_idx],
+        r_ra=ra[ref_idx], r_dec=dec[ref_idx], r_flux=_ref_brightness(refcat)[ref_idx], shape=shape)
+    try:
+        return _solve(inp, initial_wcs, config, meta)
+    except AstrometryError as first:
+        if config.blind_search_radius_deg <= 0:
+            raise
+        first_error = first
+    # The initial WCS did not lead to a solution: search the whole circle with quads.
+    meta["first_attempt"] = str(first_error)
+    blind_wcs = _blind_solve(inp, initial_wcs, config, meta)
+    meta["blind"] = True
+    return _solve(inp, blind_wcs, config, meta)
 
+
+@dataclass(frozen=True, eq=False)
+class _Inputs:
+    sources: Table
+    refcat: Table
+    src_idx: npt.NDArray[np.int64]
+    ref_idx: npt.NDArray[np.int64]
+    sx: npt.NDArray[np.float64]  # array pixels of the usable sources
+    sy: npt.NDArray[np.float64]
+    s_flux: npt.NDArray[np.float64]
+    r_ra: npt.NDArray[np.float64]  # deg, finite references
+    r_dec: npt.NDArray[np.float64]
+    r_flux: npt.NDArray[np.float64]
+    shape: tuple[int, int]
+
+
+def _cd_arcsec(wcs: WCS) -> npt.NDArray[np.float64]:
+    return np.asarray(wcs.wcs.cd if wcs.wcs.has_cd() else wcs.wcs.get_pc() * wcs.wcs.cdelt[:, None]) * 3600.0
+
+
+def _solve(inp: _Inputs, initial_wcs: WCS, config: AstrometryConfig, meta: dict[str, object]) -> AstrometryResult:
+    """Pattern match from ``initial_wcs``, then iterative matching and fit; raises on any failed check."""
+    sx, sy, r_ra, r_dec = inp.sx, inp.sy, inp.r_ra, inp.r_dec
     wcs = copy.deepcopy(initial_wcs)
     wcs.wcs.set()
     # Focal-plane pixel offsets from CRPIX through the camera distortion; fixed from now on.
     f = _pix_to_focal(wcs, sx, sy)
-    cd_arcsec = np.asarray(wcs.wcs.cd if wcs.wcs.has_cd() else wcs.wcs.get_pc() * wcs.wcs.cdelt[:, None]) * 3600.0
+    cd_arcsec = _cd_arcsec(wcs)
     crval = np.array(wcs.wcs.crval, float)
+    # Without a camera model (no SIP) a polynomial distortion may be fitted on top of the affine part.
+    order = config.fit_distortion_order if (wcs.sip is None and config.fit_distortion_order >= 2) else 1
 
     # --- pattern stage -------------------------------------------------------------------------
-    ny, nx = shape
+    ny, nx = inp.shape
     corners_f = _pix_to_focal(wcs, np.array([-0.5, nx - 0.5, nx - 0.5, -0.5]), np.array([-0.5, -0.5, ny - 0.5, ny - 0.5]))
     pix_scale_arcsec = math.sqrt(abs(np.linalg.det(cd_arcsec)))
-    pat = _pattern_match(f @ cd_arcsec.T, s_flux, corners_f @ cd_arcsec.T, *_gnomonic(r_ra, r_dec, crval), r_flux,
+    rxi, reta = _gnomonic(r_ra, r_dec, crval)
+    pat = _pattern_match(f @ cd_arcsec.T, inp.s_flux, corners_f @ cd_arcsec.T, rxi, reta, inp.r_flux,
                          pix_scale_arcsec=pix_scale_arcsec, detector_radius_pix=0.5 * math.hypot(nx, ny),
                          config=config)
     meta.update({"pattern_peak": pat.peak, "pattern_background": pat.background,
                  "match_confidence": pat.confidence})
     if pat.confidence < config.min_match_confidence:
         raise AstrometryError(
-            f"no significant match between {len(src_idx)} sources and {len(ref_idx)} reference stars "
+            f"no significant match between {len(sx)} sources and {len(r_ra)} reference stars "
             f"(peak {pat.peak} pairs vs {pat.background:.2f} expected by chance; confidence {pat.confidence:.3g} < "
-            f"{config.min_match_confidence}). Check the pointing, the reference catalogue region or "
-            f"astrometry.max_offset_arcsec / max_rotation_deg", meta)
+            f"{config.min_match_confidence}). Check the pointing, the reference catalogue region, "
+            f"astrometry.max_offset_arcsec / max_rotation_deg, or enable astrometry.blind_search_radius_deg", meta)
 
-    # --- refinement: iterative NN matching + affine fit -------------------------------------------
+    # Only references near the detector take part in the refinement (speed on dense / wide refcats).
     m = pat.linear @ cd_arcsec
     t = pat.shift.copy()
     radius = 1.5 * pat.bin_arcsec
+    corners_tp = corners_f @ m.T + t
+    pad = 3.0 * radius + 0.01 * float(np.ptp(corners_tp[:, 0]) + np.ptp(corners_tp[:, 1]))
+    near = np.flatnonzero((rxi > corners_tp[:, 0].min() - pad) & (rxi < corners_tp[:, 0].max() + pad)
+                          & (reta > corners_tp[:, 1].min() - pad) & (reta < corners_tp[:, 1].max() + pad))
+    n_ra, n_dec = r_ra[near], r_dec[near]
+
+    # --- refinement: iterative NN matching + affine (or polynomial) fit ---------------------------
+    model = _Model.affine(m, t)
     prev_pairs: tuple[int, ...] | None = None
     n_iter = 0
     keep = np.zeros(0, bool)
     si = ri = np.zeros(0, int)
-    sep = np.zeros(0)
     for n_iter in range(1, config.max_iterations + 1):  # noqa: B007
         # Re-centre the tangent point on the current shift, so t stays ~0 and CRVAL carries the pointing.
-        crval = _deproject(t[0], t[1], crval)
-        t = np.zeros(2)
-        rxi, reta = _gnomonic(r_ra, r_dec, crval)
-        src_tp = f @ m.T
-        si, ri, _ = _match_nn(src_tp, np.column_stack([rxi, reta]), radius)
+        crval = _deproject(model.t[0], model.t[1], crval)
+        model = model.without_shift()
+        nxi, neta = _gnomonic(n_ra, n_dec, crval)
+        si, ri, _ = _match_nn(model.apply(f), np.column_stack([nxi, neta]), radius)
         if len(si) < max(3, config.min_matches):
             meta["n_matches"] = len(si)
             raise AstrometryError(f"only {len(si)} matches within {radius:.3g} arcsec at iteration {n_iter}; need "
                                   f"{config.min_matches}. The pattern solution did not hold", meta)
-        m, t, keep, sep = _fit_affine(f[si], np.column_stack([rxi[ri], reta[ri]]), config.clip_sigma)
+        # The polynomial terms start once the affine solution has settled the matches.
+        fit_order = order if n_iter > 2 else 1
+        model, keep, sep = _fit_model(f[si], np.column_stack([nxi[ri], neta[ri]]), fit_order, config.clip_sigma)
         rms = float(np.sqrt(np.mean(sep[keep] ** 2)))
         new_radius = float(np.clip(config.match_radius_rms_factor * rms, config.min_match_radius_arcsec, radius))
         pairs = tuple((si[keep] * 1_000_003 + ri[keep]).tolist())
-        converged = pairs == prev_pairs and new_radius == radius and math.hypot(*t) < 1e-4
+        converged = (pairs == prev_pairs and new_radius == radius and math.hypot(*model.t) < 1e-4
+                     and fit_order == order)
         prev_pairs, radius = pairs, new_radius
         if converged:
             break
-    crval = _deproject(t[0], t[1], crval)
-
-    out = copy.deepcopy(initial_wcs)
-    # A WCS read from a header carries PC + CDELT (wcslib ignores a CD set on top of a PC), a
-    # WCS built in memory may carry CD: write the fitted matrix in the form the input uses.
-    if out.wcs.has_cd():
-        out.wcs.cd = m / 3600.0
-    else:
-        out.wcs.pc = m / 3600.0
-        out.wcs.cdelt = [1.0, 1.0]
-    out.wcs.crval = crval
-    out.wcs.set()
+    crval = _deproject(model.t[0], model.t[1], crval)
+    out = _build_wcs(initial_wcs, model, crval)
     _ensure_inverse_sip(out, nx, ny)
 
     # --- final statistics on the fitted WCS ------------------------------------------------------
-    si_k, ri_k = si[keep], ri[keep]
+    si_k, ri_k = si[keep], near[ri[keep]]
     s_ra, s_dec = out.all_pix2world(sx[si_k], sy[si_k], 0)
     dist = _angular_sep(np.radians(s_ra), np.radians(s_dec), np.radians(r_ra[ri_k]), np.radians(r_dec[ri_k]))
     dist_arcsec = dist * ARCSEC_PER_RAD
@@ -297,14 +371,39 @@ def fit_astrometry(sources: Table, refcat: Table, *, initial_wcs: WCS, origin: t
         raise AstrometryError(f"mean match offset {mean_off:.3f} arcsec exceeds astrometry.max_mean_offset_arcsec="
                               f"{config.max_mean_offset_arcsec}; the solution is not trustworthy", meta)
 
-    used = np.zeros(n_src_total, bool)
-    used[src_idx[si_k]] = True
-    matches = _match_table(sources, refcat, src_idx[si_k], ref_idx[ri_k], np.radians(s_ra), np.radians(s_dec),
-                           dist)
+    used = np.zeros(len(inp.sources), bool)
+    used[inp.src_idx[si_k]] = True
+    matches = _match_table(inp.sources, inp.refcat, inp.src_idx[si_k], inp.ref_idx[ri_k], np.radians(s_ra),
+                           np.radians(s_dec), dist)
     return AstrometryResult(
         wcs=out, matches=matches, used=used, n_matches=n_matches, rms_arcsec=rms, offset_mean_arcsec=mean_off,
         offset_std_arcsec=std_off, match_confidence=pat.confidence, n_iterations=n_iter, pattern_peak=pat.peak,
-        pattern_background=pat.background, rotation_deg=pat.rotation_deg, scale=pat.scale)
+        pattern_background=pat.background, rotation_deg=pat.rotation_deg, scale=pat.scale,
+        blind=bool(meta.get("blind", False)), blind_confidence=float(meta.get("blind_confidence", float("nan"))))
+
+
+def _build_wcs(initial_wcs: WCS, model: _Model, crval: npt.NDArray[np.float64]) -> WCS:
+    out = copy.deepcopy(initial_wcs)
+    m = model.m
+    # A WCS read from a header carries PC + CDELT (wcslib ignores a CD set on top of a PC), a
+    # WCS built in memory may carry CD: write the fitted matrix in the form the input uses.
+    if out.wcs.has_cd():
+        out.wcs.cd = m / 3600.0
+    else:
+        out.wcs.pc = m / 3600.0
+        out.wcs.cdelt = [1.0, 1.0]
+    out.wcs.crval = crval
+    if model.order >= 2:
+        # tangent = M (f + A(f)) with A = M^-1 H: the fitted higher-order terms become SIP A/B.
+        minv = np.linalg.inv(m)
+        a = np.zeros((model.order + 1, model.order + 1))
+        b = np.zeros_like(a)
+        for (i, j), h in zip(model.terms, model.h, strict=True):
+            a[i, j], b[i, j] = minv @ h
+        out.wcs.ctype = [c.split("-")[0].ljust(4, "-") + "-TAN-SIP" for c in out.wcs.ctype]
+        out.sip = Sip(a, b, None, None, out.wcs.crpix)
+    out.wcs.set()
+    return out
 
 
 def compute_coordinates(catalog: Table, wcs: WCS | None, origin: tuple[int, int]) -> Table:
@@ -583,6 +682,200 @@ def _polygon_area(p: npt.NDArray[np.float64]) -> float:
 
 
 # --------------------------------------------------------------------------------------
+# Blind stage: astrometry.net-style quads
+# --------------------------------------------------------------------------------------
+_PAIRS = np.array([(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)])
+_OTHERS = np.array([(2, 3), (1, 3), (1, 2), (0, 3), (0, 2), (0, 1)])
+
+
+def _quads(p: npt.NDArray[np.complex128], k: int) -> npt.NDArray[np.int64]:
+    """Each point with every 3 of its ``k`` nearest neighbours (unique 4-point sets)."""
+    n = len(p)
+    if n < 4:
+        return np.zeros((0, 4), np.int64)
+    k = min(k, n - 1)
+    _, nb = cKDTree(np.column_stack([p.real, p.imag])).query(np.column_stack([p.real, p.imag]), k=k + 1)
+    nb = nb[:, 1:]
+    combos = np.array(list(itertools.combinations(range(k), 3)))
+    q = np.concatenate([np.repeat(np.arange(n), len(combos))[:, None],
+                        nb[:, combos].reshape(-1, 3)], axis=1)
+    return np.unique(np.sort(q, axis=1), axis=0)
+
+
+def _quad_codes(p: npt.NDArray[np.complex128], quads: npt.NDArray[np.int64]
+                ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """Similarity-invariant 4-D codes of ``quads`` and their points in canonical order (A, B, C, D).
+
+    A, B are the most distant pair; the frame with A at 0 and B at 1 gives C and D the code
+    (Re c, Im c, Re d, Im d). A/B are swapped so that Re(c + d) <= 1 and C/D so that Re c <= Re d,
+    which makes the code independent of the order in which the stars were found.
+    """
+    rows = np.arange(len(quads))
+    z = p[quads]
+    d = np.abs(z[:, _PAIRS[:, 0]] - z[:, _PAIRS[:, 1]])
+    best = np.argmax(d, axis=1)
+    ia, ib = quads[rows, _PAIRS[best, 0]], quads[rows, _PAIRS[best, 1]]
+    ic, id_ = quads[rows, _OTHERS[best, 0]], quads[rows, _OTHERS[best, 1]]
+    a, b = p[ia], p[ib]
+    wc, wd = (p[ic] - a) / (b - a), (p[id_] - a) / (b - a)
+    swap = (wc.real + wd.real) > 1.0
+    ia, ib = np.where(swap, ib, ia), np.where(swap, ia, ib)
+    wc, wd = np.where(swap, 1.0 - wc, wc), np.where(swap, 1.0 - wd, wd)
+    swap = wc.real > wd.real
+    ic, id_ = np.where(swap, id_, ic), np.where(swap, ic, id_)
+    wc, wd = np.where(swap, wd, wc), np.where(swap, wc, wd)
+    codes = np.column_stack([wc.real, wc.imag, wd.real, wd.imag])
+    return codes, np.column_stack([ia, ib, ic, id_])
+
+
+def _blind_solve(inp: _Inputs, initial_wcs: WCS, config: AstrometryConfig, meta: dict[str, object]) -> WCS:
+    """Find the frame anywhere within ``blind_search_radius_deg`` of the initial pointing.
+
+    Sources are placed on the tangent plane with the initial WCS (its scale is trusted to
+    ``blind_max_scale_change``, its rotation and pointing not at all); quads of bright,
+    spatially balanced stars are hashed by similarity-invariant codes; each source/reference code
+    pair within ``blind_code_tolerance`` proposes a similarity transform. Hypotheses are verified,
+    most voted first, by counting source/reference coincidences against the chance expectation.
+    Returns the starting WCS for the normal fit; raises :class:`AstrometryError` when no hypothesis
+    is significant.
+    """
+    t_start = time.perf_counter()
+    wcs = copy.deepcopy(initial_wcs)
+    wcs.wcs.set()
+    ny, nx = inp.shape
+    cd = _cd_arcsec(wcs)
+    crval0 = np.array(wcs.wcs.crval, float)
+    f = _pix_to_focal(wcs, inp.sx, inp.sy)
+    sp = f @ cd.T
+    corners = _pix_to_focal(wcs, np.array([-0.5, nx - 0.5, nx - 0.5, -0.5]),
+                            np.array([-0.5, -0.5, ny - 0.5, ny - 0.5])) @ cd.T
+    det_area = abs(_polygon_area(corners))
+    det_centre = corners.mean(axis=0)
+    det_radius = float(np.max(np.hypot(*(corners - det_centre).T)))
+    pix_scale = math.sqrt(abs(np.linalg.det(cd)))
+    centre_sky = _deproject(det_centre[0], det_centre[1], crval0)
+    search_arcsec = config.blind_search_radius_deg * 3600.0 + det_radius
+    dist = _angular_sep(math.radians(centre_sky[0]), math.radians(centre_sky[1]), np.radians(inp.r_ra),
+                        np.radians(inp.r_dec)) * ARCSEC_PER_RAD
+    in_circle = np.flatnonzero(dist <= search_arcsec)
+    rxi, reta = _gnomonic(inp.r_ra[in_circle], inp.r_dec[in_circle], crval0)
+    r_flux = inp.r_flux[in_circle]
+    fail_meta = {"blind_n_refs": len(in_circle)}
+
+    def fail(why: str) -> AstrometryError:
+        meta.update(fail_meta)
+        meta["blind_s"] = time.perf_counter() - t_start
+        return AstrometryError(
+            f"no astrometric solution from the initial WCS ({meta.get('first_attempt', '')}) and the blind quad "
+            f"search within {config.blind_search_radius_deg} deg failed: {why}. Check that the reference "
+            "catalogue covers the field and the pixel scale of the initial WCS", meta)
+
+    if len(in_circle) < 4:
+        raise fail(f"only {len(in_circle)} reference stars in the search circle")
+    # Equal cells on both sides so that the brightest star per cell is likely the same star.
+    cell = math.sqrt(det_area / config.blind_n_sources)
+    k = 1
+    while True:
+        s_sel = _balanced_brightest(sp[:, 0], sp[:, 1], inp.s_flux, cell, k)
+        if len(s_sel) >= min(config.blind_n_sources, len(sp)) or k > 20:
+            break
+        k += 1
+    r_sel = _balanced_brightest(rxi, reta, r_flux, cell, k)
+    # Sources: twice as dense, and quads over more neighbours, so that a reference quad is found
+    # among them despite spurious sources, missing stars and brightness ranks that differ by band.
+    s_sel = _balanced_brightest(sp[:, 0], sp[:, 1], inp.s_flux, cell, 2 * k)
+    s_pts = sp[s_sel, 0] + 1j * sp[s_sel, 1]
+    r_pts = rxi[r_sel] + 1j * reta[r_sel]
+    r_codes, r_quads = _quad_codes(r_pts, _quads(r_pts, config.blind_quad_neighbours))
+    if len(r_codes) == 0 or len(s_pts) < 4:
+        raise fail(f"too few stars to build quads ({len(s_pts)} sources, {len(r_pts)} references)")
+    code_tree = cKDTree(r_codes)
+
+    # Verification sets: denser than the quad sets (more coincidences), same cells on both sides.
+    kv = 3 * k
+    s_ver = _balanced_brightest(sp[:, 0], sp[:, 1], inp.s_flux, cell, kv)
+    r_ver = _balanced_brightest(rxi, reta, r_flux, cell, kv)
+    ver_pts = np.column_stack([rxi[r_ver], reta[r_ver]])
+    ver_tree = cKDTree(ver_pts)
+    v_radius = 0.5 * config.pattern_bin_pix * pix_scale
+    # Local density of the verification references around a hypothesised detector position.
+    sv = sp[s_ver, 0] + 1j * sp[s_ver, 1]
+
+    hyps: list[tuple[complex, complex, bool]] = []
+    max_log_scale = math.log1p(config.blind_max_scale_change)
+    for flip in (False, True) if config.blind_try_flipped_parity else (False,):
+        pts = s_pts.conjugate() * -1 if flip else s_pts  # mirror x: (x, y) -> (-x, y)
+        s_codes, s_quads = _quad_codes(pts, _quads(pts, config.blind_quad_neighbours + 3))
+        if len(s_codes) == 0:
+            continue
+        nbrs = code_tree.query_ball_point(s_codes, r=config.blind_code_tolerance)
+        qi = np.repeat(np.arange(len(s_codes)), [len(x) for x in nbrs])
+        if len(qi) == 0:
+            continue
+        qr = np.concatenate([np.asarray(x, np.int64) for x in nbrs])
+        zs = pts[s_quads[qi]]
+        zr = r_pts[r_quads[qr]]
+        # Least-squares similarity over the 4 points: zr = a zs + b.
+        ms, mr = zs.mean(axis=1, keepdims=True), zr.mean(axis=1, keepdims=True)
+        a = np.sum((zr - mr) * np.conj(zs - ms), axis=1) / np.sum(np.abs(zs - ms) ** 2, axis=1)
+        b = mr[:, 0] - a * ms[:, 0]
+        ok = np.abs(np.log(np.abs(a))) <= max_log_scale
+        hyps.extend((complex(x), complex(y), flip) for x, y in zip(a[ok], b[ok], strict=True))
+    fail_meta["blind_n_hypotheses"] = len(hyps)
+    if not hyps:
+        raise fail("no source quad matches a reference quad")
+    # Vote: hypotheses agreeing in rotation (1°), scale (1 %) and position (a few bins) are verified first.
+    ha = np.array([h[0] for h in hyps])
+    hb = np.array([h[1] for h in hyps])
+    hf = np.array([h[2] for h in hyps])
+    key = np.column_stack([np.round(np.degrees(np.angle(ha))), np.round(np.log(np.abs(ha)) * 100),
+                           np.round(hb.real / (4 * v_radius)), np.round(hb.imag / (4 * v_radius)), hf])
+    _, inverse, counts = np.unique(key, axis=0, return_inverse=True, return_counts=True)
+    order = np.argsort(-counts[inverse.ravel()], kind="stable")[: config.blind_max_hypotheses]
+    n_trials = len(order)
+    best = (-math.inf, -1, 0, 0.0)  # -log FAP, hypothesis, count, chance
+    for h in order:
+        pts = (-sv.conjugate() if hf[h] else sv) * ha[h] + hb[h]
+        q = np.column_stack([pts.real, pts.imag])
+        d, j = ver_tree.query(q, distance_upper_bound=v_radius)
+        # The quad's own 4 stars coincide by construction: only the other coincidences are evidence.
+        n_hit = len(np.unique(j[np.isfinite(d)])) - 4
+        if n_hit <= max(best[2], 0):
+            continue
+        centre = (det_centre[0] * (-1 if hf[h] else 1) + 1j * det_centre[1]) * ha[h] + hb[h]
+        n_local = len(ver_tree.query_ball_point([centre.real, centre.imag], det_radius))
+        density = n_local / (math.pi * det_radius**2 * abs(ha[h]) ** 2)
+        lam = max(len(sv) * density * math.pi * v_radius**2, 1e-12)
+        score = -(float(poisson.logsf(n_hit - 1, lam)) + math.log(n_trials))
+        if score > best[0]:
+            best = (score, int(h), n_hit, lam)
+        if score > 50.0:  # false-alarm probability below e^-50 even after all trials: stop searching
+            break
+    score, h, n_hit, lam = best
+    confidence = float(1.0 - min(1.0, math.exp(min(-score, 0.0)))) if h >= 0 else 0.0
+    fail_meta.update({"blind_confidence": confidence, "blind_n_hit": n_hit, "blind_chance": lam})
+    if h < 0 or confidence < config.min_match_confidence:
+        raise fail(f"best hypothesis has {n_hit} coincidences vs {lam:.2f} by chance "
+                   f"(confidence {confidence:.3g} < {config.min_match_confidence})")
+    a, b, flip = ha[h], hb[h], bool(hf[h])
+    lin = np.array([[a.real, -a.imag], [a.imag, a.real]])
+    if flip:
+        lin = lin @ np.diag([-1.0, 1.0])
+    out = copy.deepcopy(initial_wcs)
+    new_cd = lin @ cd / 3600.0
+    if out.wcs.has_cd():
+        out.wcs.cd = new_cd
+    else:
+        out.wcs.pc = new_cd
+        out.wcs.cdelt = [1.0, 1.0]
+    out.wcs.crval = _deproject(b.real, b.imag, crval0)
+    out.wcs.set()
+    meta.update(fail_meta)
+    meta["blind_s"] = time.perf_counter() - t_start
+    return out
+
+
+# --------------------------------------------------------------------------------------
 # Refinement
 # --------------------------------------------------------------------------------------
 def _match_nn(src: npt.NDArray[np.float64], ref: npt.NDArray[np.float64],
@@ -602,26 +895,58 @@ def _match_nn(src: npt.NDArray[np.float64], ref: npt.NDArray[np.float64],
     return si[keep], ri[keep], d[keep]
 
 
-def _fit_affine(f: npt.NDArray[np.float64], ref: npt.NDArray[np.float64], clip_sigma: float
-                ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.bool_], npt.NDArray[np.float64]]:
-    """Least-squares ``ref = M f + t`` with iterative clipping on the separation.
+@dataclass(frozen=True, eq=False)
+class _Model:
+    """Focal-plane pixels → tangent plane (arcsec): ``M f + t + Σ h_k u^i v^j`` (terms of order ≥ 2)."""
 
-    Returns ``M`` (arcsec/pixel), ``t`` (arcsec), the kept mask and the separations (arcsec).
+    m: npt.NDArray[np.float64]
+    t: npt.NDArray[np.float64]
+    order: int = 1
+    terms: tuple[tuple[int, int], ...] = ()
+    h: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros((0, 2)))
+
+    @staticmethod
+    def affine(m: npt.NDArray[np.float64], t: npt.NDArray[np.float64]) -> _Model:
+        return _Model(np.asarray(m, float), np.asarray(t, float))
+
+    def without_shift(self) -> _Model:
+        return replace(self, t=np.zeros(2))
+
+    def apply(self, f: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        out = f @ self.m.T + self.t
+        for (i, j), h in zip(self.terms, self.h, strict=True):
+            out = out + np.outer(f[:, 0] ** i * f[:, 1] ** j, h)
+        return out
+
+
+def _fit_model(f: npt.NDArray[np.float64], ref: npt.NDArray[np.float64], order: int, clip_sigma: float
+               ) -> tuple[_Model, npt.NDArray[np.bool_], npt.NDArray[np.float64]]:
+    """Least-squares ``ref = model(f)`` (affine for ``order`` 1) with iterative clipping on the separation.
+
+    Returns the model, the kept mask and the separations (arcsec).
     """
     keep = np.ones(len(f), bool)
-    # Centre the focal-plane coordinates for conditioning; t is shifted back below.
+    terms = tuple((i, n - i) for n in range(2, order + 1) for i in range(n, -1, -1))
+    # Centre the linear columns for conditioning; the shift is moved back below.
     fc = f.mean(axis=0)
-    a = np.column_stack([f - fc, np.ones(len(f))])
-    m = np.eye(2)
-    t = np.zeros(2)
+    cols = [f[:, 0] - fc[0], f[:, 1] - fc[1], np.ones(len(f))] + [f[:, 0] ** i * f[:, 1] ** j for i, j in terms]
+    a = np.column_stack(cols)
+    norms = np.linalg.norm(a, axis=0)
+    norms[norms == 0] = 1.0
+    a = a / norms
+    model = _Model.affine(np.eye(2), np.zeros(2))
     sep = np.zeros(len(f))
+    # A polynomial needs more points than parameters, with margin for the clipping.
+    if len(f) < 3 * a.shape[1]:
+        terms, a = (), a[:, :3]
     for _ in range(10):
-        if keep.sum() < 3:
+        if keep.sum() < a.shape[1]:
             break
         sol, *_ = np.linalg.lstsq(a[keep], ref[keep], rcond=None)
+        sol = sol / norms[: a.shape[1], None]
         m = sol[:2].T
-        t = sol[2] - m @ fc
-        resid = ref - (f @ m.T + t)
+        model = _Model(m, sol[2] - m @ fc, order if terms else 1, terms, sol[3:])
+        resid = ref - model.apply(f)
         sep = np.hypot(resid[:, 0], resid[:, 1])
         # Rayleigh: median separation = sigma sqrt(2 ln 2) for a 2-D Gaussian with per-axis sigma.
         sigma = float(np.median(sep[keep])) / math.sqrt(2 * math.log(2))
@@ -629,7 +954,7 @@ def _fit_affine(f: npt.NDArray[np.float64], ref: npt.NDArray[np.float64], clip_s
         if np.array_equal(new_keep, keep):
             break
         keep = new_keep
-    return m, t, keep, sep
+    return model, keep, sep
 
 
 def _ensure_inverse_sip(wcs: WCS, nx: int, ny: int) -> None:

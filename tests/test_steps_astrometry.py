@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from astropy.table import Table
@@ -118,17 +116,13 @@ def test_too_few_sources_raises():
         fit_astrometry(src, ref, initial_wcs=initial, origin=ORIGIN, shape=(NY, NX))
 
 
-def test_speed_2000_sources_3000_refs():
+def test_2000_sources_against_3000_refs():
+    """Accuracy with a realistic catalogue size (the speed is measured by make bench)."""
     truth, src, ref = _scene(7, n_ref=3000, grow=0.1)
     src = src[:2000]
     initial = _camera().initial_wcs(DETECTOR, RA0 + 0.04, DEC0, ROT0 + 2.0)
-    fit_astrometry(src, ref, initial_wcs=initial, origin=ORIGIN, shape=(NY, NX))  # warm caches/imports
-    t0 = time.perf_counter()
     res = fit_astrometry(src, ref, initial_wcs=initial, origin=ORIGIN, shape=(NY, NX))
-    elapsed = time.perf_counter() - t0
     assert _grid_error_mas(truth, res.wcs) <= 5.0
-    # Target 0.5 s (measured ~0.05 s); the bound is loose because the test machine is shared.
-    assert elapsed < 1.5
 
 
 def test_compute_coordinates_and_errors():
