@@ -55,7 +55,7 @@ def _zero_point_errors(store: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array(errs), np.array(sigmas)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 5: pull std 1.41 (outlier detectors), bias grows with seeing/crowding; see docstring")
+@pytest.mark.xfail(strict=True, reason="issue 5 open: pull std 1.62 from outlier detectors; bias grows with seeing and crowding (see docstring)")
 def test_zero_point_unbiased_with_honest_errors_over_20_detectors(tmp_path) -> None:
     err, sig = _zero_point_errors(str(tmp_path))
     assert err.size >= 20
