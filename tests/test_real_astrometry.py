@@ -115,3 +115,57 @@ def test_cfht_blind_against_sdss_refcat(real_data):
     # SDSS positions are good to ~0.1"; 0.3" allows the CCD's uncorrected distortion residuals.
     assert res.n_matches >= 50
     assert res.rms_arcsec < 0.3
+
+
+def _gaia_refcat(paths: list[str], epoch_year: float) -> Table:
+    """Legacypipe's Gaia DR2 chunks as a reference table (G-band flux in every band we ask for)."""
+    from singleframe.io.refcat import propagate_positions
+
+    g = vstack([Table.read(p) for p in paths])
+    ref = Table()
+    ref["id"] = np.asarray(g["source_id"], np.int64)
+    for ours, theirs in (("ra", "ra"), ("dec", "dec"), ("ra_err", "ra_error"), ("dec_err", "dec_error"),
+                         ("pm_ra_err", "pmra_error"), ("pm_dec_err", "pmdec_error"),
+                         ("parallax_err", "parallax_error"), ("epoch", "ref_epoch")):
+        ref[ours] = np.asarray(g[theirs], float)
+    for ours, theirs in (("pm_ra", "pmra"), ("pm_dec", "pmdec"), ("parallax", "parallax")):
+        ref[ours] = np.nan_to_num(np.asarray(g[theirs], float))
+    ref["r_flux"] = 10 ** (-0.4 * (np.asarray(g["phot_g_mean_mag"], float) - 31.4))
+    ref["r_fluxErr"] = 0.01 * ref["r_flux"]
+    return propagate_positions(ref, epoch_year)
+
+
+@pytest.mark.parametrize("testcase", ["testcase8", "testcase4"])
+def test_decam_cutouts_confirm_the_header_or_fail_typed(real_data, testcase):
+    """Cut-outs with 0-8 Gaia stars: confirm the TPV header to 0.1" or a typed failure, never a move."""
+    import glob
+
+    from test_real_data import _TINY, _decam_exposure
+
+    from singleframe.errors import AstrometryError
+    from singleframe.sim.evaluation import wcs_error_mas
+    from singleframe.steps.config import load_calibrate_config
+    from singleframe.steps.pipeline import characterize, correct_apertures
+
+    root = real_data / "legacypipe-decam" / testcase
+    (ooi,) = glob.glob(str(root / "images" / "**" / "*ooi*"), recursive=True)
+    exposure, _ = _decam_exposure(ooi)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TPV and CP-specific cards
+        header_wcs = WCS(fits.open(ooi)[1].header)
+    exposure = exposure.replace(wcs=header_wcs)
+    config = load_calibrate_config(None, _TINY)
+    ch = characterize([exposure], config=config)
+    stars = correct_apertures(ch.exposure, ch.psf_stars, config=config).psf_stars
+    epoch = 2000.0 + (exposure.visit_info.mjd_tai - 51544.5) / 365.25
+    refcat = _gaia_refcat(sorted(glob.glob(str(root / "gaia" / "*.fits"))), epoch)
+    for min_matches in (10, 3):
+        try:
+            res = fit_astrometry(stars, refcat, initial_wcs=header_wcs, origin=exposure.origin, shape=exposure.shape,
+                                 config=AstrometryConfig(min_matches=min_matches, blind_search_radius_deg=0.0))
+        except AstrometryError as err:
+            # 4-5 usable stars: a typed, explained failure (too few stars, or no significant match).
+            assert "need" in str(err) or "no significant match" in str(err)
+            continue
+        rms_mas, max_mas = wcs_error_mas(res.wcs, header_wcs, exposure.shape, origin=exposure.origin)
+        assert max_mas < 100.0  # confirms the CP's TPV solution to 0.1"
