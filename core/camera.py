@@ -180,10 +180,17 @@ def _fit_inverse_sip(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64], nx:
                      u_axis: float, v_axis: float, order: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Least-squares inverse SIP polynomial over the detector (plus a 5 % margin)."""
     uu, vv = np.meshgrid(np.linspace(-0.05 * nx, 1.05 * nx, 41), np.linspace(-0.05 * ny, 1.05 * ny, 41))
-    du = uu.ravel() - u_axis
-    dv = vv.ravel() - v_axis
-    fu = du + _poly(a, du, dv)
-    fv = dv + _poly(b, du, dv)
+    return fit_inverse_sip(a, b, uu.ravel() - u_axis, vv.ravel() - v_axis, order)
+
+
+def fit_inverse_sip(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64], du: npt.NDArray[np.float64],
+                    dv: npt.NDArray[np.float64], order: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Inverse SIP coefficients ``(AP, BP)`` of ``order`` fitted at pixel offsets ``(du, dv)`` from CRPIX.
+
+    The forward map is ``f = u + A(u, v)``; the inverse polynomial gives ``u = f + AP(f)``.
+    """
+    fu = du + sip_polynomial(a, du, dv)
+    fv = dv + sip_polynomial(b, du, dv)
     terms = [(i, j) for i in range(order + 1) for j in range(order + 1 - i) if i + j >= 1]
     m = np.column_stack([fu**i * fv**j for i, j in terms])
     # Scale columns for conditioning.
@@ -199,13 +206,15 @@ def _fit_inverse_sip(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64], nx:
     return ap, bp
 
 
-def _poly(coeffs: npt.NDArray[np.float64], u: npt.NDArray[np.float64], v: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    out = np.zeros_like(u)
-    n = coeffs.shape[0]
-    for i in range(n):
-        for j in range(n - i):
-            if coeffs[i, j]:
-                out += coeffs[i, j] * u**i * v**j
+def sip_polynomial(coeffs: npt.NDArray[np.float64], u: npt.NDArray[np.float64],
+                   v: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """``sum c[i, j] u**i v**j`` over the (triangular) SIP coefficient array."""
+    out = np.zeros_like(np.asarray(u, float))
+    c = np.asarray(coeffs, float)
+    for i in range(c.shape[0]):
+        for j in range(c.shape[1] - i):
+            if c[i, j] != 0.0:
+                out += c[i, j] * u**i * v**j
     return out
 
 

@@ -48,6 +48,7 @@ from astropy.wcs import WCS, Sip
 from scipy.spatial import cKDTree
 from scipy.stats import poisson
 
+from ..camera import fit_inverse_sip, sip_polynomial
 from ..errors import AstrometryError, ConfigError
 
 ARCSEC_PER_RAD = 180.0 / math.pi * 3600.0
@@ -510,18 +511,7 @@ def _pix_to_focal(wcs: WCS, x: npt.NDArray[np.float64], y: npt.NDArray[np.float6
     dv = np.asarray(y, float) - crpix0[1]
     if wcs.sip is None:
         return np.column_stack([du, dv])
-    return np.column_stack([du + _sip_poly(wcs.sip.a, du, dv), dv + _sip_poly(wcs.sip.b, du, dv)])
-
-
-def _sip_poly(coeffs: npt.NDArray[np.float64], u: npt.NDArray[np.float64],
-              v: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    out = np.zeros_like(u)
-    c = np.asarray(coeffs, float)
-    for i in range(c.shape[0]):
-        for j in range(c.shape[1] - i):
-            if c[i, j] != 0.0:
-                out += c[i, j] * u**i * v**j
-    return out
+    return np.column_stack([du + sip_polynomial(wcs.sip.a, du, dv), dv + sip_polynomial(wcs.sip.b, du, dv)])
 
 
 def _gnomonic(ra_deg: npt.NDArray[np.float64], dec_deg: npt.NDArray[np.float64],
@@ -969,21 +959,11 @@ def _ensure_inverse_sip(wcs: WCS, nx: int, ny: int) -> None:
     du, dv = pix[:, 0] - crpix0[0], pix[:, 1] - crpix0[1]
     fu, fv = foc[:, 0], foc[:, 1]
     if sip.ap is not None and sip.bp is not None:
-        back_u = fu + _sip_poly(sip.ap, fu, fv)
-        back_v = fv + _sip_poly(sip.bp, fu, fv)
+        back_u = fu + sip_polynomial(sip.ap, fu, fv)
+        back_v = fv + sip_polynomial(sip.bp, fu, fv)
         if max(float(np.max(np.abs(back_u - du))), float(np.max(np.abs(back_v - dv)))) < 1e-3:
             return
-    order = max(sip.a_order + 2, 5)
-    terms = [(i, j) for i in range(order + 1) for j in range(order + 1 - i) if i + j >= 1]
-    mat = np.column_stack([fu**i * fv**j for i, j in terms])
-    norms = np.linalg.norm(mat, axis=0)
-    norms[norms == 0] = 1.0
-    cu, *_ = np.linalg.lstsq(mat / norms, du - fu, rcond=None)
-    cv, *_ = np.linalg.lstsq(mat / norms, dv - fv, rcond=None)
-    ap = np.zeros((order + 1, order + 1))
-    bp = np.zeros((order + 1, order + 1))
-    for (i, j), p, q in zip(terms, cu / norms, cv / norms, strict=True):
-        ap[i, j], bp[i, j] = p, q
+    ap, bp = fit_inverse_sip(sip.a, sip.b, du, dv, max(sip.a_order + 2, 5))
     wcs.sip = Sip(sip.a, sip.b, ap, bp, wcs.wcs.crpix)
     wcs.wcs.set()
 
