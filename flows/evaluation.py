@@ -10,7 +10,6 @@ from astropy.wcs import WCS
 
 from ..errors import DatasetNotFoundError
 from ..io.store import ArtifactStore
-from ..masks import MaskPlane
 
 
 def evaluate_run(store_root: str, *, run: str = "calib", truth_run: str = "raw") -> list[dict[str, Any]]:
@@ -67,4 +66,4 @@ def _load_truth(store: ArtifactStore, where: dict[str, Any]) -> Any:
     )
 
 
-__all__ = ["evaluate_run", "MaskPlane"]
+__all__ = ["evaluate_run"]
