@@ -105,6 +105,10 @@ class IngestReport:
         return not self.failures
 
 
+#: Header values observatories write for "not known"; they count as missing keywords.
+_PLACEHOLDERS = frozenset({"N/A", "NA", "UNKNOWN", "NONE", "NULL", "-", "?"})
+
+
 class _Header:
     """A FITS header with overrides applied, and lookups that record what is missing."""
 
@@ -116,9 +120,12 @@ class _Header:
         self.missing: list[tuple[str, str]] = []
 
     def first(self, *keys: str) -> Any:
+        """Value of the first of ``keys`` that is present and not a placeholder ('N/A', 'UNKNOWN', ...)."""
         for key in keys:
-            if key in self.header and self.header[key] is not None and str(self.header[key]).strip() != "":
-                return self.header[key]
+            if key in self.header and self.header[key] is not None:
+                text = str(self.header[key]).strip()
+                if text and text.upper() not in _PLACEHOLDERS:
+                    return self.header[key]
         return None
 
     def number(self, *keys: str, meaning: str, example: str, required: bool = True,

@@ -129,3 +129,26 @@ def test_decam_cutout_without_stars_fails_with_an_explanation(real_data: Path) -
     # A 41x51 cut-out holds no star bright enough for a PSF: a typed failure, never a guessed PSF.
     with pytest.raises(PsfFitError, match="too few bright stars"):
         characterize([exposure], config=load_calibrate_config(None, _TINY))
+
+
+def test_lco_frame_with_placeholder_keywords_ingests(real_data: Path, tmp_path: Path) -> None:
+    """A real BANZAI-reduced LCO frame (tile-compressed SCI extension, 'N/A' header values) ingests."""
+    from singleframe.io.ingest import ingest_files
+    from singleframe.io.store import ArtifactStore
+
+    store = ArtifactStore(str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # non-standard cards in the observatory header
+        report = ingest_files(store, [str(real_data / "lco-neox" / "banzai_test_frame.fits.fz")])
+    assert not report.failures and len(report.refs) == 1
+    exposure = store.get_ref(report.refs[0])
+    assert exposure.shape == (1020, 1523)
+    assert exposure.visit_info.exposure_time_s == pytest.approx(45.265)
+    assert exposure.detector.read_noise_e == pytest.approx(16.4)
+    # 'ROTANGLE = N/A' is a placeholder: the rotation comes from the WCS, as the position angle of
+    # the detector's +y axis on the sky (the convention of singleframe.camera).
+    from astropy.coordinates import SkyCoord
+
+    c0 = SkyCoord(*exposure.pixel_to_sky(700.0, 500.0), unit="deg")
+    c1 = SkyCoord(*exposure.pixel_to_sky(700.0, 600.0), unit="deg")
+    assert exposure.visit_info.rotation_angle_deg == pytest.approx(c0.position_angle(c1).deg % 360, abs=0.1)
