@@ -12,7 +12,12 @@ How a detector is drawn
 3. The PSF is a Kolmogorov profile convolved with the pixel, dilated and
    sheared smoothly over the focal plane. That pixelised PSF is drawn once per
    detector, 4x oversampled, with GalSim; each star is a cubic-spline resample
-   of it on a 41x41 stamp (151x151 for saturated stars), normalised to sum 1.
+   of it on a 61x61 stamp (151x151 for stars near saturation). A stamp holds
+   the star's true flux times the fraction of the FULL profile inside it (the
+   light beyond the stamp is lost, never rescaled into it), so every star's
+   core is exactly true flux x PSF whatever its stamp: apertures up to 25 px
+   lie inside every stamp and only the far wings (< 1 mmag beyond 30 px at
+   0.6-1.0") are missing from faint stars' images.
    Galaxies are GalSim exponential / de Vaucouleurs profiles convolved with
    the same local PSF object. Both go into one noiseless source image.
 4. Each snap gets the sky (with a gentle gradient) plus ``1/n_snaps`` of the
@@ -44,8 +49,9 @@ from .config import SIM_BANDS, SimulationConfig, VisitSpec
 
 #: Oversampling of the drawn PSF that stars are resampled from.
 _PSF_OVERSAMPLING = 4
-#: Stamp half-widths (pixels): normal stars, stars that saturate.
-_STAR_HALF_PIX = 20
+#: Stamp half-widths (pixels): normal stars, stars that saturate. 30 px keeps the largest
+#: measurement aperture (25 px) and the 17-25 px tail annulus inside every stamp.
+_STAR_HALF_PIX = 30
 _BRIGHT_HALF_PIX = 75
 _STAR_ID_OFFSET = 1_000_000
 _GALAXY_ID_OFFSET = 50_000_000
@@ -360,7 +366,9 @@ class _PsfField:
 
     def stamps(self, x: npt.NDArray[np.float64], y: npt.NDArray[np.float64], half: int,
                ix: npt.NDArray[np.int64], iy: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
-        """PSF stamps ``(N, 2 half + 1, 2 half + 1)`` centred on pixels (ix, iy), each summing to 1."""
+        """PSF stamps ``(N, 2 half + 1, 2 half + 1)`` centred on pixels (ix, iy), each summing to the
+        fraction of the unit-flux profile inside the stamp (not rescaled to 1: a truncated stamp must
+        not move wing light into the core)."""
         n = 2 * half + 1
         out = np.empty((len(x), n, n), np.float32)
         grid = np.arange(-half, half + 1, dtype=float)
@@ -377,7 +385,10 @@ class _PsfField:
             vals = ndimage.map_coordinates(self.coeffs, coords.reshape(2, -1), order=3,
                                            prefilter=False, mode="constant", cval=0.0)
             vals = vals.reshape(-1, n, n)
-            vals /= vals.sum(axis=(1, 2), keepdims=True)
+            # The oversampled base holds surface brightness x (1/OS)^2 of a unit-flux profile; a
+            # unit-grid sample of the transformed profile is that times OS^2 |det M^-1|.
+            det = np.abs(minv[:, 0, 0] * minv[:, 1, 1] - minv[:, 0, 1] * minv[:, 1, 0])
+            vals *= (_PSF_OVERSAMPLING**2 * det)[:, None, None]
             out[sl] = vals
         return out
 

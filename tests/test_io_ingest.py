@@ -178,3 +178,16 @@ def test_multi_extension_layout_is_ingested_losslessly(tmp_path: Path, store: Ar
     np.testing.assert_array_equal(back.mask, mask)
     np.testing.assert_array_equal(back.variance, e.variance)
     assert back.origin == (16, 24) and back.detector.name == "S04" and back.visit_info.mjd_tai == 60340.2
+
+
+def test_placeholder_values_count_as_missing(tmp_path: Path) -> None:
+    # Observatory headers write 'N/A' or 'UNKNOWN' for values they do not know (e.g. LCO's ROTANGLE).
+    path = _write(tmp_path / "na.fits", ROTANGLE="N/A", AIRMASS="UNKNOWN", DETECTOR="N/A", CCDNUM=4)
+    e = read_raw_file(path).exposure
+    assert e.detector.id == 4  # the next keyword in line is used
+    assert math.isnan(e.visit_info.airmass)
+    assert math.isfinite(e.visit_info.rotation_angle_deg)  # from the WCS instead
+    # A required keyword given as a placeholder is reported as missing, with the fix.
+    bad = _write(tmp_path / "bad.fits", EXPTIME="N/A")
+    with pytest.raises(IngestError, match="EXPTIME"):
+        read_raw_file(bad)
