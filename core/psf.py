@@ -526,7 +526,13 @@ class PixelPsf(PsfModel):
         # Start from the unweighted second moments of the model (close to the answer).
         h = k.shape[1] // 2
         g = np.arange(-h, h + 1, dtype=float)
-        t = np.clip(np.sum(k * (g[None, None, :] ** 2 + g[None, :, None] ** 2), axis=(1, 2)) / 2.0, 0.25, h * h)
+        # Only the inner half-radius: a noisy model's far wings (extrapolated to a detector corner from
+        # few stars) can dominate r² and start the iteration far off, so it never converges.
+        r2 = g[None, :] ** 2 + g[:, None] ** 2
+        inner = np.where(r2 <= (h / 2.0) ** 2, k, 0.0)
+        f = np.sum(inner, axis=(1, 2))
+        t = np.sum(inner * r2[None], axis=(1, 2)) / (2.0 * np.where(f > 0, f, np.nan))
+        t = np.clip(np.nan_to_num(t, nan=1.0), 0.25, h * h)
         am = adaptive_moments(k, sigma_guess_pix=np.sqrt(t))
         out = np.stack([am.xx, am.yy, am.xy], axis=1)
         out[~am.converged] = np.nan

@@ -13,6 +13,8 @@ functions of :mod:`singleframe.steps.pipeline`, and pack the products.
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -102,7 +104,8 @@ def _find_stars(d: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:
     ap_corr, norm = ap_corr_from_record(d["aperture_correction"])
     res = pipeline.find_stars(d["characterized_image"], d["single_visit_psf_star"],
                               wcs=wcs_from_record(d["astrometric_solution"]), ap_corr=ap_corr,
-                              normalization=norm, config=ctx.config)
+                              normalization=norm, config=ctx.config,
+                              scale_err=d["aperture_correction"].get("scale_err", {}))
     stars = res.stars
     stars.meta.update({f"find_stars.{k}": v for k, v in res.diagnostics.items()})
     return {"star_catalog": stars}
@@ -112,13 +115,30 @@ def _calibrate_photometry(d: Mapping[str, Any], ctx: StageContext) -> dict[str, 
     exposure = d["characterized_image"]
     refcat = ctx.load_refcat(exposure)
     res = pipeline.calibrate_photometry(d["star_catalog"], refcat, band=exposure.visit_info.band, config=ctx.config,
-                                        scale_err=d["aperture_correction"].get("scale_err", {}))
+                                        scale_err=_star_pass_scale_err(d["star_catalog"], d["aperture_correction"]))
     record = {**res.photo_calib.to_dict(), **res.quality}
     return {"initial_photoCalib_detector": record, "initial_photometry_match_detector": res.matches}
 
 
+_STAR_META = "find_stars."
+
+
+def _star_pass_scale_err(stars: Any, ap_record: Mapping[str, Any]) -> dict[str, float]:
+    """Flux-scale errors of the star-pass normalisation (find_stars diagnostics), else the PSF pass's."""
+    prefix = f"{_STAR_META}scale_err."
+    found = {k[len(prefix):]: float(v) for k, v in stars.meta.items() if str(k).startswith(prefix)}
+    return found or dict(ap_record.get("scale_err", {}))
+
+
+def _star_pass_ap_corr(stars: Any, ap_record: Mapping[str, Any]) -> dict[str, ChebyshevField]:
+    """The aperture-correction fields as find_stars applied them (PSF-pass fields x normalisation ratio)."""
+    ap_corr, _ = ap_corr_from_record(ap_record)
+    k = float(stars.meta.get(f"{_STAR_META}normalization_ratio_to_psf_pass", 1.0))
+    return {n: dataclasses.replace(f, coefficients=f.coefficients * k, error=f.error * abs(k)) for n, f in ap_corr.items()}
+
+
 def _finalize(d: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:
-    ap_corr, _ = ap_corr_from_record(d["aperture_correction"])
+    ap_corr = _star_pass_ap_corr(d["star_catalog"], d["aperture_correction"])
     res = pipeline.finalize(
         d["characterized_image"], d["characterized_background"], d["star_catalog"], d["single_visit_psf_star"],
         wcs=wcs_from_record(d["astrometric_solution"]), ap_corr=ap_corr,
@@ -147,7 +167,7 @@ STAGES: tuple[Stage, ...] = (
           _calibrate_astrometry, "match PSF stars to the refcat; affine fit on the camera model"),
     Stage("find_stars", ("characterized_image", "aperture_correction", "astrometric_solution", "single_visit_psf_star"),
           ("star_catalog",), _find_stars,
-          "detect (S/N>=10), deblend, measure, aperture-correct, select stars, propagate psf_id flags"),
+          "detect (S/N>=10), deblend, measure, normalise (star pass), aperture-correct, select stars, propagate flags"),
     Stage("calibrate_photometry", ("characterized_image", "star_catalog", "aperture_correction"),
           ("initial_photoCalib_detector", "initial_photometry_match_detector"), _calibrate_photometry,
           "fit the zero point to the refcat"),

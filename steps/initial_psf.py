@@ -45,6 +45,10 @@ class InitialPsfConfig:
     min_stars: int = 5
     #: Half-width (in ln sigma) of the cluster around the densest size.
     cluster_half_width: float = 0.12
+    #: Wide PSFs: a star's peak-pixel S/N falls as 1/sigma^2, so a 2.5" seeing frame has few peaks above
+    #: ``min_peak_snr``. If the first search fails, candidates are searched again on the image smoothed by
+    #: a box of this side (pixels; S/N of the box mean), which gains ~box x in S/N for wide PSFs. 1 disables.
+    wide_psf_box_pix: int = 5
     #: Mask planes that make a candidate unusable when set near it.
     bad_planes: MaskPlane = MaskPlane.SAT | MaskPlane.BAD | MaskPlane.NO_DATA | MaskPlane.CR | MaskPlane.EDGE
 
@@ -59,6 +63,8 @@ class InitialPsfConfig:
             raise ConfigError("initial_psf needs 0 < min_sigma_pix < max_sigma_pix")
         if not 0 < self.max_ellipticity < 1:
             raise ConfigError("initial_psf.max_ellipticity must be in (0, 1)")
+        if self.wide_psf_box_pix < 1 or self.wide_psf_box_pix % 2 == 0:
+            raise ConfigError("initial_psf.wide_psf_box_pix must be an odd integer >= 1")
         if not self.cluster_half_width > 0:
             raise ConfigError("initial_psf.cluster_half_width must be > 0")
 
@@ -100,26 +106,44 @@ def estimate_initial_psf(
     Raises
     ------
     PsfFitError
-        Fewer than ``min_stars`` star-like candidates; ``metadata`` holds the counts.
+        Fewer than ``min_stars`` star-like candidates, also after the wide-PSF
+        (box-smoothed) search; ``metadata`` holds the counts of the last search.
     """
     config.validate()
     img = np.asarray(image, dtype=np.float32)
     var = np.asarray(variance, dtype=np.float32)
-    ny, nx = img.shape
     bad = (np.asarray(mask) & MASK_DTYPE(int(config.bad_planes))) != 0
+    try:
+        return _estimate(img, var, bad, img, var, config)
+    except PsfFitError:
+        if config.wide_psf_box_pix == 1:
+            raise
+    # Second search for wide PSFs on box means (S/N of the mean: variance / box² for independent pixels).
+    from scipy import ndimage
+
+    b = config.wide_psf_box_pix
+    img_s = ndimage.uniform_filter(np.where(bad, 0.0, img).astype(np.float32), size=b, mode="constant")
+    var_s = ndimage.uniform_filter(var, size=b, mode="constant") / np.float32(b * b)
+    return _estimate(img, var, bad, img_s, var_s, config)
+
+
+def _estimate(img: npt.NDArray[np.float32], var: npt.NDArray[np.float32], bad: npt.NDArray[np.bool_],
+              det_img: npt.NDArray[np.float32], det_var: npt.NDArray[np.float32],
+              config: InitialPsfConfig) -> InitialPsfResult:
+    """One search: peaks of ``det_img`` (S/N against ``det_var``), moments on the raw ``img``."""
     h = config.stamp_half_size_pix
 
     # Candidates: bright pixels that are strict local maxima of their 3x3 neighbourhood.
-    cand = (img > 0) & (img * img > np.float32(config.min_peak_snr**2) * var) & ~bad
+    cand = (det_img > 0) & (det_img * det_img > np.float32(config.min_peak_snr**2) * det_var) & ~bad
     cand[:h, :] = cand[-h:, :] = False
     cand[:, :h] = cand[:, -h:] = False
     ys, xs = np.nonzero(cand)
     meta = {"n_peaks": 0, "n_candidates": 0, "n_measured": 0, "n_stars": 0, "min_stars": config.min_stars}
     if ys.size:
-        v = img[ys, xs]
+        v = det_img[ys, xs]
         is_max = np.ones(ys.size, dtype=bool)
         for dy, dx in _NEIGHBOURS_8:
-            n = img[ys + dy, xs + dx]
+            n = det_img[ys + dy, xs + dx]
             is_max &= (v > n) if (dy, dx) < (0, 0) else (v >= n)
         ys, xs, v = ys[is_max], xs[is_max], v[is_max]
     meta["n_peaks"] = int(ys.size)
@@ -129,9 +153,13 @@ def estimate_initial_psf(
         ys, xs = ys[order], xs[order]
     meta["n_candidates"] = int(ys.size)
     if ys.size < config.min_stars:
+        # Many peaks but few isolated ones: each source has several maxima (a donut's ring) or the field is crowded.
+        why = ("the frame has too few bright stars for an initial PSF" if meta["n_peaks"] < 2 * config.min_stars else
+               f"{meta['n_peaks']} peaks lie within {config.isolation_radius_pix:g} px of each other: sources with "
+               "several maxima (donut / defocused or trailed PSF) or a very crowded field")
         raise PsfFitError(
             f"only {ys.size} isolated unsaturated peaks with S/N >= {config.min_peak_snr} "
-            f"(need {config.min_stars}); the frame has too few bright stars for an initial PSF",
+            f"(need {config.min_stars}); {why}",
             metadata=meta,
         )
 

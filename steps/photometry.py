@@ -277,6 +277,10 @@ def fit_photometry(stars: Table, refcat: Table, *, band: str,
     reserved = np.zeros(n, bool)
     reserved[s_idx[reserved_m]] = True
     matches = _match_table(stars, refcat, s_idx, r_idx, dist, config.flux_field)
+    # Reported with the persisted matches, so a reader knows whether the zero point is colour-dependent.
+    matches.meta.update({"colour_term_used": use_colour, "colour_band_pair": list(config.colour_band_pair),
+                         "colour_term": float(params[1]) if use_colour else None,
+                         "colour_reference_mag": c_ref if use_colour else None})
     return PhotometryResult(
         photo_calib=photo_calib, matches=matches, used=used, reserved=reserved, n_matches=n_used,
         zero_point_mag=zp, zero_point_err_mag=zp_err, intrinsic_scatter_mag=float(sig_int),

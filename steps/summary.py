@@ -71,7 +71,7 @@ SUMMARY_FIELDS: dict[str, str] = {
     "psfApCorrSigmaScaledDelta": "(max − min of the base_PsfFlux aperture correction over the unmasked grid) "
                                  "/ psfSigma [1/pixel]",
     "maxDistToNearestPsf": "largest distance from an unmasked pixel (8-pixel grid) to its nearest PSF star [pixel]",
-    "magLim": "5σ point-source limit (SMTN-002): S/N = S/sqrt(S + psfArea (B + RN²)) in electrons with "
+    "magLim": "5σ point-source limit (SMTN-002): S/N = S/sqrt(S + psfArea (B + n_snaps RN²)) in electrons with "
               "B = skyBg·gain, solved for S, magLim = zeroPoint − 2.5 log10(S/gain) [mag]",
     "effTime": "10^(0.8 (magLim − fiducial magLim)) · fiducial exposure time: the exposure time giving the same "
                "point-source depth under fiducial conditions (Rubin HEAD definition) [s]",
@@ -401,7 +401,9 @@ def _depth_stats(out: dict[str, Any], exposure: Exposure, config: SummaryConfig)
     area, sky, zp = out["psfArea"], out["skyBg"], out["zeroPoint"]
     if all(math.isfinite(v) for v in (area, sky, zp, gain)) and gain > 0:
         snr = config.mag_lim_snr
-        noise2 = area * (max(sky, 0.0) * gain + (read_noise if math.isfinite(read_noise) else 0.0) ** 2)
+        # A sum of n snaps carries n read-noise variances per pixel.
+        n_snaps = int(exposure.metadata.get("n_snaps", 1) or 1)
+        noise2 = area * (max(sky, 0.0) * gain + n_snaps * (read_noise if math.isfinite(read_noise) else 0.0) ** 2)
         signal_e = 0.5 * (snr**2 + math.sqrt(snr**4 + 4 * snr**2 * noise2))
         out["magLim"] = float(zp - 2.5 * math.log10(signal_e / gain))
     f_eff = _lookup(config.fiducial_psf_sigma_pix, band)

@@ -11,6 +11,7 @@ from singleframe.steps.aperture_correction import (
     ApertureCorrectionConfig,
     apply_normalization,
     measure_aperture_correction,
+    measure_normalization,
 )
 from singleframe.steps.measurement import apply_aperture_corrections
 
@@ -39,8 +40,16 @@ def catalog(n: int, seed: int = 0, noise_mag: float = 0.002) -> Table:
     t["base_CircularApertureFlux_12_0_instFlux"] = ap12
     t["base_CircularApertureFlux_12_0_instFluxErr"] = ap12 / 1000
     t["base_CircularApertureFlux_12_0_flag"] = np.zeros(n, bool)
-    # The 25-px aperture holds the total flux plus a constant contamination and the annulus noise.
-    t["base_CircularApertureFlux_25_0_instFlux"] = ap12 * (1 + G_COG) + C_ANN + rng.normal(0, E_ANN, n)
+    # Enclosed flux of a power-law wing F(r) = F_inf - A r^-5/3 (the Kolmogorov tail the step
+    # extrapolates), plus undetected-source light and sky noise proportional to the annulus area.
+    amp = G_COG * ap12 * 12.0 ** (5 / 3)
+    frac17 = (17.0**2 - 12.0**2) / (25.0**2 - 12.0**2)
+    noise17 = rng.normal(0, E_ANN * np.sqrt(frac17), n)
+    t["base_CircularApertureFlux_17_0_instFlux"] = ap12 * (1 + G_COG) - amp * 17.0 ** (-5 / 3) + C_ANN * frac17 + noise17
+    t["base_CircularApertureFlux_17_0_instFluxErr"] = np.hypot(ap12 / 1000, E_ANN * np.sqrt(frac17))
+    t["base_CircularApertureFlux_17_0_flag"] = np.zeros(n, bool)
+    t["base_CircularApertureFlux_25_0_instFlux"] = ap12 * (1 + G_COG) - amp * 25.0 ** (-5 / 3) + C_ANN + noise17 \
+        + rng.normal(0, E_ANN * np.sqrt(1 - frac17), n)
     t["base_CircularApertureFlux_25_0_instFluxErr"] = np.hypot(ap12 / 1000, E_ANN)
     t["base_CircularApertureFlux_25_0_flag"] = np.zeros(n, bool)
     t["base_CompensatedTophatFlux_12_instFlux"] = ap12 / NORM * noise()
@@ -87,7 +96,7 @@ def test_curve_of_growth_extrapolates_away_annulus_contamination():
     # A plain mean of the ratios keeps the C_ANN / f_12 bias (~0.3 %): the extrapolation is needed.
     f12 = np.asarray(cat["base_CircularApertureFlux_12_0_instFlux"])
     plain = np.mean(np.asarray(cat["base_CircularApertureFlux_25_0_instFlux"]) / f12)
-    assert plain - (1 + G_COG) > 0.002
+    assert plain - (1 + G_COG - G_COG * (12.0 / 25.0) ** (5 / 3)) > 0.002  # vs the true 25-px / 12-px ratio
     assert res.normalization_err >= res.curve_of_growth_err
     assert res.scale_err["base_PsfFlux"] >= res.normalization_err > 0
     # Rubin's behaviour (calibration flux = 12-px aperture flux) is kept with total_aperture=None.
@@ -119,7 +128,7 @@ def test_low_snr_normalisation_falls_back_and_no_stars_raise():
     assert res.normalization_snr == 100.0 and res.normalization == pytest.approx(NORM * (1 + G_COG), rel=3e-3)
     none = cat.copy()
     none["calib_psf_used"] = False
-    with pytest.raises(ApertureCorrectionError, match="no clean PSF star"):
+    with pytest.raises(ApertureCorrectionError, match="no clean star"):
         measure_aperture_correction(none, bbox=BBOX, config=ApertureCorrectionConfig())
     faint = cat.copy()
     faint["base_PsfFlux_instFluxErr"] = faint["base_PsfFlux_instFlux"]  # S/N 1
@@ -134,3 +143,21 @@ def test_apply_normalization_is_a_copy():
     np.testing.assert_allclose(out["base_NormalizedCompensatedTophatFlux_instFlux"],
                                2.0 * cat["base_CompensatedTophatFlux_12_instFlux"], rtol=1e-12)
     assert "base_NormalizedCompensatedTophatFlux_instFlux" not in cat.colnames
+
+
+def test_tail_extrapolation_and_star_selection():
+    cat = catalog(80, seed=13)
+    # Without the wing model the 25-px aperture misses the light beyond it (here 0.46 % of 12 px).
+    missing = G_COG * (12.0 / 25.0) ** (5 / 3)
+    no_tail = measure_aperture_correction(cat, bbox=BBOX, config=ApertureCorrectionConfig(tail_aperture=None))
+    assert no_tail.curve_of_growth == pytest.approx(1 + G_COG - missing, abs=1.5e-3)  # ~3 sigma of 4e-4
+    # measure_normalization on a selection equals the PSF-star normalisation on the same stars.
+    sel = np.arange(80) % 2 == 0
+    half = measure_normalization(cat, sel)
+    ref = measure_aperture_correction(cat[sel], bbox=BBOX)
+    assert half.normalization == pytest.approx(ref.normalization, rel=1e-12)
+    assert half.curve_of_growth_n_stars <= 40
+    with pytest.raises(ConfigError, match="tail_aperture"):
+        ApertureCorrectionConfig(tail_aperture="base_CircularApertureFlux_25_0").validate()
+    with pytest.raises(ConfigError, match="stars mask"):
+        measure_normalization(cat, sel[:10])
