@@ -192,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # or from the temporary server; set the variables yourself to change them.
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Without a server, Prefect starts a temporary one; its default 20 s start-up limit is too
+    # short on a loaded 2-core machine (observed: migrations alone take 10-20 s).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
