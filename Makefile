@@ -21,7 +21,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	rm -rf $(DEMO_STORE)
 	$(SF) simulate --store $(DEMO_STORE) --preset demo
-	$(SF) run --store $(DEMO_STORE)
+	PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect} $(SF) run --store $(DEMO_STORE)
 	$(SF) evaluate --store $(DEMO_STORE)
 
 ## make test: the whole test suite.
