@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from scipy.special import erf
+from scenes import add_gaussian_star
 
 from singleframe.errors import ConfigError
 from singleframe.exposure import DetectorInfo, Exposure, VisitInfo
@@ -14,17 +14,6 @@ from singleframe.steps.interpolation import interpolate_masked
 SKY = 100.0  # counts per pixel (variance = sky + source, gain 1)
 
 
-def _pixel_star(img, x, y, flux, sigma):
-    """Add a pixel-integrated Gaussian star (exact for undersampled PSFs)."""
-    h = int(6 * sigma) + 3
-    ix, iy = int(round(x)), int(round(y))
-    gx, gy = np.arange(ix - h, ix + h + 1), np.arange(iy - h, iy + h + 1)
-    s2 = np.sqrt(2) * sigma
-    ex = 0.5 * (erf((gx + 0.5 - x) / s2) - erf((gx - 0.5 - x) / s2))
-    ey = 0.5 * (erf((gy + 0.5 - y) / s2) - erf((gy - 0.5 - y) / s2))
-    img[iy - h: iy + h + 1, ix - h: ix + h + 1] += flux * np.outer(ey, ex)
-
-
 def _scene(fwhm, seed, ny=800, nx=1100, n_stars=200, n_cr=300):
     rng = np.random.default_rng(seed)
     sigma = fwhm / FWHM_PER_SIGMA
@@ -33,7 +22,7 @@ def _scene(fwhm, seed, ny=800, nx=1100, n_stars=200, n_cr=300):
     # Peak S/N from ~5 to ~2000 (bright, unsaturated): fluxes 10^2.7..10^6.3, scaled by area.
     flux = 10 ** rng.uniform(2.7, 6.3, n_stars) * (sigma / 1.06) ** 2
     for x, y, f in zip(xs, ys, flux, strict=True):
-        _pixel_star(clean, x, y, f, sigma)
+        add_gaussian_star(clean, x, y, f, sigma)
     var = clean + SKY
     img = clean + rng.normal(0, 1, clean.shape) * np.sqrt(var)
     cr = np.zeros((ny, nx))
@@ -70,7 +59,7 @@ def test_completeness_and_no_star_cores(fwhm):
 
 def test_saturated_pixels_and_wrong_psf_width_are_not_cosmic_rays():
     img = np.zeros((60, 70), np.float32)
-    _pixel_star(img, 30.2, 25.7, 5e6, 1.0)
+    add_gaussian_star(img, 30.2, 25.7, 5e6, 1.0)
     mask = np.zeros(img.shape, np.uint32)
     mask[img > 6e5] = MaskPlane.SAT
     img[img > 6e5] = 6e5

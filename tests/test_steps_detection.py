@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
+from scenes import add_gaussian_star
 from scipy.spatial import cKDTree
-from scipy.special import erf
 
 from singleframe.errors import ConfigError, PsfFitError
 from singleframe.masks import MaskPlane
@@ -15,16 +15,6 @@ SKY = 100.0
 ORIGIN = (250, 4100)
 
 
-def _pixel_star(img, x, y, flux, sigma):
-    h = int(6 * sigma) + 3
-    ix, iy = int(round(x)), int(round(y))
-    gx, gy = np.arange(ix - h, ix + h + 1), np.arange(iy - h, iy + h + 1)
-    s2 = np.sqrt(2) * sigma
-    ex = 0.5 * (erf((gx + 0.5 - x) / s2) - erf((gx - 0.5 - x) / s2))
-    ey = 0.5 * (erf((gy + 0.5 - y) / s2) - erf((gy - 0.5 - y) / s2))
-    img[iy - h: iy + h + 1, ix - h: ix + h + 1] += flux * np.outer(ey, ex)
-
-
 def _scene(fwhm, seed, ny=700, nx=1000, n_stars=250, n_cr=0):
     rng = np.random.default_rng(seed)
     sigma = fwhm / FWHM_PER_SIGMA
@@ -33,7 +23,7 @@ def _scene(fwhm, seed, ny=700, nx=1000, n_stars=250, n_cr=0):
     flux = 10 ** rng.uniform(2.7, 6.0, n_stars) * (sigma / 1.06) ** 2
     clean = np.zeros((ny, nx))
     for x, y, f in zip(xs, ys, flux, strict=True):
-        _pixel_star(clean, x, y, f, sigma)
+        add_gaussian_star(clean, x, y, f, sigma)
     var = clean + SKY
     img = clean + rng.normal(0, 1, clean.shape) * np.sqrt(var)
     for _ in range(n_cr):  # single-pixel and short hits, 20-200 sigma
@@ -101,10 +91,10 @@ def test_bad_column_is_not_detected_and_blend_is_deblended():
     img[:, 100] = 1e4  # a hot column flagged BAD
     mask[:, 100] = MaskPlane.BAD
     tmp = np.zeros(img.shape)
-    _pixel_star(tmp, 60.0, 80.0, 2e5, 1.5)
+    add_gaussian_star(tmp, 60.0, 80.0, 2e5, 1.5)
     # 9 px apart: one footprint, two peaks in the PSF-smoothed image (at 6 px the smoothed
     # profile has a single peak), so two children.
-    _pixel_star(tmp, 69.0, 80.0, 1e5, 1.5)
+    add_gaussian_star(tmp, 69.0, 80.0, 1e5, 1.5)
     img += tmp.astype(np.float32)
     res = detect_sources(img, var + tmp.astype(np.float32), mask, psf_sigma_pix=1.5,
                          config=DetectionConfig(threshold_snr=5, peak_threshold_snr=10))
