@@ -63,13 +63,18 @@ class PsfModel(abc.ABC):
     def from_hdus(cls, hdus: Sequence[fits.ImageHDU | fits.BinTableHDU]) -> PsfModel:
         """Inverse of :meth:`to_hdus`."""
 
+    def _positions_and_size(self, x: npt.ArrayLike, y: npt.ArrayLike, size: int | None
+                            ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], int]:
+        """Positions as 1-d float arrays and the odd stamp size (``size`` or the default, made odd)."""
+        xs = np.atleast_1d(np.asarray(x, float))
+        ys = np.atleast_1d(np.asarray(y, float))
+        return xs, ys, int(size or self.default_size) | 1
+
     # -- vectorised forms (models override them for speed) ---------------------------
     def images(self, x: npt.ArrayLike, y: npt.ArrayLike, *, size: int | None = None,
                centered: bool = True) -> npt.NDArray[np.float64]:
         """Stack of kernel images ``(n, size, size)`` at the positions ``x``, ``y`` (see :meth:`image`)."""
-        xs = np.atleast_1d(np.asarray(x, float))
-        ys = np.atleast_1d(np.asarray(y, float))
-        n = int(size or self.default_size) | 1
+        xs, ys, n = self._positions_and_size(x, y, size)
         if xs.size == 0:
             return np.zeros((0, n, n))
         return np.stack([self.image(float(a), float(b), size=n, centered=centered) for a, b in zip(xs, ys, strict=True)])
@@ -131,11 +136,7 @@ class GaussianPsf(PsfModel):
 
     def images(self, x: npt.ArrayLike, y: npt.ArrayLike, *, size: int | None = None,
                centered: bool = True) -> npt.NDArray[np.float64]:
-        xs = np.atleast_1d(np.asarray(x, float))
-        ys = np.atleast_1d(np.asarray(y, float))
-        n = int(size or self.default_size)
-        if n % 2 == 0:
-            n += 1
+        xs, ys, n = self._positions_and_size(x, y, size)
         dx = np.zeros(xs.size) if centered else xs - np.round(xs)
         dy = np.zeros(ys.size) if centered else ys - np.round(ys)
         half = n // 2
@@ -474,11 +475,7 @@ class PixelPsf(PsfModel):
 
     def images(self, x: npt.ArrayLike, y: npt.ArrayLike, *, size: int | None = None,
                centered: bool = True) -> npt.NDArray[np.float64]:
-        xs = np.atleast_1d(np.asarray(x, float))
-        ys = np.atleast_1d(np.asarray(y, float))
-        n = int(size or self.default_size)
-        if n % 2 == 0:
-            n += 1
+        xs, ys, n = self._positions_and_size(x, y, size)
         k = self._kernels(xs, ys)
         m = k.shape[1]
         if n < m:

@@ -291,6 +291,26 @@ def _bad_bits(config: MeasurementConfig) -> np.uint32:
     return np.uint32(bits)
 
 
+def _cut_usable(st: _Stamps, exposure: Exposure, bad_bits: np.uint32, labels: npt.NDArray[np.int32] | None,
+                own_label: npt.NDArray[np.integer], config: MeasurementConfig
+                ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.uint32],
+                           npt.NDArray[np.bool_], npt.NDArray[np.bool_], npt.NDArray[np.int32] | None]:
+    """Image, variance and mask stamps, the usable-pixel mask, the neighbour mask and the label stamps.
+
+    A pixel is usable when it lies on the image, carries none of the bad mask bits, has a
+    positive variance and (with ``replace_neighbours``) belongs to no other source's footprint.
+    """
+    img_st, var_st, msk_st = st.cut(exposure.image), st.cut(exposure.variance), st.cut(exposure.mask)
+    usable = st.inside & ((msk_st & bad_bits) == 0) & (var_st > 0)
+    lab_st = None
+    neighbour = np.zeros_like(usable)
+    if labels is not None and config.replace_neighbours:
+        lab_st = st.cut(labels)
+        neighbour = (lab_st != 0) & (lab_st != own_label[:, None, None].astype(np.int32))
+        usable &= ~neighbour
+    return img_st, var_st, msk_st, usable, neighbour, lab_st
+
+
 def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.NDArray[np.float64], *,
              labels: npt.NDArray[np.int32] | None, own_label: npt.NDArray[np.int64], recentre: bool,
              config: MeasurementConfig) -> Table:
@@ -310,15 +330,8 @@ def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.
     iy = np.round(y_start - oy).astype(np.int64)
     st = _Stamps(exposure.shape, ix, iy, half)
     inside = st.inside
-    img_st, var_st, msk_st = st.cut(image), st.cut(variance), st.cut(mask)
-    valid = inside & ((msk_st & bad_bits) == 0) & (var_st > 0)
-    if labels is not None and config.replace_neighbours:
-        lab_st = st.cut(labels)
-        neighbour = (lab_st != 0) & (lab_st != own_label[:, None, None].astype(np.int32))
-        valid &= ~neighbour
-    else:
-        lab_st = None
-        neighbour = np.zeros_like(valid)
+    img_st, var_st, msk_st, valid, neighbour, lab_st = _cut_usable(st, exposure, bad_bits, labels, own_label,
+                                                                   config)
     if psf is not None and n:
         sigma0 = float(psf.sigma(*exposure.center_pix))
         sigma0 = sigma0 if math.isfinite(sigma0) and sigma0 > 0 else 2.0
@@ -390,11 +403,7 @@ def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.
         jy = np.round(yc - oy).astype(np.int64)
         pst = _Stamps(exposure.shape, jx, jy, ph)
         p_inside = pst.inside
-        d_st, v_st, m_st = pst.cut(image), pst.cut(variance), pst.cut(mask)
-        use = p_inside & ((m_st & bad_bits) == 0) & (v_st > 0)
-        if labels is not None and config.replace_neighbours:
-            l_st = pst.cut(labels)
-            use &= ~((l_st != 0) & (l_st != own_label[:, None, None].astype(np.int32)))
+        d_st, v_st, m_st, use, _, _ = _cut_usable(pst, exposure, bad_bits, labels, own_label, config)
         wgt = np.where(use, 1.0 / np.where(v_st > 0, v_st, 1.0), 0.0)
         d = np.where(use, d_st, 0.0).astype(float)
         spp = np.sum(wgt * kernels * kernels, axis=(1, 2))
