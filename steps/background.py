@@ -234,9 +234,6 @@ def _clipped_levels(blocks: npt.NDArray[np.float32], n_good: npt.NDArray[np.inte
                     config: BackgroundConfig) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Per-bin level and clipped sigma from sorted samples (``inf`` = masked, at the end)."""
     nby, nbx, m = blocks.shape
-    finite = np.where(np.isfinite(blocks), blocks, 0.0).astype(np.float64)
-    csum = np.concatenate([np.zeros((nby, nbx, 1)), np.cumsum(finite, axis=2)], axis=2)
-    csq = np.concatenate([np.zeros((nby, nbx, 1)), np.cumsum(finite * finite, axis=2)], axis=2)
 
     def at(idx: npt.NDArray[np.integer]) -> npt.NDArray[np.float64]:
         i = np.clip(idx, 0, m - 1)[..., None]
@@ -247,15 +244,30 @@ def _clipped_levels(blocks: npt.NDArray[np.float32], n_good: npt.NDArray[np.inte
     lo_i = np.zeros_like(n)
     hi_i = n.copy()
     median = at((n - 1) // 2)
+    # Running sums of the samples minus each bin's median, in float32: the clipped range holds
+    # values within a few sigma of zero (the bright tail is sorted after it), so the rounding
+    # error of a 4096-sample sum is ~1e-4 sigma, and mean^2 no longer cancels in the variance.
+    shift = median.astype(np.float32)[..., None]
+    d = np.subtract(blocks, shift, dtype=np.float32)
+    d[~np.isfinite(d)] = 0.0
+    csum = np.zeros((nby, nbx, m + 1), np.float32)
+    csq = np.zeros((nby, nbx, m + 1), np.float32)
+    np.cumsum(d, axis=2, out=csum[..., 1:])
+    np.multiply(d, d, out=d)
+    np.cumsum(d, axis=2, out=csq[..., 1:])
+    del d
     # Robust sigma from the 16th-84th percentile range before any clipping.
     sigma = 0.5 * (at(np.round(0.8413 * (n - 1)).astype(int)) - at(np.round(0.1587 * (n - 1)).astype(int)))
     mean = median
     for _ in range(config.n_clip_iterations + 1):
         k = np.maximum(hi_i - lo_i, 1)
-        s1 = np.take_along_axis(csum, hi_i[..., None], 2)[..., 0] - np.take_along_axis(csum, lo_i[..., None], 2)[..., 0]
-        s2 = np.take_along_axis(csq, hi_i[..., None], 2)[..., 0] - np.take_along_axis(csq, lo_i[..., None], 2)[..., 0]
-        mean = s1 / k
-        std = np.sqrt(np.maximum(s2 / k - mean * mean, 0.0))
+        s1 = (np.take_along_axis(csum, hi_i[..., None], 2)[..., 0].astype(np.float64)
+              - np.take_along_axis(csum, lo_i[..., None], 2)[..., 0])
+        s2 = (np.take_along_axis(csq, hi_i[..., None], 2)[..., 0].astype(np.float64)
+              - np.take_along_axis(csq, lo_i[..., None], 2)[..., 0])
+        mean_d = s1 / k
+        std = np.sqrt(np.maximum(s2 / k - mean_d * mean_d, 0.0))
+        mean = mean_d + shift[..., 0]
         median = at(lo_i + (k - 1) // 2)
         if _ > 0:
             sigma = std
@@ -284,5 +296,5 @@ def subtract_background(exposure: Exposure, *, config: BackgroundConfig = Backgr
     res = estimate_background(exposure.image, exposure.mask, config=config, origin=exposure.origin,
                               variance=exposure.variance)
     bkg = (exposure.background or BackgroundList()).append(res.model)
-    new = exposure.replace(image=(exposure.image - res.model.image()).astype(np.float32), background=bkg)
+    new = exposure.replace(image=np.subtract(exposure.image, res.model.image(), dtype=np.float32), background=bkg)
     return BackgroundSubtraction(new, bkg, res)

@@ -60,8 +60,10 @@ def calibrate_exposure(exposure: Exposure, photo_calib: PhotoCalib, *, backgroun
         raise ConfigError(f"photometric calibration must be finite and > 0 to calibrate pixels, got {c}")
     rel_err = float(photo_calib.calibration_err_njy_per_count) / c
     bkg = background.scaled(c, "nJy")
-    image = (exposure.image.astype(np.float64) * c).astype(np.float32)
-    variance = (exposure.variance.astype(np.float64) * (c * c)).astype(np.float32)
+    # float32 products: one extra rounding of c (6e-8 relative), far below any noise, and no
+    # 128 MB float64 temporaries per plane.
+    image = np.multiply(exposure.image, np.float32(c), dtype=np.float32)
+    variance = np.multiply(exposure.variance, np.float32(c * c), dtype=np.float32)
     out = exposure.replace(image=image, variance=variance, photo_calib=PhotoCalib(1.0, rel_err), background=bkg,
                            metadata={**exposure.metadata, "BUNIT": "nJy"})
     return CalibratedExposure(out, bkg)

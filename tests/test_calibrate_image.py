@@ -52,8 +52,21 @@ def test_calibration_and_psf(result) -> None:
     # Exactly the three S/N >= 150 stars are PSF stars (the extended source is not).
     assert int(np.sum(result.single_visit_psf_star["calib_psf_used"])) == 3
     assert result.preliminary_visit_image.photo_calib.calibration_njy_per_count == 1.0
-    # Initial background and one re-estimate per PSF pass.
-    assert len(result.preliminary_visit_image_background) == 3
+    # Initial background and one re-estimate per PSF pass (one pass by default).
+    assert len(result.preliminary_visit_image_background) == 2
+
+
+def test_second_psf_pass_is_switchable(result, scene) -> None:
+    # The brief's second pass (Rubin legacy) still runs on request: one more background
+    # re-estimate, and the same calibration and PSF within the tolerances of the one-pass run
+    # (three S/N >= 150 stars: ~1 % statistical error on each).
+    two = calibrate_image([scene.exposure], scene.refcat,
+                          config=load_calibrate_config(None, {**SMALL_SCENE, "n_psf_passes": 2}))
+    assert len(two.preliminary_visit_image_background) == 3
+    assert two.initial_photoCalib_detector.calibration_njy_per_count == pytest.approx(12.3, rel=0.01)
+    assert two.preliminary_visit_image.summary["psfSigma"] == pytest.approx(
+        result.preliminary_visit_image.summary["psfSigma"], rel=0.01)
+    assert int(np.sum(two.single_visit_psf_star["calib_psf_used"])) == 3
 
 
 def test_star_catalog_matches_truth_with_origin(result, scene) -> None:
