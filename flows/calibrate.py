@@ -57,7 +57,7 @@ from ..io.store import ArtifactStore
 from ..steps.config import CalibrateImageConfig, calibrate_config_from_dict, load_calibrate_config
 from .artifacts import SUMMARY_KEYS, VisitProgress, publish_visit_artifacts
 from .diagnostics import plot_detector_diagnostics
-from .stages import STAGES, Stage, StageContext
+from .stages import STAGES, Stage, StageContext, persisted_outputs
 
 #: Delays before the 1st, 2nd and 3rd retry of a transient I/O failure (s), each +/- 50 % jitter.
 RETRY_DELAYS_S = [1.0, 4.0, 16.0]
@@ -141,9 +141,11 @@ def run_stage(stage: Stage, ctx: RunContext, data_id: DataId,
     input_refs = _input_refs(store, stage, data_id, ctx)
     key = _cache_key(stage, data_id, input_refs, ctx)
     where = {"run": ctx.output_run, "instrument": data_id.instrument, "visit": data_id.visit, "detector": data_id.detector}
+    config = calibrate_config_from_dict(ctx.config)
+    outputs = persisted_outputs(stage, config)
     if not ctx.rerun:
         cached = {}
-        for name in stage.outputs:
+        for name in outputs:
             if not store.exists(name, **where):
                 break
             if store.provenance(name, **where).get("cache_key") != key:
@@ -155,7 +157,6 @@ def run_stage(stage: Stage, ctx: RunContext, data_id: DataId,
     for name, refs in input_refs.items():
         objs = [store.get_ref(r) for r in refs]
         loaded[name] = objs if name == "post_isr_image" else objs[0]
-    config = calibrate_config_from_dict(ctx.config)
     loader = refcat_loader or _refcat_loader(store, ctx, config)
     try:
         products = stage.compute(loaded, StageContext(data_id, config, loader))
@@ -169,7 +170,7 @@ def run_stage(stage: Stage, ctx: RunContext, data_id: DataId,
         "config_hash": ctx.config_hash,
         "inputs": [{"dataset_type": k, "uri": r.uri, "checksum": r.checksum} for k, v in input_refs.items() for r in v],
     }
-    return {name: store.put(name, products[name], provenance=provenance, **where) for name in stage.outputs}
+    return {name: store.put(name, products[name], provenance=provenance, **where) for name in outputs}
 
 
 def _refcat_loader(store: ArtifactStore, ctx: RunContext, config: CalibrateImageConfig) -> Callable[[Exposure], Any]:

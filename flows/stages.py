@@ -27,7 +27,7 @@ from ..fields import ChebyshevField
 from ..ids import DataId
 from ..photo_calib import PhotoCalib
 from ..steps import pipeline
-from ..steps.config import CalibrateImageConfig
+from ..steps.config import OPTIONAL_OUTPUTS, CalibrateImageConfig
 
 #: Loads the reference stars for an exposure (the flow passes an io-backed loader).
 RefcatLoader = Callable[[Any], Table]
@@ -158,7 +158,7 @@ def _finalize(d: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:
 STAGES: tuple[Stage, ...] = (
     Stage("characterize", ("post_isr_image",),
           ("characterized_image", "characterized_background", "characterized_psf_stars", "single_visit_psf_star_footprints"),
-          _characterize, "combine snaps; background; initial PSF; 2x repair/detect(S/N>=50)/measure/fit PSF"),
+          _characterize, "combine snaps; background; initial PSF; repair/detect(S/N>=50)/measure/fit PSF (1 or 2 passes)"),
     Stage("correct_apertures", ("characterized_image", "characterized_psf_stars"),
           ("aperture_correction", "apcorr_psf_stars"), _correct_apertures,
           "normalise the calibration flux; fit aperture-correction fields"),
@@ -179,3 +179,13 @@ STAGES: tuple[Stage, ...] = (
 )
 
 STAGE_BY_NAME = {s.name: s for s in STAGES}
+
+#: Datasets some stage reads: the flow must persist them even when not wanted as outputs.
+_READ_BY_A_STAGE = frozenset(name for s in STAGES for name in s.inputs)
+
+
+def persisted_outputs(stage: Stage, config: CalibrateImageConfig) -> tuple[str, ...]:
+    """The outputs of ``stage`` the flow writes: all but the optional outputs switched off
+    in ``config`` that no later stage reads."""
+    dropped = set(OPTIONAL_OUTPUTS) - set(config.optional_outputs) - _READ_BY_A_STAGE
+    return tuple(name for name in stage.outputs if name not in dropped)

@@ -41,6 +41,11 @@ def _star_detection() -> DetectionConfig:
     return DetectionConfig(threshold_snr=5.0, peak_threshold_snr=7.0)
 
 
+#: Outputs that may be switched off (the rest are always produced).
+OPTIONAL_OUTPUTS: tuple[str, ...] = ("single_visit_psf_star", "single_visit_psf_star_footprints",
+                                     "initial_astrometry_match_detector", "initial_photometry_match_detector")
+
+
 @dataclass(frozen=True)
 class CalibrateImageConfig:
     """Configuration of the whole single-frame calibration."""
@@ -77,6 +82,11 @@ class CalibrateImageConfig:
     summary: SummaryConfig = field(default_factory=SummaryConfig)
     #: Multiply image, variance and background by the calibration (pixels in nJy).
     calibrate_pixels: bool = True
+    #: Optional outputs to produce (Rubin's ``optional_outputs``); any subset of OPTIONAL_OUTPUTS.
+    #: A product left out is absent from :func:`calibrate_image`'s result; the flow does not
+    #: write it unless a later stage reads it (the PSF stars and both match catalogues are read
+    #: by later stages, so the flow keeps them as intermediates; the footprints are dropped).
+    optional_outputs: tuple[str, ...] = OPTIONAL_OUTPUTS
 
     def validate(self) -> None:
         """Check every step config and the rules that span steps."""
@@ -95,6 +105,9 @@ class CalibrateImageConfig:
             raise ConfigError("refcat_margin_arcsec must be >= 0")
         if self.n_sky_sources < 0:
             raise ConfigError("n_sky_sources must be >= 0")
+        unknown = sorted(set(self.optional_outputs) - set(OPTIONAL_OUTPUTS))
+        if unknown:
+            raise ConfigError(f"optional_outputs has unknown names {unknown}; choose from {list(OPTIONAL_OUTPUTS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)

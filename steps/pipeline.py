@@ -139,15 +139,23 @@ def characterize(snaps: Sequence[Exposure], *, config: CalibrateImageConfig) -> 
     catalog["calib_psf_candidate"] = np.asarray(candidates.candidate, bool)
     catalog["calib_psf_used"] = np.asarray(fit.used, bool)
     catalog["calib_psf_reserved"] = np.asarray(fit.reserved, bool)
-    if len(catalog) and np.all(catalog["base_SdssCentroid_flag"]):
-        raise AllCentroidsFlaggedError(
-            f"all {len(catalog)} PSF-pass source centroids are flagged; the PSF or the image is unusable",
-            metadata={"n_sources": len(catalog)},
-        )
+    require_good_centroids(catalog)
     ids = packed_source_ids(exposure.visit_info.visit, exposure.detector.id, len(catalog), catalog=PSF_CATALOG)
     catalog["id"] = ids
     footprints = labels_to_spans(detections.labels, ids, origin=exposure.origin)
     return CharacterizeResult(exposure, exposure.background or BackgroundList(), catalog, footprints, diag)
+
+
+def require_good_centroids(catalog: Table) -> None:
+    """Raise AllCentroidsFlaggedError when every source of a non-empty catalogue has a flagged
+    centroid (Rubin's check after the PSF pass: astrometry and photometry would be garbage)."""
+    flags = np.asarray(catalog["base_SdssCentroid_flag"], bool) if len(catalog) else np.zeros(0, bool)
+    if flags.size and flags.all():
+        raise AllCentroidsFlaggedError(
+            f"all {flags.size} PSF-pass source centroids (out of {flags.size}) are flagged; the PSF or the "
+            "image is unusable: check the PSF model (psf_fit), saturation and the mask planes",
+            metadata={"n_sources": int(flags.size), "n_flagged": int(flags.sum())},
+        )
 
 
 def _interpolate_defects(exposure: Exposure, *, psf_sigma_pix: float, config: CalibrateImageConfig) -> Exposure:
@@ -407,10 +415,11 @@ class CalibrateImageResult:
     preliminary_visit_image: Exposure
     preliminary_visit_image_background: BackgroundList
     single_visit_star_unstandardized: Table
-    single_visit_psf_star: Table
-    single_visit_psf_star_footprints: Table
-    initial_astrometry_match_detector: Table
-    initial_photometry_match_detector: Table
+    #: The four optional outputs are None when left out of ``config.optional_outputs``.
+    single_visit_psf_star: Table | None
+    single_visit_psf_star_footprints: Table | None
+    initial_astrometry_match_detector: Table | None
+    initial_photometry_match_detector: Table | None
     initial_photoCalib_detector: PhotoCalib
     timings_s: Mapping[str, float]
 
@@ -442,8 +451,19 @@ def calibrate_image(snaps: Sequence[Exposure], refcat: Table, *, config: Calibra
                    photo_calib=ph.photo_calib, astrometry_matches=ast.matches,
                    photometry_matches=ph.matches, config=config)
     t["finalize"] = time.perf_counter() - t0
-    return CalibrateImageResult(fin.exposure, fin.background, fin.stars, ast.psf_stars, ch.footprints,
-                                ast.matches, ph.matches, ph.photo_calib, t)
+    wanted = set(config.optional_outputs)
+
+    def optional(name: str, product: Table) -> Table | None:
+        return product if name in wanted else None
+
+    return CalibrateImageResult(
+        fin.exposure, fin.background, fin.stars,
+        optional("single_visit_psf_star", ast.psf_stars),
+        optional("single_visit_psf_star_footprints", ch.footprints),
+        optional("initial_astrometry_match_detector", ast.matches),
+        optional("initial_photometry_match_detector", ph.matches),
+        ph.photo_calib, t,
+    )
 
 
 def refcat_search_radius_deg(exposure: Exposure, margin_arcsec: float) -> tuple[float, float, float]:
@@ -464,5 +484,5 @@ def refcat_search_radius_deg(exposure: Exposure, margin_arcsec: float) -> tuple[
 
 __all__ = [
     "CalibrateImageResult", "calibrate_image", "characterize", "correct_apertures", "calibrate_astrometry",
-    "find_stars", "calibrate_photometry", "finalize", "refcat_search_radius_deg",
+    "find_stars", "calibrate_photometry", "finalize", "refcat_search_radius_deg", "require_good_centroids",
 ]

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from astropy.coordinates import SkyCoord
 
-from singleframe.errors import NoPsfStarsToStarsMatchError
+from singleframe.errors import AllCentroidsFlaggedError, NoPsfStarsToStarsMatchError
 from singleframe.sim.scenes import rubin_test_scene, two_snap_version
 from singleframe.steps.config import load_calibrate_config
 from singleframe.steps.flag_propagation import match_psf_stars
-from singleframe.steps.pipeline import calibrate_image
+from singleframe.steps.pipeline import calibrate_image, characterize, require_good_centroids
 
 # Like Rubin's test config: with only three S/N >= 50 stars the PSF and astrometry minimums come
 # down, and two sky sources suffice; 64-px background bins fit a 201x181 image.
@@ -139,3 +139,37 @@ def test_disjoint_psf_and_star_catalogs_raise_with_counts(result) -> None:
         match_psf_stars(psf, stars, radius_pix=3.0)
     assert err.value.metadata["n_psf_stars"] == 2
     assert err.value.metadata["n_stars"] == len(stars)
+
+
+def test_optional_outputs_switched_off(scene) -> None:
+    # Rubin's test_run_no_optionals: the match catalogues (and the other optional outputs) are
+    # absent from the result, while the calibration itself is unchanged.
+    res = calibrate_image([scene.exposure], scene.refcat,
+                          config=load_calibrate_config(None, {**SMALL_SCENE, "optional_outputs": []}))
+    assert res.initial_astrometry_match_detector is None
+    assert res.initial_photometry_match_detector is None
+    assert res.single_visit_psf_star is None
+    assert res.single_visit_psf_star_footprints is None
+    assert res.initial_photoCalib_detector.calibration_njy_per_count == pytest.approx(12.3, rel=0.01)
+    assert int(np.sum(res.single_visit_star_unstandardized["calib_psf_used"])) == 3
+
+
+def test_unknown_optional_output_is_a_config_error() -> None:
+    from singleframe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="optional_outputs"):
+        load_calibrate_config(None, {"optional_outputs": ["initial_astrometry_match"]}).validate()
+
+
+def test_all_centroids_flagged_raise_with_counts(scene) -> None:
+    # Rubin's test_compute_psf_bad_centroids: when every PSF-pass centroid is flagged the step
+    # raises AllCentroidsFlaggedError with the counts instead of passing garbage positions on.
+    ch = characterize([scene.exposure], config=load_calibrate_config(None, SMALL_SCENE))
+    catalog = ch.psf_stars.copy()
+    require_good_centroids(catalog)  # the real PSF pass: good centroids, no error
+    catalog["base_SdssCentroid_flag"] = True
+    with pytest.raises(AllCentroidsFlaggedError, match=f"out of {len(catalog)}") as err:
+        require_good_centroids(catalog)
+    assert err.value.metadata["n_sources"] == len(catalog) == err.value.metadata["n_flagged"]
+    catalog["base_SdssCentroid_flag"][0] = False  # one usable source is enough to go on
+    require_good_centroids(catalog)

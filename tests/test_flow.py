@@ -167,3 +167,17 @@ def test_rerun_recomputes_nothing_and_a_deleted_output_is_rebuilt(survey: dict) 
                        root / "initial_photoCalib_detector" / f"{stem}.json.prov.json",
                        root / "initial_photometry_match_detector" / f"{stem}.parquet",
                        root / "initial_photometry_match_detector" / f"{stem}.parquet.prov.json"}
+
+
+def test_switched_off_outputs_are_not_written_unless_a_later_stage_reads_them() -> None:
+    from singleframe.flows.stages import STAGE_BY_NAME, persisted_outputs
+    from singleframe.steps.config import load_calibrate_config
+
+    none = load_calibrate_config(None, {"optional_outputs": []})
+    everything = load_calibrate_config(None)
+    char, astrom = STAGE_BY_NAME["characterize"], STAGE_BY_NAME["calibrate_astrometry"]
+    # Nothing downstream reads the footprints: switched off, they are not written.
+    assert "single_visit_psf_star_footprints" not in persisted_outputs(char, none)
+    assert persisted_outputs(char, everything) == char.outputs
+    # The PSF stars and matches feed find_stars and finalize: kept as intermediates.
+    assert persisted_outputs(astrom, none) == astrom.outputs
