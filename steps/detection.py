@@ -102,10 +102,9 @@ def _empty_sources() -> Table:
     return t
 
 
-def _sky_sigma_map(variance: npt.NDArray[np.float32], excluded: npt.NDArray[np.bool_],
-                   bin_size: int) -> npt.NDArray[np.float32]:
-    """Smooth (binned-median, block-constant) map of the sky noise sigma."""
-    ny, nx = variance.shape
+def _sky_sigma_blocks(variance: npt.NDArray[np.float32], excluded: npt.NDArray[np.bool_],
+                      bin_size: int) -> npt.NDArray[np.float32]:
+    """Binned-median sky noise sigma, one value per ``bin_size`` square (block-constant map)."""
     step = max(1, bin_size // 16)
     sub = np.where(excluded[::step, ::step] | ~(variance[::step, ::step] > 0), np.nan,
                    variance[::step, ::step]).astype(np.float32)
@@ -120,9 +119,20 @@ def _sky_sigma_map(variance: npt.NDArray[np.float32], excluded: npt.NDArray[np.b
         med[finite] = np.nanmedian(blocks[finite], axis=1)
     good_all = sub[np.isfinite(sub)]
     fill = np.float32(np.median(good_all)) if good_all.size else np.float32(1.0)
-    med = np.where(np.isfinite(med), med, fill)
-    full = np.repeat(np.repeat(np.sqrt(med), bin_size, axis=0), bin_size, axis=1)
-    return np.ascontiguousarray(full[:ny, :nx])
+    return np.sqrt(np.where(np.isfinite(med), med, fill)).astype(np.float32)
+
+
+def _snr_image(img: npt.NDArray[np.float32], excluded: npt.NDArray[np.bool_],
+               sigma_blocks: npt.NDArray[np.float32], bin_size: int) -> npt.NDArray[np.float32]:
+    """``img / sky sigma`` (excluded pixels 0), one band of blocks at a time: no full-size sigma map."""
+    ny, nx = img.shape
+    out = np.empty((ny, nx), np.float32)
+    for by in range(sigma_blocks.shape[0]):
+        rows = slice(by * bin_size, min((by + 1) * bin_size, ny))
+        sig = np.repeat(sigma_blocks[by], bin_size)[:nx]
+        np.divide(img[rows], sig[None, :], out=out[rows])
+    out[excluded] = 0.0
+    return out
 
 
 def detect_sources(
@@ -172,26 +182,19 @@ def detect_sources(
     half = int(7 * psf_sigma_pix + 0.5) // 2  # Rubin's smoothing-kernel width int(7 sigma + 0.5)//2*2+1
     kernel = GaussianPsf(psf_sigma_pix).image(0.0, 0.0, size=2 * max(half, 1) + 1).astype(np.float32)
     k_norm = float(np.sqrt(np.sum(kernel.astype(np.float64) ** 2)))
-    sky_sigma = _sky_sigma_map(var, excluded, config.noise_bin_size_pix)
-    data = np.divide(img, sky_sigma, dtype=np.float32)
-    data[excluded] = 0.0
+    data = _snr_image(img, excluded, _sky_sigma_blocks(var, excluded, config.noise_bin_size_pix),
+                      config.noise_bin_size_pix)
 
     # The Gaussian kernel is separable: two 1-D passes cost ~0.13 s on 4096² instead of ~0.4 s
     # for sep's direct 2-D convolution; sep then thresholds and deblends the filtered image
     # unchanged (same footprints and barycentres to float precision).
-    filtered = _correlate_separable(data, kernel.sum(axis=1), kernel.sum(axis=0))
+    filtered = _correlate_separable(data, kernel.sum(axis=1), kernel.sum(axis=0), out=data)
+    del data
     objects, seg = _run_sep(filtered, float(config.threshold_snr * k_norm), excluded, config)
     del filtered
     seg = np.asarray(seg, dtype=np.int32)
-    grow = int(round(0.886 * int(config.grow_sigma * psf_sigma_pix + 0.5)))  # square of the disk's area
-    # Every footprint is grown (sources below the peak threshold too, so that they are DETECTED
-    # and ignored by later background estimates); labels keep only the retained sources.
-    grown = _grow_labels(seg, grow) if grow > 0 and len(objects) else seg
-    detected = (grown > 0).astype(MASK_DTYPE)
-    detected *= MASK_DTYPE(int(MaskPlane.DETECTED))
-    out_mask = np.bitwise_or(msk, detected, out=detected)
-
     if len(objects) == 0:
+        out_mask = msk.copy()  # no footprint: nothing is DETECTED
         dets = Detections(np.zeros((ny, nx), np.int32), _empty_sources(), (int(origin[0]), int(origin[1])),
                           float(config.threshold_snr), float(config.peak_threshold_snr))
         return DetectionResult(dets, out_mask, 0, 0)
@@ -204,17 +207,26 @@ def detect_sources(
     # Parent footprints: connected sets of sep pixels (children of one parent touch).
     parents, _ = ndimage.label(seg > 0, structure=np.ones((3, 3), dtype=bool))
     parent_of = parents[yc, xc].astype(np.int64)
+    del parents
     n_children = np.bincount(parent_of, minlength=int(parent_of.max()) + 1)
     kept_idx = np.flatnonzero(keep)
     n_kept = kept_idx.size
 
+    grow = int(round(0.886 * int(config.grow_sigma * psf_sigma_pix + 0.5)))  # square of the disk's area
+    # Every footprint is grown (sources below the peak threshold too, so that they are DETECTED
+    # and ignored by later background estimates); labels keep only the retained sources.
+    labels = _grow_labels(seg, grow) if grow > 0 else seg
+    del seg
+    detected = (labels > 0).astype(MASK_DTYPE)
+    detected *= MASK_DTYPE(int(MaskPlane.DETECTED))
+    out_mask = np.bitwise_or(msk, detected, out=detected)
+
     lut = np.zeros(len(objects) + 1, dtype=np.int32)
     lut[kept_idx + 1] = np.arange(1, n_kept + 1, dtype=np.int32)
-    # Footprints cover a small fraction of the frame: remap and count only their pixels
-    # (a full-frame bincount first converts 16M labels to int64).
-    inside = np.flatnonzero(grown)
-    kept_of_pixel = lut[grown.ravel()[inside]]
-    labels = np.zeros_like(grown)
+    # Footprints cover a small fraction of the frame: remap (in place) and count only their
+    # pixels (a full-frame bincount first converts 16M labels to int64).
+    inside = np.flatnonzero(labels)
+    kept_of_pixel = lut[labels.ravel()[inside]]
     labels.ravel()[inside] = kept_of_pixel
     npix = np.bincount(kept_of_pixel, minlength=n_kept + 1)[1:]
     del inside, kept_of_pixel
@@ -248,16 +260,22 @@ def detect_sources(
 
 
 def _correlate_separable(data: npt.NDArray[np.float32], ky: npt.NDArray[np.float32],
-                         kx: npt.NDArray[np.float32], block_rows: int = 64) -> npt.NDArray[np.float32]:
+                         kx: npt.NDArray[np.float32], *, out: npt.NDArray[np.float32] | None = None,
+                         block_rows: int = 64) -> npt.NDArray[np.float32]:
     """Correlate with ``outer(ky, kx)`` (zero outside the image), float32.
 
     The x pass is scipy's 1-D correlation along contiguous rows; the y pass is a shift-and-add
     over blocks of rows that stay in cache (scipy's strided axis-0 pass is ~4x slower).
+    ``out`` may be ``data`` itself (the y pass reads only the x-pass buffer): one 4096² float32
+    buffer less at the memory peak of detection.
     """
     rows = ndimage.correlate1d(data, kx.astype(np.float32), axis=1, mode="constant", cval=0.0)
     ny, nx = rows.shape
     h = ky.size // 2
-    out = np.zeros_like(rows)
+    if out is None:
+        out = np.zeros_like(rows)
+    else:
+        out.fill(0.0)
     tmp = np.empty((block_rows, nx), np.float32)
     for y0 in range(0, ny, block_rows):
         n = min(block_rows, ny - y0)

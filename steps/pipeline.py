@@ -88,8 +88,8 @@ def characterize(snaps: Sequence[Exposure], *, config: CalibrateImageConfig) -> 
         exposure = exposure.replace(background=BackgroundList())
     diag: dict[str, Any] = {"n_snaps": combined.n_snaps, "n_cr_pixels_snap_difference": combined.n_cr_pixels_from_difference}
 
-    sub = subtract_background(exposure, config=config.background)
-    exposure = sub.exposure
+    exposure = subtract_background(exposure, config=config.background).exposure
+    del combined  # every superseded full-frame array is released as soon as possible (peak RSS)
     # Defects (BAD columns, SAT bleed trails, NO_DATA) are interpolated once for measurement.
     initial = estimate_initial_psf(exposure.image, exposure.variance, exposure.mask,
                                    config=config.initial_psf, origin=exposure.origin)
@@ -109,12 +109,13 @@ def characterize(snaps: Sequence[Exposure], *, config: CalibrateImageConfig) -> 
         det = detect_sources(repaired.image, repaired.variance, repaired.mask, psf_sigma_pix=sigma,
                              config=config.psf_detection, origin=repaired.origin)
         if config.reestimate_background:
-            resub = subtract_background(repaired.replace(mask=det.mask), config=config.background)
-            repaired = resub.exposure
-            exposure = exposure.replace(image=exposure.image - (repaired.background.components[-1].image()),
-                                        background=repaired.background)
+            repaired = subtract_background(repaired.replace(mask=det.mask), config=config.background).exposure
+            exposure = exposure.replace(
+                image=np.subtract(exposure.image, repaired.background.components[-1].image(), dtype=np.float32),
+                background=repaired.background)
         repaired = repaired.replace(mask=det.mask)
         detections = det.detections
+        del det
         catalog = measure_sources(repaired, detections, config=config.measurement).catalog
         candidates = select_psf_candidates(catalog, config=config.psf_star_selector)
         fit = fit_psf(repaired, catalog, candidates.candidate, config=config.psf_fit)
@@ -130,8 +131,11 @@ def characterize(snaps: Sequence[Exposure], *, config: CalibrateImageConfig) -> 
 
     # Final repair with the fitted PSF, interpolating cosmic rays, then re-measure.
     sigma = _psf_center_sigma(psf, exposure)
-    final = repair_cosmic_rays(exposure.replace(psf=psf, mask=exposure.mask | (repaired.mask & MaskPlane.DETECTED)),
-                               psf_sigma_pix=sigma, config=config.cosmic_rays, interpolate=True)
+    detected_mask = exposure.mask | (repaired.mask & MaskPlane.DETECTED)
+    del repaired
+    final = repair_cosmic_rays(exposure.replace(psf=psf, mask=detected_mask), psf_sigma_pix=sigma,
+                               config=config.cosmic_rays, interpolate=True)
+    del detected_mask
     exposure = final.exposure.replace(psf=psf)
     diag["n_cosmic_rays"] = int(final.n_cosmic_rays)
     diag["psf_sigma_pix"] = float(sigma)
