@@ -5,22 +5,28 @@ directory) it measures, each timed run in a fresh subprocess with
 ``OMP_NUM_THREADS=1``:
 
 * ``ours`` — read snaps + refcat, :func:`~singleframe.steps.pipeline.calibrate_image`,
-  write the outputs; per-stage breakdown; quality against the truth
-  (WCS rms, PSF size error, zero point, CR completeness of the output mask);
+  write the outputs; per-stage breakdown; quality against the truth, measured
+  once (first run): WCS rms, zero point, CR completeness of the output mask,
+  PSF model at up to 400 true stars with S/N >= 50 (median and scatter of the
+  HSM size error, median ellipticity residuals), the aperture-corrected PSF
+  flux of the true PSF vs its total flux there (mmag rms), and the star
+  selection (recovery of isolated S/N >= 10 true stars, contaminants);
 * ``ours:cr_step`` — our cosmic-ray finder alone on the background-subtracted
   image, and ``astroscrappy`` (L.A.Cosmic) on the same pixels;
 * ``sex+psfex+scamp`` — the AstrOmatic chain with a local LDAC refcat built
   from our refcat (WCS from SCAMP's TPV ``.head``, PSF from PSFEx's ``.psf``
-  evaluated with HSM moments at the truth grid exactly like ours), plus one
+  evaluated with HSM moments at the same star positions exactly like ours), plus one
   row per tool;
 * ``solve-field`` — astrometry.net on SExtractor's xy list with locally built indexes;
 * ``physical_limit`` — read the input, write the outputs, one PSF-sized convolution.
 
 Wall times: median/min/max over the repeats; peak RSS: the largest over the
 repeats (of that process alone). One table is printed and written as
-Markdown and JSON under ``benchmarks/results/``; ``latest.json`` is the list
-of rows. ``--check`` exits with status 1 if a quality bar fails (times are
-reported, never asserted).
+Markdown and JSON under ``benchmarks/results/`` (or ``--out``,
+``$SINGLEFRAME_BENCH_OUT``); ``latest.json`` is the list of rows. ``--check``
+exits with status 1 if a quality bar of issue 3 or 7 fails (times are
+reported, never asserted). The truth of each frame is kept in the scratch
+directory as JSON, FITS tables and ``.npz`` (no pickle).
 
     python -m singleframe.benchmarks --suite full --repeat 5
     python -m singleframe.benchmarks --suite quick --repeat 3 --peer-repeat 1 --check
@@ -33,7 +39,6 @@ import dataclasses
 import json
 import math
 import os
-import pickle
 import platform
 import resource
 import shutil
@@ -49,7 +54,9 @@ from typing import Any
 
 #: Keys every result row has (null where a system does not produce the quantity).
 ROW_KEYS = ("frame", "system", "wall_s_median", "wall_s_min", "wall_s_max", "n_runs", "peak_rss_mb",
-            "wcs_rms_mas", "psf_size_err_pct", "cr_completeness_pct", "zp_err_mmag", "ratio_to_ours", "notes")
+            "wcs_rms_mas", "psf_size_err_pct", "cr_completeness_pct", "zp_err_mmag", "ratio_to_ours", "notes",
+            "psf_size_scatter_pct", "psf_de1_median", "psf_de2_median", "apcorr_err_mmag_rms",
+            "star_recovered_pct", "star_contaminant_pct", "n_pixels")
 #: Environment of every timed subprocess: one thread everywhere.
 _ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "NUMEXPR_NUM_THREADS": "1"}
@@ -60,6 +67,20 @@ TIME_RATIO_BAR = 0.5  # ours / (SEx+PSFEx+SCAMP) on the 4096² typical frame
 PEAK_RSS_BAR_MB = 1536.0
 CR_SPEEDUP_BAR = 10.0
 PHYSICAL_LIMIT_RATIO_BAR = 10.0
+#: Quality bars of issue 3 (PSF model at the star positions, aperture correction, star selection).
+PSF_SIZE_MEDIAN_BAR_PCT = 0.2
+PSF_SIZE_SCATTER_BAR_PCT = 1.0
+PSF_DE_MEDIAN_BAR = 5e-4
+APCORR_RMS_BAR_MMAG = 3.0
+STAR_RECOVERED_BAR_PCT = 98.0
+STAR_CONTAMINANT_BAR_PCT = 2.0
+#: "At least as good as PSFEx": ties within this fraction of the absolute bar count as met. Both
+#: models are judged at the same stars, but which stars were drawn still moves the difference of
+#: two medians: on 2048-typical its bootstrap sd is 6e-5 for de2 (0.12 of the 5e-4 bar), where ours
+#: and PSFEx agreed to 1e-6 and a strict comparison flipped at random.
+PEER_TIE_FRACTION = 0.1
+#: The PSF is judged at up to this many true stars with S/N >= 50 per frame (HSM cost on crowded frames).
+PSF_TRUTH_MAX_STARS = 400
 
 
 @dataclass(frozen=True)
@@ -103,6 +124,7 @@ def _prepare(spec: FrameSpec, frame_dir: Path) -> None:
     from .io.refcat import load_refcat, write_refcat
     from .peers import refcat_to_ldac_table, write_ldac
     from .sim import benchmark_config, make_reference_catalog, simulate_detector
+    from .sim.evaluation import psf_truth_positions, true_psf_at_stars
     from .steps.pipeline import refcat_search_radius_deg
 
     cfg = benchmark_config(spec.size, spec.field, spec.seeing_arcsec)
@@ -138,8 +160,8 @@ def _prepare(spec: FrameSpec, frame_dir: Path) -> None:
         bad |= s.mask != 0
     np.save(frame_dir / "defects.npy", bad)
     write_ldac(frame_dir / "refcat.ldac", refcat_to_ldac_table(local, band=visit.band, epoch_year=epoch))
-    with open(frame_dir / "truth.pkl", "wb") as fh:
-        pickle.dump(det.truth, fh)
+    px, py = psf_truth_positions(det.truth.sources, max_stars=PSF_TRUTH_MAX_STARS)
+    _write_truth(frame_dir, det.truth, true_psf_at_stars(cfg, visit, 0, px, py))
     local.write(frame_dir / "refcat_local.fits", overwrite=True)
     meta = {"spec": dataclasses.asdict(spec), "band": visit.band, "epoch_year": epoch, "ra_deg": ra,
             "dec_deg": dec, "radius_deg": radius, "pixel_scale_arcsec": cfg.pixel_scale_arcsec,
@@ -149,9 +171,78 @@ def _prepare(spec: FrameSpec, frame_dir: Path) -> None:
     (frame_dir / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
+#: Truth scratch files (no pickle): scalars and WCS headers, two tables, the arrays.
+_TRUTH_JSON, _TRUTH_SOURCES, _TRUTH_PSF_GRID, _TRUTH_ARRAYS = (
+    "truth.json", "truth_sources.fits", "truth_psf_grid.fits", "truth_arrays.npz")
+
+
+def _write_truth(frame_dir: Path, truth: Any, psf_truth: Any) -> None:
+    """Write a ``DetectorTruth`` and the true PSF at the star positions as JSON, FITS tables and npz."""
+    import numpy as np
+
+    record = {"calibration_njy_per_count": truth.calibration_njy_per_count,
+              "psf_sigma_center_pix": truth.psf_sigma_center_pix,
+              "sky_counts_per_pixel": truth.sky_counts_per_pixel, "shape": list(truth.shape),
+              "origin": list(truth.origin), "bad_columns": list(truth.bad_columns),
+              "wcs_header": truth.wcs.to_header(relax=True).tostring(sep="\n"),
+              "header_wcs_header": truth.header_wcs.to_header(relax=True).tostring(sep="\n"),
+              # Table meta (a bbox tuple) does not survive FITS headers: it travels here.
+              "sources_meta": {k: list(v) if isinstance(v, tuple) else v for k, v in truth.sources.meta.items()}}
+    (frame_dir / _TRUTH_JSON).write_text(json.dumps(record, indent=1))
+    for table, name in ((truth.sources, _TRUTH_SOURCES), (truth.psf_grid, _TRUTH_PSF_GRID)):
+        out = table.copy(copy_data=False)
+        out.meta.clear()
+        out.write(frame_dir / name, format="fits", overwrite=True)
+    np.savez_compressed(frame_dir / _TRUTH_ARRAYS, cr_masks=np.stack([np.asarray(m, bool) for m in truth.cr_masks]),
+                        psf_x=psf_truth.x, psf_y=psf_truth.y, psf_sigma_pix=psf_truth.sigma_pix,
+                        psf_e1=psf_truth.e1, psf_e2=psf_truth.e2, psf_stamps=psf_truth.stamps)
+
+
 def _load_truth(frame_dir: Path) -> Any:
-    with open(frame_dir / "truth.pkl", "rb") as fh:
-        return pickle.load(fh)  # noqa: S301 - written by _prepare in this run
+    """The ``DetectorTruth`` written by :func:`_write_truth`."""
+    import warnings
+
+    import numpy as np
+    from astropy.io import fits
+    from astropy.table import Table
+    from astropy.wcs import WCS, FITSFixedWarning
+
+    from .sim.survey import DetectorTruth
+
+    if not (frame_dir / _TRUTH_JSON).exists() and (frame_dir / "truth.pkl").exists():
+        # Read-only fallback for scratch frames simulated before this format (nothing writes pickles
+        # any more); delete it once no such frame is in use.
+        import pickle
+
+        with open(frame_dir / "truth.pkl", "rb") as fh:
+            return pickle.load(fh)  # noqa: S301 - a local scratch file written by an older _prepare
+    rec = json.loads((frame_dir / _TRUTH_JSON).read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        wcs = WCS(fits.Header.fromstring(rec["wcs_header"], sep="\n"))
+        header_wcs = WCS(fits.Header.fromstring(rec["header_wcs_header"], sep="\n"))
+    sources = Table.read(frame_dir / _TRUTH_SOURCES, format="fits")
+    sources.meta.clear()
+    sources.meta.update({k: tuple(v) if isinstance(v, list) else v for k, v in rec["sources_meta"].items()})
+    psf_grid = Table.read(frame_dir / _TRUTH_PSF_GRID, format="fits")
+    psf_grid.meta.clear()
+    with np.load(frame_dir / _TRUTH_ARRAYS, allow_pickle=False) as arrays:
+        cr_masks = tuple(np.asarray(arrays["cr_masks"], bool))
+    return DetectorTruth(wcs=wcs, sources=sources, psf_grid=psf_grid,
+                         calibration_njy_per_count=float(rec["calibration_njy_per_count"]), cr_masks=cr_masks,
+                         psf_sigma_center_pix=float(rec["psf_sigma_center_pix"]),
+                         sky_counts_per_pixel=float(rec["sky_counts_per_pixel"]), shape=tuple(rec["shape"]),
+                         origin=tuple(rec["origin"]), header_wcs=header_wcs, bad_columns=tuple(rec["bad_columns"]))
+
+
+def _load_psf_truth(frame_dir: Path) -> Any:
+    """The true PSF at the star positions (``PsfTruthAtStars``) written by :func:`_write_truth`."""
+    import numpy as np
+
+    from .sim.evaluation import PsfTruthAtStars
+
+    with np.load(frame_dir / _TRUTH_ARRAYS, allow_pickle=False) as a:
+        return PsfTruthAtStars(a["psf_x"], a["psf_y"], a["psf_sigma_pix"], a["psf_e1"], a["psf_e2"], a["psf_stamps"])
 
 
 def _peak_rss_mb() -> float:
@@ -161,8 +252,8 @@ def _peak_rss_mb() -> float:
 # --------------------------------------------------------------------------------------
 # Workers (each in a fresh subprocess)
 # --------------------------------------------------------------------------------------
-def _worker_ours(frame_dir: Path) -> dict[str, Any]:
-    """One timed calibration: read, calibrate, write; then the quality against the truth."""
+def _worker_ours(frame_dir: Path, quality: bool = True) -> dict[str, Any]:
+    """One timed calibration: read, calibrate, write; then (if ``quality``) the quality against the truth."""
     import numpy as np
     from scipy.ndimage import gaussian_filter
 
@@ -173,12 +264,6 @@ def _worker_ours(frame_dir: Path) -> dict[str, Any]:
         table_to_parquet_bytes,
     )
     from .io.refcat import load_refcat
-    from .sim.evaluation import (
-        cr_masked_pct,
-        psf_size_error_pct,
-        wcs_error_mas,
-        zero_point_error_mmag,
-    )
     from .steps.config import load_calibrate_config
     from .steps.pipeline import calibrate_image
 
@@ -209,22 +294,65 @@ def _worker_ours(frame_dir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     gaussian_filter(snaps[0].image, sigma, truncate=4.0)
     t_conv = time.perf_counter() - t0
-    rss = _peak_rss_mb()
-
-    truth = _load_truth(frame_dir)
-    rms, mx = wcs_error_mas(exp.wcs, truth.wcs, truth.shape, origin=truth.origin)
-    return {
+    rec: dict[str, Any] = {
         "wall_s": t_read + t_refcat + t_cal + t_write, "calibrate_s": t_cal, "read_s": t_read,
         "refcat_s": t_refcat, "write_s": t_write, "convolution_s": t_conv,
-        "stages_s": {k: float(v) for k, v in result.timings_s.items()}, "peak_rss_mb": rss,
-        "wcs_rms_mas": rms, "wcs_max_mas": mx,
-        "psf_size_err_pct": psf_size_error_pct(exp.psf, truth.psf_grid) if exp.psf is not None else None,
-        "zp_err_mmag": zero_point_error_mmag(result.initial_photoCalib_detector.calibration_njy_per_count,
-                                             truth.calibration_njy_per_count),
-        "cr_completeness_pct": cr_masked_pct(exp.mask, truth.cr_masks),
+        "stages_s": {k: float(v) for k, v in result.timings_s.items()}, "peak_rss_mb": _peak_rss_mb(),
         "n_stars": int(len(result.single_visit_star_unstandardized)),
         "n_psf_stars": int(len(result.single_visit_psf_star)), "n_pixels": int(np.prod(exp.shape)),
     }
+    if quality:
+        rec.update(_quality_ours(frame_dir, result, config))
+    return rec
+
+
+def _quality_ours(frame_dir: Path, result: Any, config: Any) -> dict[str, Any]:
+    """Our outputs against the truth: WCS, zero point, CR mask, PSF and aperture correction at the
+    star positions, star recovery and contamination (issues 3 and 7)."""
+    import numpy as np
+
+    from .sim.evaluation import (
+        aperture_correction_error_mmag,
+        cr_masked_pct,
+        star_recovery,
+        wcs_error_mas,
+        zero_point_error_mmag,
+    )
+
+    exp = result.preliminary_visit_image
+    truth = _load_truth(frame_dir)
+    rms, mx = wcs_error_mas(exp.wcs, truth.wcs, truth.shape, origin=truth.origin)
+    q: dict[str, Any] = {
+        "wcs_rms_mas": rms, "wcs_max_mas": mx,
+        "zp_err_mmag": zero_point_error_mmag(result.initial_photoCalib_detector.calibration_njy_per_count,
+                                             truth.calibration_njy_per_count),
+        "cr_completeness_pct": cr_masked_pct(exp.mask, truth.cr_masks),
+    }
+    # Frames simulated before the star-position truth existed have no PSF truth: those metrics stay null.
+    if exp.psf is not None and (frame_dir / _TRUTH_ARRAYS).exists():
+        psf_truth = _load_psf_truth(frame_dir)
+        q.update(_psf_quality(exp.psf, psf_truth))
+        field = exp.ap_corr.get("base_PsfFlux")
+        if field is not None:
+            ap = aperture_correction_error_mmag(exp.psf, field, psf_truth,
+                                                max_kernel_size_pix=config.measurement.max_psf_stamp_pix)
+            q.update(apcorr_err_mmag_rms=ap.rms_mmag, apcorr_err_mmag_mean=ap.mean_mmag,
+                     apcorr_fallback=bool(field.flagged_fallback))
+    # The same selection `singleframe evaluate` judges: the output stars without sky sources.
+    stars = result.single_visit_star_unstandardized
+    if "sky_source" in stars.colnames:
+        stars = stars[~np.asarray(stars["sky_source"], bool)]
+    q["star_recovered_pct"], q["star_contaminant_pct"] = star_recovery(stars, truth.sources)
+    return q
+
+
+def _psf_quality(psf: Any, psf_truth: Any) -> dict[str, Any]:
+    """PSF residual summary at the star positions, the same for every system."""
+    from .sim.evaluation import psf_residuals_at_stars
+
+    res = psf_residuals_at_stars(psf, psf_truth)
+    return {"psf_size_err_pct": res.size_err_median_pct, "psf_size_scatter_pct": res.size_err_scatter_pct,
+            "psf_de1_median": res.de1_median, "psf_de2_median": res.de2_median, "psf_n_stars": res.n_stars}
 
 
 def _worker_cr(frame_dir: Path, repeat: int = 1) -> dict[str, Any]:
@@ -284,10 +412,11 @@ def _worker_astroscrappy(frame_dir: Path, repeat: int = 1) -> dict[str, Any]:
 _WORKERS = {"ours": _worker_ours, "cr": _worker_cr, "astroscrappy": _worker_astroscrappy}
 
 
-def _spawn(kind: str, frame_dir: Path, out_json: Path, repeat: int = 1) -> dict[str, Any]:
+def _spawn(kind: str, frame_dir: Path, out_json: Path, repeat: int = 1, *, quality: bool = True) -> dict[str, Any]:
     env = {**os.environ, **_ONE_THREAD}
-    proc = subprocess.run([sys.executable, "-m", "singleframe.benchmarks", "--worker", kind, str(frame_dir),
-                           str(out_json), "--repeat", str(repeat)], env=env, capture_output=True, text=True)
+    argv = [sys.executable, "-m", "singleframe.benchmarks", "--worker", kind, str(frame_dir), str(out_json),
+            "--repeat", str(repeat)] + ([] if quality else ["--no-quality"])
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} worker failed on {frame_dir.name}:\n{proc.stderr[-3000:]}")
     return json.loads(out_json.read_text())
@@ -300,7 +429,7 @@ def _run_chain(frame_dir: Path, work: Path, repeat: int) -> list[dict[str, Any]]
     from astropy.io import fits
 
     from .peers import PsfexPsf, wcs_from_scamp_head
-    from .sim.evaluation import psf_size_error_pct, wcs_error_mas
+    from .sim.evaluation import wcs_error_mas
 
     runs = []
     truth = _load_truth(frame_dir)
@@ -319,9 +448,9 @@ def _run_chain(frame_dir: Path, work: Path, repeat: int) -> list[dict[str, Any]]
                 wcs = wcs_from_scamp_head(res.head_path, image_header=header)
                 rec["wcs_rms_mas"], rec["wcs_max_mas"] = wcs_error_mas(wcs, truth.wcs, truth.shape,
                                                                        origin=truth.origin)
-            if res.psf_path is not None:
+            if res.psf_path is not None and (frame_dir / _TRUTH_ARRAYS).exists():
                 psf = PsfexPsf.read(res.psf_path, origin=truth.origin)
-                rec["psf_size_err_pct"] = psf_size_error_pct(psf, truth.psf_grid)
+                rec.update(_psf_quality(psf, _load_psf_truth(frame_dir)))
         runs.append(rec)
     return runs
 
@@ -368,6 +497,17 @@ def make_row(frame: str, system: str, walls: Sequence[float], *, peak_rss_mb: fl
     return row
 
 
+#: Quality keys of a PSF model (ours and PSFEx, measured the same way at the star positions).
+_PSF_QUALITY = ("psf_size_err_pct", "psf_size_scatter_pct", "psf_de1_median", "psf_de2_median")
+#: Quality keys of our row.
+_OURS_QUALITY = ("wcs_rms_mas", "cr_completeness_pct", "zp_err_mmag", *_PSF_QUALITY, "apcorr_err_mmag_rms",
+                 "star_recovered_pct", "star_contaminant_pct")
+
+
+def _finite(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else float(a / b)
 
@@ -378,17 +518,21 @@ def bench_frame(spec: FrameSpec, frame_dir: Path, work: Path, *, repeat: int, pe
     from .peers import peer_available
 
     rows: list[dict[str, Any]] = []
-    ours = [_spawn("ours", frame_dir, work / f"ours{i}.json") for i in range(repeat)]
+    # Quality is measured once (the first run); the other runs are timed only.
+    ours = [_spawn("ours", frame_dir, work / f"ours{i}.json", quality=i == 0) for i in range(repeat)]
     q = ours[0]
     stages = " ".join(f"{k}={statistics.median(r['stages_s'][k] for r in ours):.2f}" for k in q["stages_s"])
     io_note = (f"read={statistics.median(r['read_s'] for r in ours):.2f} "
                f"refcat={statistics.median(r['refcat_s'] for r in ours):.2f} "
                f"write={statistics.median(r['write_s'] for r in ours):.2f}")
+    qnote = (f"PSF judged at {q.get('psf_n_stars', 0)} true stars (S/N >= 50); apcorr mean "
+             f"{_f(_finite(q.get('apcorr_err_mmag_mean')))} mmag"
+             + (" (constant fallback)" if q.get("apcorr_fallback") else ""))
     row_ours = make_row(spec.name, "ours", [r["wall_s"] for r in ours],
-                        peak_rss_mb=max(r["peak_rss_mb"] for r in ours), notes=f"{stages} {io_note}",
-                        wcs_rms_mas=q["wcs_rms_mas"], psf_size_err_pct=q["psf_size_err_pct"],
-                        cr_completeness_pct=q["cr_completeness_pct"], zp_err_mmag=q["zp_err_mmag"])
+                        peak_rss_mb=max(r["peak_rss_mb"] for r in ours), notes=f"{stages} {io_note}; {qnote}",
+                        **{k: q.get(k) for k in _OURS_QUALITY})
     row_ours["ratio_to_ours"] = 1.0
+    row_ours["n_pixels"] = spec.size * spec.size
     row_ours["stages_s_median"] = {k: statistics.median(r["stages_s"][k] for r in ours) for k in q["stages_s"]}
     rows.append(row_ours)
     ours_wall = row_ours["wall_s_median"]
@@ -422,15 +566,15 @@ def bench_frame(spec: FrameSpec, frame_dir: Path, work: Path, *, repeat: int, pe
         c0 = chain[0]
         row = make_row(spec.name, "sex+psfex+scamp", [r["wall_s"] for r in chain],
                        peak_rss_mb=max(r["peak_rss_mb"] for r in chain), wcs_rms_mas=c0.get("wcs_rms_mas"),
-                       psf_size_err_pct=c0.get("psf_size_err_pct"),
-                       notes=f"{c0['n_sources']} sources, SCAMP XY_Contrast {c0['xy_contrast']}")
+                       notes=f"{c0['n_sources']} sources, SCAMP XY_Contrast {c0['xy_contrast']}",
+                       **{k: c0.get(k) for k in _PSF_QUALITY})
         row["ratio_to_ours"] = _ratio(row["wall_s_median"], ours_wall)
         rows.append(row)
         for tool in ("source-extractor", "psfex", "scamp"):
             r = make_row(spec.name, tool, [c["tools"][tool]["wall_s"] for c in chain],
                          peak_rss_mb=max(c["tools"][tool]["peak_rss_mb"] for c in chain),
                          wcs_rms_mas=c0.get("wcs_rms_mas") if tool == "scamp" else None,
-                         psf_size_err_pct=c0.get("psf_size_err_pct") if tool == "psfex" else None)
+                         **{k: c0.get(k) if tool == "psfex" else None for k in _PSF_QUALITY})
             r["ratio_to_ours"] = _ratio(r["wall_s_median"], ours_wall)
             rows.append(r)
         if all(peer_available(t) for t in ("solve-field", "build-astrometry-index")):
@@ -449,7 +593,7 @@ def bench_frame(spec: FrameSpec, frame_dir: Path, work: Path, *, repeat: int, pe
 
 @dataclass(frozen=True)
 class Bar:
-    """One bar of issue 7 and whether it is met (None: could not be measured)."""
+    """One bar of issue 3 or 7 and whether it is met (None: could not be measured)."""
 
     frame: str
     name: str
@@ -460,7 +604,7 @@ class Bar:
 
 
 def check_bars(rows: Sequence[dict[str, Any]]) -> list[Bar]:
-    """Evaluate the issue-7 bars on the result rows."""
+    """Evaluate the issue-3 and issue-7 bars on the result rows."""
     bars: list[Bar] = []
     by = {(r["frame"], r["system"]): r for r in rows}
     for frame in dict.fromkeys(r["frame"] for r in rows):
@@ -474,9 +618,8 @@ def check_bars(rows: Sequence[dict[str, Any]]) -> list[Bar]:
         sw = scamp["wcs_rms_mas"] if scamp else None
         bars.append(Bar(frame, "WCS rms <= SCAMP", f"{_f(w)} vs {_f(sw)}", "ours <= SCAMP",
                         None if w is None or sw is None else w <= sw, True))
-        p, sp = ours["psf_size_err_pct"], scamp["psf_size_err_pct"] if scamp else None
-        bars.append(Bar(frame, "|PSF size err| <= PSFEx", f"{_f(p)} vs {_f(sp)} %", "|ours| <= |PSFEx|",
-                        None if p is None or sp is None else abs(p) <= abs(sp), True))
+        bars += _issue3_bars(frame, ours, by.get((frame, "psfex")) or scamp,
+                             full_size=(ours.get("n_pixels") or 0) >= ISSUE3_FRAME_PIXELS)
         c = ours["cr_completeness_pct"]
         bars.append(Bar(frame, "CR completeness >= 95 %", f"{_f(c)} %", f">= {CR_COMPLETENESS_BAR_PCT}",
                         None if c is None else c >= CR_COMPLETENESS_BAR_PCT, True))
@@ -503,6 +646,58 @@ def check_bars(rows: Sequence[dict[str, Any]]) -> list[Bar]:
     return bars
 
 
+#: Issue 3 states its bars on 4096x4096 detectors.
+ISSUE3_FRAME_PIXELS = 4096 * 4096
+
+
+def _issue3_bars(frame: str, ours: dict[str, Any], psfex: dict[str, Any] | None, *,
+                 full_size: bool = True) -> list[Bar]:
+    """Issue-3 bars on our row: PSF at the star positions (alone and against PSFEx, measured the
+    same way), aperture correction, star recovery and contamination. A value of ours that is
+    missing fails (the pipeline must produce it); a missing PSFEx value leaves its comparison n/a.
+
+    Issue 3 states these bars on 4096² detectors: on smaller frames (the CI-sized quick suite,
+    with 4x fewer stars: e.g. 52 usable PSF-truth stars on 2048-sparse) the ellipticity,
+    aperture-correction and star bars are reported, not asserted; PSF size stays asserted."""
+    def get(row: dict[str, Any] | None, key: str) -> float | None:
+        return None if row is None else row.get(key)
+
+    def upper(name: str, key: str, bar: float, unit: str, *, asserted: bool, absolute: bool = False,
+              fmt: str = "{:.2f}") -> Bar:
+        v = get(ours, key)
+        shown = "n/a" if v is None else fmt.format(v) + unit
+        return Bar(frame, name, shown, f"<= {fmt.format(bar)}{unit}",
+                   v is not None and (abs(v) if absolute else v) <= bar, asserted)
+
+    e = "{:.1e}"
+    bars = [upper("|median PSF size err| <= 0.2 %", "psf_size_err_pct", PSF_SIZE_MEDIAN_BAR_PCT, " %",
+                  asserted=True, absolute=True),
+            upper("PSF size scatter <= 1 %", "psf_size_scatter_pct", PSF_SIZE_SCATTER_BAR_PCT, " %", asserted=True),
+            upper("|median PSF de1| <= 5e-4", "psf_de1_median", PSF_DE_MEDIAN_BAR, "", asserted=full_size,
+                  absolute=True, fmt=e),
+            upper("|median PSF de2| <= 5e-4", "psf_de2_median", PSF_DE_MEDIAN_BAR, "", asserted=full_size,
+                  absolute=True, fmt=e),
+            upper("apcorr error <= 3 mmag rms", "apcorr_err_mmag_rms", APCORR_RMS_BAR_MMAG, " mmag",
+                  asserted=full_size)]
+    for name, key, bar, fmt in (("|PSF size err| <= PSFEx", "psf_size_err_pct", PSF_SIZE_MEDIAN_BAR_PCT, "{:.3f}"),
+                                ("PSF size scatter <= PSFEx", "psf_size_scatter_pct", PSF_SIZE_SCATTER_BAR_PCT,
+                                 "{:.3f}"),
+                                ("|median PSF de1| <= PSFEx", "psf_de1_median", PSF_DE_MEDIAN_BAR, e),
+                                ("|median PSF de2| <= PSFEx", "psf_de2_median", PSF_DE_MEDIAN_BAR, e)):
+        a, b = get(ours, key), get(psfex, key)
+        tie = PEER_TIE_FRACTION * bar
+        shown = " vs ".join("n/a" if v is None else fmt.format(v) for v in (a, b))
+        bars.append(Bar(frame, name, shown, f"|ours| <= |PSFEx| + {fmt.format(tie)}",
+                        None if a is None or b is None else abs(a) <= abs(b) + tie,
+                        full_size or "size" in key))
+    r = get(ours, "star_recovered_pct")
+    bars.append(Bar(frame, "stars recovered >= 98 %", f"{_f(r)} %", f">= {STAR_RECOVERED_BAR_PCT}",
+                    r is not None and r >= STAR_RECOVERED_BAR_PCT, full_size))
+    bars.append(upper("star contaminants <= 2 %", "star_contaminant_pct", STAR_CONTAMINANT_BAR_PCT, " %",
+                      asserted=full_size))
+    return bars
+
+
 def _f(v: float | None, digits: int = 2) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
@@ -510,11 +705,11 @@ def _f(v: float | None, digits: int = 2) -> str:
 def format_markdown(rows: Sequence[dict[str, Any]], bars: Sequence[Bar], header: str) -> str:
     """The result table and the bars as Markdown."""
     cols = ("frame", "system", "wall_s_median", "wall_s_min", "wall_s_max", "peak_rss_mb", "wcs_rms_mas",
-            "psf_size_err_pct", "cr_completeness_pct", "zp_err_mmag", "ratio_to_ours")
+            "psf_size_err_pct", "psf_size_scatter_pct", "psf_de1_median", "psf_de2_median", "apcorr_err_mmag_rms",
+            "cr_completeness_pct", "zp_err_mmag", "star_recovered_pct", "star_contaminant_pct", "ratio_to_ours")
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [str(r[c]) if c in ("frame", "system") else _f(r[c], 3 if c.startswith("wall") else 2) for c in cols]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_cell(c, r.get(c)) for c in cols) + " |")
     lines += ["", "Per-stage medians (ours) and notes:", ""]
     lines += [f"- {r['frame']} / {r['system']}: {r['notes']}" for r in rows if r.get("notes")]
     lines += ["", "| frame | bar | measured | target | met | asserted |", "|---|---|---|---|---|---|"]
@@ -522,6 +717,14 @@ def format_markdown(rows: Sequence[dict[str, Any]], bars: Sequence[Bar], header:
         met = "n/a" if b.met is None else ("yes" if b.met else "**NO**")
         lines.append(f"| {b.frame} | {b.name} | {b.measured} | {b.target} | {met} | {'yes' if b.asserted else 'no'} |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(column: str, value: Any) -> str:
+    if column in ("frame", "system"):
+        return str(value)
+    if column.startswith("psf_de"):  # ellipticity residuals are ~1e-4: fixed decimals would print 0.00
+        return "n/a" if value is None else f"{value:.1e}"
+    return _f(value, 3 if column.startswith("wall") else 2)
 
 
 def _machine() -> str:
@@ -538,14 +741,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer-repeat", type=int, default=None, help="timed runs of each peer (default: --repeat)")
     parser.add_argument("--no-peers", action="store_true", help="skip the peer systems")
     parser.add_argument("--check", action="store_true", help="exit 1 if a quality bar fails")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default=os.environ.get("SINGLEFRAME_BENCH_OUT", "benchmarks/results"),
+                        help="results directory (default: $SINGLEFRAME_BENCH_OUT or benchmarks/results)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     parser.add_argument("--worker", nargs=3, metavar=("KIND", "FRAME_DIR", "OUT_JSON"), help=argparse.SUPPRESS)
+    parser.add_argument("--no-quality", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         kind, frame_dir, out_json = args.worker
-        worker = _WORKERS[kind]
-        result = worker(Path(frame_dir)) if kind == "ours" else worker(Path(frame_dir), args.repeat)
+        if kind == "ours":
+            result = _worker_ours(Path(frame_dir), quality=not args.no_quality)
+        else:
+            result = _WORKERS[kind](Path(frame_dir), args.repeat)
         Path(out_json).write_text(json.dumps(result))
         return 0
     if args.repeat < 1:

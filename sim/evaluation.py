@@ -18,8 +18,10 @@ from singleframe.masks import MaskPlane, any_set
 if TYPE_CHECKING:
     from astropy.wcs import WCS
 
+    from singleframe.fields import ChebyshevField
     from singleframe.psf import PsfModel
 
+    from .config import SimulationConfig, VisitSpec
     from .survey import DetectorTruth
 
 #: Keys of :func:`evaluate_detector`'s result, in table order.
@@ -108,6 +110,155 @@ def psf_ellipticity_residuals(psf_model: PsfModel, psf_grid: Table) -> PsfEllipt
     de2 = mom[:, 2] - np.asarray(psf_grid["e2"], float)
     amp = np.hypot(de1, de2)
     return PsfEllipticityResiduals(de1, de2, float(np.sqrt(np.nanmean(amp**2))), float(np.nanmax(amp)))
+
+
+@dataclass(frozen=True, eq=False)
+class PsfTruthAtStars:
+    """The true PSF (the simulator's own PSF field) at a set of true star positions.
+
+    Attributes
+    ----------
+    x, y
+        True star centres (parent px).
+    sigma_pix, e1, e2
+        HSM adaptive moments (determinant radius, distortion) of the true PSF
+        drawn centred on the nearest pixel centre, as ``psf_grid`` is measured.
+    stamps
+        ``(n, 2 h + 1, 2 h + 1)``: a unit-flux star at ``(x, y)`` as the
+        simulator draws it, on a stamp centred on pixel ``(rint(x), rint(y))``;
+        each sums to the fraction of the full profile inside the stamp.
+    """
+
+    x: npt.NDArray[np.float64]
+    y: npt.NDArray[np.float64]
+    sigma_pix: npt.NDArray[np.float64]
+    e1: npt.NDArray[np.float64]
+    e2: npt.NDArray[np.float64]
+    stamps: npt.NDArray[np.float32]
+
+    def __len__(self) -> int:
+        return int(self.x.size)
+
+
+def psf_truth_positions(sources: Table, *, snr_min: float = 50.0, edge_pix: float = 20.0, max_stars: int = 400,
+                        seed: int = 0) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """True star positions at which PSF models are judged.
+
+    Unsaturated true stars with ``snr >= snr_min`` (the population a PSF model
+    is built from) at least ``edge_pix`` inside ``sources.meta["bbox"]``; a
+    seeded random subset of ``max_stars`` when there are more (keeps the HSM
+    cost bounded on crowded frames while sampling the whole detector).
+    """
+    xmin, ymin, xmax, ymax = sources.meta["bbox"]
+    x, y = np.asarray(sources["x"], float), np.asarray(sources["y"], float)
+    keep = (np.asarray(sources["is_star"], bool) & ~np.asarray(sources["saturated"], bool)
+            & (np.asarray(sources["snr"], float) >= snr_min)
+            & (x >= xmin + edge_pix) & (x <= xmax - edge_pix) & (y >= ymin + edge_pix) & (y <= ymax - edge_pix))
+    idx = np.flatnonzero(keep)
+    if idx.size > max_stars:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, size=max_stars, replace=False))
+    return x[idx], y[idx]
+
+
+def true_psf_at_stars(config: SimulationConfig, visit: VisitSpec, detector_id: int, x: npt.ArrayLike,
+                      y: npt.ArrayLike, *, half_pix: int = 30) -> PsfTruthAtStars:
+    """The simulator's true PSF at ``(x, y)`` (parent px) of one detector of one visit.
+
+    Draws the same PSF field :func:`~singleframe.sim.simulate_detector` draws
+    its stars from (a pure function of the configuration), so it needs no
+    stored image. ``half_pix`` is the stamp half-width (30: the simulator's
+    star stamps).
+    """
+    from .survey import _psf_field, make_camera
+
+    xs = np.atleast_1d(np.asarray(x, float))
+    ys = np.atleast_1d(np.asarray(y, float))
+    field = _psf_field(config, make_camera(config), detector_id, visit)
+    ix, iy = np.rint(xs).astype(np.int64), np.rint(ys).astype(np.int64)
+    stamps = field.stamps(xs, ys, half_pix, ix, iy)
+    # Moments centred on the pixel, as the truth grid and PsfModel.image(x, y) (centred) are.
+    centred = field.stamps(ix.astype(float), iy.astype(float), half_pix, ix, iy)
+    mom = np.array([_adaptive_moments(st) for st in centred]).reshape(-1, 3)
+    return PsfTruthAtStars(xs, ys, mom[:, 0], mom[:, 1], mom[:, 2], stamps)
+
+
+@dataclass(frozen=True)
+class PsfStarResiduals:
+    """PSF model minus truth at the star positions (HSM adaptive moments of both).
+
+    ``size_err_pct`` is ``100 (σ_model / σ_true − 1)`` per star; ``de1``,
+    ``de2`` the distortion residuals ``e_model − e_true``. The summary is
+    their median, the standard deviation of ``size_err_pct`` (``scatter``)
+    and the number of stars where both moments converged.
+    """
+
+    size_err_pct: npt.NDArray[np.float64]
+    de1: npt.NDArray[np.float64]
+    de2: npt.NDArray[np.float64]
+    size_err_median_pct: float
+    size_err_scatter_pct: float
+    de1_median: float
+    de2_median: float
+    n_stars: int
+
+
+def psf_residuals_at_stars(psf_model: PsfModel, truth: PsfTruthAtStars) -> PsfStarResiduals:
+    """Size and ellipticity residuals of ``psf_model`` at the star positions of ``truth``.
+
+    The model is drawn centred at the nearest pixel centre of each star and
+    measured with the same HSM code as the truth (:class:`PsfTruthAtStars`).
+    """
+    ix, iy = np.rint(truth.x), np.rint(truth.y)
+    mom = np.array([_adaptive_moments(psf_model.image(float(a), float(b)))
+                    for a, b in zip(ix, iy, strict=True)]).reshape(-1, 3)
+    size = 100.0 * (mom[:, 0] / truth.sigma_pix - 1.0)
+    de1, de2 = mom[:, 1] - truth.e1, mom[:, 2] - truth.e2
+    ok = np.isfinite(size) & np.isfinite(de1) & np.isfinite(de2)
+    nan = float("nan")
+    if not ok.any():
+        return PsfStarResiduals(size, de1, de2, nan, nan, nan, nan, 0)
+    return PsfStarResiduals(size, de1, de2, float(np.median(size[ok])), float(np.std(size[ok])),
+                            float(np.median(de1[ok])), float(np.median(de2[ok])), int(ok.sum()))
+
+
+@dataclass(frozen=True)
+class ApertureCorrectionError:
+    """Error of the aperture-corrected PSF flux of unit-flux true stars.
+
+    ``err_mmag`` per star is ``2500 log10(apcorr · f_psf)``: positive when the
+    corrected PSF flux comes out brighter than the total flux; ``rms_mmag`` is
+    its root mean square about zero (the mean included), ``mean_mmag`` its mean.
+    """
+
+    err_mmag: npt.NDArray[np.float64]
+    rms_mmag: float
+    mean_mmag: float
+    n_stars: int
+
+
+def aperture_correction_error_mmag(psf_model: PsfModel, ap_corr: ChebyshevField, truth: PsfTruthAtStars, *,
+                                   max_kernel_size_pix: int = 41) -> ApertureCorrectionError:
+    """Aperture-corrected PSF flux of the true PSF vs its total flux, at the star positions.
+
+    At each star the PSF flux is measured as the pipeline measures it (linear
+    fit of the model kernel, placed at the star's sub-pixel position, at fixed
+    centroid over a ``min(default_size, max_kernel_size_pix)`` stamp) on the
+    true unit-flux star, with uniform weights (the sky-limited regime of most
+    stars); ``ap_corr`` (the applied ``base_PsfFlux`` field) should bring it to
+    1, the total flux.
+    """
+    n = min(int(psf_model.default_size) | 1, int(max_kernel_size_pix) | 1, truth.stamps.shape[-1])
+    kernels = psf_model.images(truth.x, truth.y, size=n, centered=False)
+    c, h = truth.stamps.shape[-1] // 2, n // 2
+    data = truth.stamps[:, c - h:c + h + 1, c - h:c + h + 1].astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f_psf = np.sum(kernels * data, axis=(1, 2)) / np.sum(kernels * kernels, axis=(1, 2))
+        err = 2500.0 * np.log10(np.asarray(ap_corr.evaluate(truth.x, truth.y), float).reshape(-1) * f_psf)
+    ok = np.isfinite(err)
+    if not ok.any():
+        return ApertureCorrectionError(err, float("nan"), float("nan"), 0)
+    return ApertureCorrectionError(err, float(np.sqrt(np.mean(err[ok] ** 2))), float(np.mean(err[ok])),
+                                   int(ok.sum()))
 
 
 def zero_point_error_mmag(fitted_calibration_njy_per_count: float, true_calibration: float) -> float:

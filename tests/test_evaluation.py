@@ -11,6 +11,7 @@ import pytest
 from astropy.table import Table
 from astropy.wcs import WCS
 
+from singleframe.fields import ChebyshevField
 from singleframe.masks import MASK_DTYPE, MaskPlane
 from singleframe.psf import GaussianPsf
 from singleframe.sim import (
@@ -26,7 +27,14 @@ from singleframe.sim import (
     wcs_error_mas,
     zero_point_error_mmag,
 )
-from singleframe.sim.evaluation import _adaptive_moments
+from singleframe.sim.evaluation import (
+    PsfTruthAtStars,
+    _adaptive_moments,
+    aperture_correction_error_mmag,
+    psf_residuals_at_stars,
+    psf_truth_positions,
+    true_psf_at_stars,
+)
 
 SHAPE = (384, 512)  # (ny, nx): non-square on purpose
 ORIGIN = (7, 3)
@@ -201,3 +209,72 @@ def test_format_evaluation_table_is_aligned() -> None:
     assert len(lines) == 4 and len({len(line) for line in lines}) == 1
     assert lines[0].split() == list(EVALUATION_KEYS)
     assert "12.35" in lines[2] and "nan" in lines[2] and "20000" in lines[3]
+
+
+def _gaussian_truth(psf: GaussianPsf, x: np.ndarray, y: np.ndarray) -> PsfTruthAtStars:
+    """A PsfTruthAtStars whose true PSF is ``psf``, built the way true_psf_at_stars builds it."""
+    stamps = psf.images(x, y, size=61, centered=False).astype(np.float32)
+    mom = np.array([_adaptive_moments(psf.image(a, b, size=61)) for a, b in zip(x, y, strict=True)])
+    return PsfTruthAtStars(x, y, mom[:, 0], mom[:, 1], mom[:, 2], stamps)
+
+
+def _star_positions(n: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    # Sub-pixel positions on a non-square detector with a non-zero origin.
+    rng = np.random.default_rng(11)
+    return (ORIGIN[0] + rng.uniform(30, SHAPE[1] - 30, n), ORIGIN[1] + rng.uniform(30, SHAPE[0] - 30, n))
+
+
+def test_psf_residuals_at_stars_zero_for_truth_and_known_for_perturbed_models() -> None:
+    x, y = _star_positions()
+    truth = _gaussian_truth(GaussianPsf(2.0, e1=0.02), x, y)
+    res = psf_residuals_at_stars(GaussianPsf(2.0, e1=0.02), truth)
+    assert res.n_stars == len(x)
+    # Same image, same HSM code: identical to rounding.
+    assert abs(res.size_err_median_pct) < 1e-9 and res.size_err_scatter_pct < 1e-9
+    assert abs(res.de1_median) < 1e-9 and abs(res.de2_median) < 1e-9
+    # Perturbations keep the model axis-aligned, drawn with the same exact pixel integral as the truth.
+    res = psf_residuals_at_stars(GaussianPsf(2.02, e1=0.02), truth)
+    # σ +1 % shows as ~0.98 % (pixel integration, see the test above); a constant model has no scatter.
+    assert res.size_err_median_pct == pytest.approx(1.0, abs=0.03) and res.size_err_scatter_pct < 1e-6
+    res = psf_residuals_at_stars(GaussianPsf(2.0, e1=0.021), truth)
+    # An added e1 of 1e-3 appears as de1 ≈ 1e-3 (pixelisation dilutes it by ~2 %); e2 is untouched.
+    assert res.de1_median == pytest.approx(1e-3, abs=5e-5) and abs(res.de2_median) < 1e-9
+
+
+def test_aperture_correction_error_of_exact_and_biased_corrections() -> None:
+    x, y = _star_positions()
+    psf = GaussianPsf(1.8)
+    truth = _gaussian_truth(psf, x, y)
+    bbox = (ORIGIN[0], ORIGIN[1], ORIGIN[0] + SHAPE[1] - 1, ORIGIN[1] + SHAPE[0] - 1)
+    # A Gaussian kernel of 5σ half-width holds all but ~1e-6 of the flux: the exact correction is 1.
+    res = aperture_correction_error_mmag(psf, ChebyshevField.constant(1.0, bbox), truth)
+    assert res.n_stars == len(x) and res.rms_mmag < 0.01
+    # A correction 1 % too large: +10.8 mmag at every star.
+    res = aperture_correction_error_mmag(psf, ChebyshevField.constant(1.01, bbox), truth)
+    assert res.mean_mmag == pytest.approx(2500 * math.log10(1.01), abs=0.01)
+    assert res.rms_mmag == pytest.approx(res.mean_mmag, abs=1e-6)
+    # A kernel cut to 7 px misses the wings: the PSF flux is low and a unit correction reads faint.
+    cut = aperture_correction_error_mmag(psf, ChebyshevField.constant(1.0, bbox), truth, max_kernel_size_pix=7)
+    assert cut.mean_mmag < -5.0
+
+
+def test_true_psf_at_stars_reproduces_the_truth_grid(simulated) -> None:
+    cfg = dataclasses.replace(SimulationConfig(), n_side=1, nx=300, ny=220, cr_density_per_snap_per_mpix=150.0,
+                              visits=(SimulationConfig().visits[0],), seed=9)
+    grid = simulated.truth.psf_grid
+    t = true_psf_at_stars(cfg, cfg.visits[0], 0, np.asarray(grid["x"], float), np.asarray(grid["y"], float))
+    # Same PSF field, same whole-pixel stamps, same HSM: equal to float rounding.
+    np.testing.assert_allclose(t.sigma_pix, grid["sigma_pix"], rtol=1e-9)
+    np.testing.assert_allclose(t.e1, grid["e1"], atol=1e-9)
+    assert t.stamps.shape == (len(grid), 61, 61)
+    # A stamp holds the fraction of the unit-flux profile inside 61 px: just below 1 (Kolmogorov wings).
+    assert np.all((t.stamps.sum(axis=(1, 2)) > 0.99) & (t.stamps.sum(axis=(1, 2)) <= 1.0))
+
+
+def test_psf_truth_positions_selects_bright_unsaturated_stars_inside() -> None:
+    truth = _truth_table()
+    x, y = psf_truth_positions(truth, snr_min=50.0, edge_pix=20.0)
+    ok = truth["is_star"] & ~truth["saturated"] & (truth["snr"] >= 50.0)
+    assert len(x) == int(ok.sum()) == 38  # 40 stars minus the saturated and the faint one
+    x2, _ = psf_truth_positions(truth, max_stars=10, seed=3)
+    assert len(x2) == 10 and set(x2) <= set(x)
