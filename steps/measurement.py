@@ -41,6 +41,8 @@ _FOOTPRINT_FLAGS = {
     "bad": MaskPlane.BAD,
     "suspect": MaskPlane.SUSPECT,
 }
+#: Largest half-size (pixels) of the grown stamps that read a big footprint's pixel flags.
+_MAX_FOOTPRINT_HALF_PIX = 127
 #: Flags also computed on the 3x3 pixels around the centroid.
 _CENTER_FLAGS = {
     "saturatedCenter": MaskPlane.SAT,
@@ -178,6 +180,7 @@ def measure_sources(exposure: Exposure, detections: Detections, *,
         labels=np.asarray(detections.labels, np.int32),
         own_label=labels_id,
         recentre=True,
+        footprint_npix=np.asarray(src["npix"], np.int64) if n and "npix" in src.colnames else None,
         config=config,
     )
     catalog["id"] = labels_id
@@ -264,6 +267,7 @@ class _Stamps:
         ny, nx = shape
         self.half = half
         self.size = 2 * half + 1
+        self.ix, self.iy = ix, iy
         off = np.arange(-half, half + 1)
         rows = iy[:, None] + off[None, :]
         cols = ix[:, None] + off[None, :]
@@ -313,7 +317,7 @@ def _cut_usable(st: _Stamps, exposure: Exposure, bad_bits: np.uint32, labels: np
 
 def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.NDArray[np.float64], *,
              labels: npt.NDArray[np.int32] | None, own_label: npt.NDArray[np.int64], recentre: bool,
-             config: MeasurementConfig) -> Table:
+             config: MeasurementConfig, footprint_npix: npt.NDArray[np.int64] | None = None) -> Table:
     n = x_start.size
     ox, oy = exposure.origin
     ny, nx = exposure.shape
@@ -401,9 +405,21 @@ def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.
         ph = p_size // 2
         jx = np.round(xc - ox).astype(np.int64)
         jy = np.round(yc - oy).astype(np.int64)
-        pst = _Stamps(exposure.shape, jx, jy, ph)
-        p_inside = pst.inside
-        d_st, v_st, m_st, use, _, _ = _cut_usable(pst, exposure, bad_bits, labels, own_label, config)
+        if ph <= half:
+            # Most centroids round to the peak pixel: their PSF stamps are the centre of the stamps
+            # already cut; only the sources that moved are cut again.
+            sp = slice(half - ph, half + ph + 1)
+            d_st, v_st = img_st[:, sp, sp].copy(), var_st[:, sp, sp].copy()
+            use, p_inside = valid[:, sp, sp].copy(), inside[:, sp, sp].copy()
+            moved = np.flatnonzero((jx != ix) | (jy != iy))
+            if moved.size:
+                pst = _Stamps(exposure.shape, jx[moved], jy[moved], ph)
+                md, mv, _, mu, _, _ = _cut_usable(pst, exposure, bad_bits, labels, own_label[moved], config)
+                d_st[moved], v_st[moved], use[moved], p_inside[moved] = md, mv, mu, pst.inside
+        else:
+            pst = _Stamps(exposure.shape, jx, jy, ph)
+            p_inside = pst.inside
+            d_st, v_st, _, use, _, _ = _cut_usable(pst, exposure, bad_bits, labels, own_label, config)
         wgt = np.where(use, 1.0 / np.where(v_st > 0, v_st, 1.0), 0.0)
         d = np.where(use, d_st, 0.0).astype(float)
         spp = np.sum(wgt * kernels * kernels, axis=(1, 2))
@@ -546,7 +562,7 @@ def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.
     cat["base_ClassificationSizeExtendedness_flag"] = ext_flag
 
     # --- pixel flags: any pixel of the footprint, and the 3x3 centre ------------------
-    fp_flags = _footprint_flags(mask, labels, own_label, msk_st, inside) if n else \
+    fp_flags = _footprint_flags(mask, labels, own_label, msk_st, inside, st, lab_st, footprint_npix) if n else \
         {k: np.zeros(0, bool) for k in _FOOTPRINT_FLAGS}
     kx = np.round(xl).astype(np.int64)
     ky = np.round(yl).astype(np.int64)
@@ -614,19 +630,45 @@ def _fixed_weight_moments(img: npt.NDArray[np.floating], var: npt.NDArray[np.flo
 
 def _footprint_flags(mask: npt.NDArray[np.uint32], labels: npt.NDArray[np.int32] | None,
                      own_label: npt.NDArray[np.int64], msk_st: npt.NDArray[np.uint32],
-                     inside: npt.NDArray[np.bool_]) -> dict[str, npt.NDArray[np.bool_]]:
-    """Planes set anywhere in each footprint (label pixels; the stamp when there are no labels)."""
-    out: dict[str, npt.NDArray[np.bool_]] = {}
+                     inside: npt.NDArray[np.bool_], st: _Stamps, lab_st: npt.NDArray[np.int32] | None,
+                     footprint_npix: npt.NDArray[np.int64] | None) -> dict[str, npt.NDArray[np.bool_]]:
+    """Planes set anywhere in each footprint (label pixels; the stamp when there are no labels).
+
+    With footprint sizes known, a footprint whose pixels all lie in its stamp (>99 % of
+    sources) is read from the stamps; the others from stamps grown until they hold the whole
+    footprint, or, past ``_MAX_FOOTPRINT_HALF_PIX``, from one pass over the image.
+    """
+    planes = {key: np.uint32(int(plane)) for key, plane in _FOOTPRINT_FLAGS.items()}
     if labels is None:
-        for key, plane in _FOOTPRINT_FLAGS.items():
-            out[key] = np.any(((msk_st & np.uint32(int(plane))) != 0) & inside, axis=(1, 2))
-        return out
-    sel = labels > 0
-    lab = labels[sel]
-    m = mask[sel]
-    n_lab = int(max(int(own_label.max(initial=0)), int(lab.max(initial=0)))) + 1
-    for key, plane in _FOOTPRINT_FLAGS.items():
-        hit = (m & np.uint32(int(plane))) != 0
-        counts = np.bincount(lab[hit], minlength=n_lab) if hit.any() else np.zeros(n_lab, np.int64)
-        out[key] = counts[own_label] > 0
-    return out
+        bits = np.bitwise_or.reduce(np.where(inside, msk_st, np.uint32(0)), axis=(1, 2))
+        return {key: (bits & plane) != 0 for key, plane in planes.items()}
+    n = own_label.size
+    bits = np.zeros(n, np.uint32)
+    todo = np.arange(n)
+    if footprint_npix is not None:
+        half, ix, iy = st.half, st.ix, st.iy
+        lab, msk, ins = (lab_st if lab_st is not None else st.cut(labels)), msk_st, inside
+        while todo.size:
+            own = (lab == own_label[todo, None, None].astype(np.int32)) & ins
+            whole = own.sum(axis=(1, 2)) == footprint_npix[todo]
+            bits[todo[whole]] = np.bitwise_or.reduce(np.where(own[whole], msk[whole], np.uint32(0)), axis=(1, 2))
+            todo = todo[~whole]
+            half = 2 * half + 1
+            if not todo.size or half > _MAX_FOOTPRINT_HALF_PIX:
+                break
+            grown = _Stamps(mask.shape, ix[todo], iy[todo], half)
+            lab, msk, ins = grown.cut(labels), grown.cut(mask), grown.inside
+    if todo.size:
+        # Pixels carrying none of the planes cannot set a flag: one pass over the mask finds the others.
+        any_bits = np.uint32(0)
+        for plane in planes.values():
+            any_bits |= plane
+        hit_pix = np.flatnonzero(mask.reshape(-1) & any_bits)
+        pix_lab = labels.reshape(-1)[hit_pix]
+        n_lab = int(max(int(own_label.max(initial=0)), int(pix_lab.max(initial=0)))) + 1
+        for plane in planes.values():
+            hit = (mask.reshape(-1)[hit_pix] & plane) != 0
+            counts = np.bincount(pix_lab[hit], minlength=n_lab)
+            counts[0] = 0  # label 0 is the background, not a footprint
+            bits[todo] |= np.where(counts[own_label[todo]] > 0, plane, np.uint32(0))
+    return {key: (bits & plane) != 0 for key, plane in planes.items()}

@@ -284,3 +284,29 @@ def test_faint_sources_with_failed_adaptive_moments_keep_centroid_and_psf_flux()
     assert np.sqrt(np.mean(np.square(offsets))) < 1.0 and max(offsets) < 2.0
     # Fallback sizes scatter by ~2.5 / (S/N) ~ 0.3 around the PSF's (median within ~3 sigma / sqrt(60)).
     assert abs(np.median(excess)) < 0.15 and np.all(np.isfinite(excess))
+
+
+@pytest.mark.parametrize("max_half", [127, 20])
+def test_pixel_flags_of_footprints_larger_than_the_stamp(monkeypatch, max_half):
+    # A bright galaxy's footprint reaches far beyond the 31-px stamp: flags set at its far end must
+    # still be found, from grown stamps (default) or from the whole-image pass (small limit).
+    import singleframe.steps.measurement as measurement
+
+    monkeypatch.setattr(measurement, "_MAX_FOOTPRINT_HALF_PIX", max_half)
+    psf = GaussianPsf(SIGMA)
+    galaxy = GaussianPsf(12.0, e1=0.5)
+    xs = np.array([150.2, 330.4]) + ORIGIN[0]
+    ys = np.array([150.6, 150.1]) + ORIGIN[1]
+    img, var = render(xs, ys, np.array([4e6, 3e4]), [galaxy, psf], seed=5, size=121)
+    det = detect(img, var)
+    big = det.labels[150, 150]
+    far = np.argwhere(det.labels == big)
+    # The footprint pixel furthest from the peak column lies outside the 31-px stamp.
+    fy, fx = far[np.argmax(np.abs(far[:, 1] - 150))]
+    assert abs(fx - 150) > 15
+    mask = np.zeros(SHAPE, np.uint32)
+    mask[fy, fx] |= MaskPlane.SUSPECT
+    cat = measure_sources(make_exposure(img, var, psf, mask), det).catalog
+    cat = cat[match(cat, xs, ys)]
+    assert cat["base_PixelFlags_flag_suspect"][0] and not cat["base_PixelFlags_flag_suspect"][1]
+    assert not cat["base_PixelFlags_flag_suspectCenter"][0]

@@ -193,3 +193,15 @@ def test_few_stars_fall_back_to_gaussian(varying_scene):
     assert 1.7 < fit.psf.sigma(0, 0) < 2.5  # within the true range of sigma
     with pytest.raises(PsfFitError, match="only 3 PSF star"):
         fit_psf(exp, cat, three, config=PsfFitConfig(allow_gaussian_fallback=False))
+
+
+def test_pixel_psf_offset_images_are_shifted_centred_images(varying_scene):
+    # Offset kernels come from the basis spectra (one FFT per basis image); they must equal the
+    # Fourier shift of the centred kernel up to float32 FFT rounding (~1e-7 of the peak).
+    *_, fit = varying_scene
+    x = np.array([1100.3, 1400.7, 1700.45])
+    y = np.array([2100.8, 2300.2, 2500.55])
+    off = fit.psf.images(x, y, centered=False)
+    ref = shift_stamps(fit.psf.images(x, y), x - np.round(x), y - np.round(y))
+    ref /= ref.sum(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(off, ref, atol=1e-6 * off.max())
