@@ -8,7 +8,8 @@ so its core is not cut (a local mean or polynomial loses 10-30 % of the peak of
 a well-sampled star, worse for undersampled ones); ``a + b d`` absorb the sky.
 Pixels without data on both sides within the window (wide gaps) are then filled by order-0 normalised
 convolution (``gaussian_filter(image * good) / gaussian_filter(good)``) with a
-window that doubles on each pass, treating already-filled pixels as good.
+window that doubles on each pass, treating already-filled pixels as good; the
+filters run only in padded boxes around the pixels still to fill.
 """
 
 from __future__ import annotations
@@ -92,34 +93,71 @@ def interpolate_masked(
     config.validate()
     if not (psf_sigma_pix > 0 and math.isfinite(psf_sigma_pix)):
         raise ConfigError(f"psf_sigma_pix must be positive and finite, got {psf_sigma_pix}")
-    img = np.array(image, dtype=np.float32, copy=True)
-    msk = np.array(mask, dtype=MASK_DTYPE, copy=True)
-    bad = ((msk & MASK_DTYPE(int(planes))) != 0) | ~np.isfinite(img)
-    n_bad = int(bad.sum())
-    if n_bad == 0:
-        return InterpolationResult(img, msk, 0)
-    if n_bad == bad.size:
-        # Nothing to interpolate from: leave a flat zero and say so through INTRP.
-        img[:] = 0.0
-        msk |= MASK_DTYPE(int(MaskPlane.INTRP))
-        return InterpolationResult(img, msk, n_bad)
-
-    todo = _profile_pass(img, bad, psf_sigma_pix, config)
-    sigma = max(psf_sigma_pix, 1.0)
-    for _ in range(config.max_iterations):
-        if not todo.any():
-            break
-        sigma *= 2.0
-        todo = _normalized_convolution_pass(img, todo, sigma, config.min_weight)
-    if todo.any():
-        img[todo] = np.median(img[~bad])
-    msk[bad] |= MASK_DTYPE(int(MaskPlane.INTRP))
+    img = np.array(image, dtype=np.float32, order="C", copy=True)
+    msk = np.array(mask, dtype=MASK_DTYPE, order="C", copy=True)
+    n_bad = _fill_masked(img, msk, planes=planes, psf_sigma_pix=psf_sigma_pix, config=config)
     return InterpolationResult(img, msk, n_bad)
 
 
-def _profile_pass(img: npt.NDArray[np.float32], bad: npt.NDArray[np.bool_], psf_sigma_pix: float,
-                  config: InterpolationConfig) -> npt.NDArray[np.bool_]:
-    """Fill ``img`` in place by 1-D PSF-profile fits along rows or columns; return pixels left."""
+def _fill_masked(img: npt.NDArray[np.float32], msk: npt.NDArray[np.uint32], *, planes: MaskPlane,
+                 psf_sigma_pix: float, config: InterpolationConfig) -> int:
+    """:func:`interpolate_masked` in place on private C-contiguous arrays; return the pixels replaced.
+
+    For callers that already own fresh copies (``repair_cosmic_rays``): saves a 64 MB copy
+    of a 4k mask. Arguments must have been validated.
+    """
+    flat_img, flat_msk = img.reshape(-1), msk.reshape(-1)
+    # Everything below works on the flat indices of the bad pixels (a few per cent of a frame
+    # at most), never on full-frame float temporaries.
+    bad_idx = _flat_indices_with_bits(flat_msk, MASK_DTYPE(int(planes)))
+    if not np.isfinite(flat_img.sum()):
+        # The sum is finite when every pixel is (or it overflowed): only then look pixel by pixel.
+        bad_idx = np.union1d(bad_idx, np.flatnonzero(~np.isfinite(flat_img)))
+    n_bad = int(bad_idx.size)
+    if n_bad == 0:
+        return 0
+    if n_bad == img.size:
+        # Nothing to interpolate from: leave a flat zero and say so through INTRP.
+        img[:] = 0.0
+        msk |= MASK_DTYPE(int(MaskPlane.INTRP))
+        return n_bad
+
+    bad = np.zeros(img.shape, dtype=bool)
+    bad.reshape(-1)[bad_idx] = True
+    todo = _profile_pass(img, bad, bad_idx, psf_sigma_pix, config)
+    sigma = max(psf_sigma_pix, 1.0)
+    for _ in range(config.max_iterations):
+        if todo.size == 0:
+            break
+        sigma *= 2.0
+        todo = _normalized_convolution_pass(img, todo, sigma, config.min_weight)
+    if todo.size:
+        flat_img[todo] = np.median(img[~bad])
+    flat_msk[bad_idx] |= MASK_DTYPE(int(MaskPlane.INTRP))
+    return n_bad
+
+
+def _flat_indices_with_bits(flat_mask: npt.NDArray[np.uint32], bits: np.uint32,
+                            block: int = 1 << 16) -> npt.NDArray[np.intp]:
+    """``flatnonzero(flat_mask & bits)``, block by block through cache-sized buffers.
+
+    ``flatnonzero`` on the ``uint32`` array itself is several times slower than on a boolean
+    array, and full-frame temporaries would cost 64 MB + 16 MB.
+    """
+    both = np.empty(block, dtype=flat_mask.dtype)
+    hit = np.empty(block, dtype=bool)
+    out = []
+    for start in range(0, flat_mask.size, block):
+        n = min(block, flat_mask.size - start)
+        np.bitwise_and(flat_mask[start: start + n], bits, out=both[:n])
+        np.not_equal(both[:n], 0, out=hit[:n])
+        out.append(np.flatnonzero(hit[:n]) + start)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.intp)
+
+
+def _profile_pass(img: npt.NDArray[np.float32], bad: npt.NDArray[np.bool_], bad_idx: npt.NDArray[np.intp],
+                  psf_sigma_pix: float, config: InterpolationConfig) -> npt.NDArray[np.intp]:
+    """Fill ``img`` in place by 1-D PSF-profile fits along rows or columns; return flat indices left."""
     ny, nx = img.shape
     r = int(math.ceil(max(config.half_width_psf_sigmas * psf_sigma_pix, config.min_half_width_pix)))
     d = np.concatenate([np.arange(-r, 0), np.arange(1, r + 1)]).astype(float)
@@ -132,30 +170,36 @@ def _profile_pass(img: npt.NDArray[np.float32], bad: npt.NDArray[np.bool_], psf_
     at_zero = np.array([1.0, 0.0, 1.0, 0.0])
     kernel = np.exp(-0.5 * (d / max(r / 1.5, 1.0)) ** 2)
     outer = (basis[:, :, None] * basis[:, None, :]).reshape(len(d), 16)
-    ys, xs = np.nonzero(bad)
-    left = np.zeros_like(bad)
-    source = img.copy()  # fits read the original good pixels only
-    di = d.astype(int)
-    for start in range(0, ys.size, config.chunk_pixels):
-        py, px = ys[start: start + config.chunk_pixels], xs[start: start + config.chunk_pixels]
-        best_w = np.zeros((py.size, len(d)))
-        best_v = np.zeros((py.size, len(d)))
-        best_ok = np.zeros(py.size, dtype=bool)
-        best_n = np.zeros(py.size)
+    flat_img, flat_bad = img.reshape(-1), bad.reshape(-1)
+    di = d.astype(np.intp)
+    left = []
+    filled_idx, filled_val = [], []
+    for start in range(0, bad_idx.size, config.chunk_pixels):
+        idx = bad_idx[start: start + config.chunk_pixels]
+        py, px = np.divmod(idx, nx)
+        best_w = np.zeros((idx.size, len(d)))
+        best_v = np.zeros((idx.size, len(d)))
+        best_ok = np.zeros(idx.size, dtype=bool)
+        best_n = np.zeros(idx.size, dtype=np.intp)
         for axis in (1, 0):
-            qy = py[:, None] + (di[None, :] if axis == 0 else 0)
-            qx = px[:, None] + (di[None, :] if axis == 1 else 0)
-            inside = (qy >= 0) & (qy < ny) & (qx >= 0) & (qx < nx)
-            qy, qx = np.clip(qy, 0, ny - 1), np.clip(qx, 0, nx - 1)
-            good = inside & ~bad[qy, qx]
+            if axis == 1:
+                q = px[:, None] + di[None, :]
+                inside = (q >= 0) & (q < nx)
+                flat = idx[:, None] + np.where(inside, di[None, :], 0)
+            else:
+                q = py[:, None] + di[None, :]
+                inside = (q >= 0) & (q < ny)
+                flat = idx[:, None] + np.where(inside, di[None, :] * nx, 0)
+            good = inside & ~flat_bad[flat]
             n_left = good[:, :r].sum(axis=1)
             n_right = good[:, r:].sum(axis=1)
             # Both sides must hold data: a one-sided fit would extrapolate the profile.
             ok = (n_left >= config.min_pixels_per_side) & (n_right >= config.min_pixels_per_side)
             n = n_left + n_right
             better = ok & (~best_ok | (n > best_n))
+            # Fits read good pixels only, which this pass never writes: no copy of the image needed.
             best_w[better] = np.where(good[better], kernel[None, :], 0.0)
-            best_v[better] = np.where(good[better], source[qy[better], qx[better]], 0.0)
+            best_v[better] = np.where(good[better], flat_img[flat[better]], 0.0)
             best_ok |= ok
             best_n = np.where(better, n, best_n)
         w, v = best_w[best_ok], best_v[best_ok]
@@ -165,43 +209,60 @@ def _profile_pass(img: npt.NDArray[np.float32], bad: npt.NDArray[np.bool_], psf_
         ridge = 1e-4 * np.trace(a, axis1=1, axis2=2)
         a[:, np.arange(4), np.arange(4)] += ridge[:, None]
         coef = np.linalg.solve(a, b[..., None])[..., 0]
-        img[py[best_ok], px[best_ok]] = coef @ at_zero
-        left[py[~best_ok], px[~best_ok]] = True
-    return left
+        filled_idx.append(idx[best_ok])
+        filled_val.append(coef @ at_zero)
+        left.append(idx[~best_ok])
+    # Written after all fits, so no fit reads a filled value.
+    flat_img[np.concatenate(filled_idx)] = np.concatenate(filled_val)
+    return np.concatenate(left)
 
 
-def _normalized_convolution_pass(img: npt.NDArray[np.float32], todo: npt.NDArray[np.bool_], sigma: float,
-                                 min_weight: float, tile_pix: int = 256) -> npt.NDArray[np.bool_]:
-    """Order-0 fill of ``todo`` pixels in place, tile by tile.
+def _normalized_convolution_pass(img: npt.NDArray[np.float32], todo: npt.NDArray[np.intp], sigma: float,
+                                 min_weight: float, tile_pix: int = 32) -> npt.NDArray[np.intp]:
+    """Order-0 fill of the ``todo`` pixels (flat indices) in place; return those left.
 
-    Only tiles holding ``todo`` pixels are filtered, each inside its box padded by the
-    filter radius (bad columns and bleed trails cover a few percent of a 4k frame, while
-    their bounding box is the whole frame). The result equals one full-frame pass: the
-    Gaussian is truncated at 4 sigma <= the padding, and pixels filled in this pass are
-    not used as data until the next one.
+    The filter runs only inside the bounding box of each cluster of tiles holding
+    ``todo`` pixels, padded by the filter radius (bad columns and bleed trails
+    cover a few per cent of a 4k frame, while their bounding box is the whole
+    frame). The result equals one full-frame pass: the Gaussian is truncated at
+    4 sigma <= the padding, and pixels filled in this pass are not used as data
+    until the next one.
     """
     ny, nx = img.shape
     pad = int(math.ceil(4.0 * sigma))
-    nty, ntx = -(-ny // tile_pix), -(-nx // tile_pix)
-    padded = np.zeros((nty * tile_pix, ntx * tile_pix), bool)
-    padded[:ny, :nx] = todo
-    tiles = padded.reshape(nty, tile_pix, ntx, tile_pix).any(axis=(1, 3))
-    left = todo.copy()
+    flat_img = img.reshape(-1)
+    ty, tx = np.divmod(todo, nx)
+    ty //= tile_pix
+    tx //= tile_pix
+    tiles = np.zeros((-(-ny // tile_pix), -(-nx // tile_pix)), dtype=bool)
+    tiles[ty, tx] = True
+    # Clusters of tiles closer than the filter radius share one box (their pads would overlap).
+    reach = 1 + pad // tile_pix
+    grouped = ndimage.binary_dilation(tiles, np.ones((2 * reach + 1, 2 * reach + 1), bool)) if reach > 1 else \
+        ndimage.binary_dilation(tiles, np.ones((3, 3), bool))
+    labels, _ = ndimage.label(grouped)
+    tile_label = labels[ty, tx]
+    todo_mask = np.zeros(img.shape, dtype=bool)
+    todo_mask.reshape(-1)[todo] = True
+    filled = np.zeros(todo.size, dtype=bool)
+    values = np.zeros(todo.size, dtype=np.float32)
     # The peak of a unit-normalised 2-D Gaussian is 1/(2 pi sigma^2); scale min_weight to it.
     peak = 2.0 * math.pi * sigma * sigma
-    for ty, tx in zip(*np.nonzero(tiles), strict=True):
-        ty0, tx0 = int(ty) * tile_pix, int(tx) * tile_pix
-        ty1, tx1 = min(ty0 + tile_pix, ny), min(tx0 + tile_pix, nx)
-        y0, y1 = max(ty0 - pad, 0), min(ty1 + pad, ny)
-        x0, x1 = max(tx0 - pad, 0), min(tx1 + pad, nx)
-        box_todo = todo[y0:y1, x0:x1]
-        good = (~box_todo).astype(np.float32)
+    order = np.argsort(tile_label, kind="stable")
+    bounds = np.flatnonzero(np.diff(tile_label[order])) + 1
+    for members in np.split(order, bounds):
+        yy, xx = np.divmod(todo[members], nx)
+        y0, y1 = max(int(yy.min()) - pad, 0), min(int(yy.max()) + 1 + pad, ny)
+        x0, x1 = max(int(xx.min()) - pad, 0), min(int(xx.max()) + 1 + pad, nx)
+        box_todo = todo_mask[y0:y1, x0:x1]
         num = ndimage.gaussian_filter(np.where(box_todo, np.float32(0.0), img[y0:y1, x0:x1]), sigma,
                                       mode="constant")
-        den = ndimage.gaussian_filter(good, sigma, mode="constant")
-        inner = np.s_[ty0 - y0: ty1 - y0, tx0 - x0: tx1 - x0]
-        fill = box_todo[inner] & (den[inner] * peak >= min_weight)
-        sub = img[ty0:ty1, tx0:tx1]
-        sub[fill] = num[inner][fill] / den[inner][fill]
-        left[ty0:ty1, tx0:tx1] &= ~fill
-    return left
+        den = ndimage.gaussian_filter((~box_todo).astype(np.float32), sigma, mode="constant")
+        ly, lx = yy - y0, xx - x0
+        d = den[ly, lx]
+        ok = d * peak >= min_weight
+        filled[members] = ok
+        values[members[ok]] = num[ly[ok], lx[ok]] / d[ok]
+    # Written after all boxes: pixels filled in this pass are data only in the next one.
+    flat_img[todo[filled]] = values[filled]
+    return todo[~filled]
