@@ -42,7 +42,11 @@ from ..masks import DEFECT_PLANES, MaskPlane
 from ..photo_calib import PhotoCalib
 from ..psf import GaussianPsf, PsfModel
 from .aperture_correction import (
-    BAD_NORMALIZATION_FLAGS, CALIB_FLUX, apply_normalization, measure_aperture_correction, measure_normalization,
+    BAD_NORMALIZATION_FLAGS,
+    CALIB_FLUX,
+    apply_normalization,
+    measure_aperture_correction,
+    measure_normalization,
 )
 from .astrometry import compute_coordinates, fit_astrometry
 from .background import subtract_background
