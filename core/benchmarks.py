@@ -315,6 +315,7 @@ def _quality_ours(frame_dir: Path, result: Any, config: Any) -> dict[str, Any]:
         aperture_correction_error_mmag,
         cr_masked_pct,
         star_recovery,
+        true_psf_fwhm_pix,
         wcs_error_mas,
         zero_point_error_mmag,
     )
@@ -342,7 +343,8 @@ def _quality_ours(frame_dir: Path, result: Any, config: Any) -> dict[str, Any]:
     stars = result.single_visit_star_unstandardized
     if "sky_source" in stars.colnames:
         stars = stars[~np.asarray(stars["sky_source"], bool)]
-    q["star_recovered_pct"], q["star_contaminant_pct"] = star_recovery(stars, truth.sources)
+    q["star_recovered_pct"], q["star_contaminant_pct"] = star_recovery(stars, truth.sources,
+                                                                       psf_fwhm_pix=true_psf_fwhm_pix(truth))
     return q
 
 

@@ -278,9 +278,15 @@ def _xy_columns(stars: Table) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.f
     raise KeyError(f"star table needs base_SdssCentroid_x/_y or x/y columns; it has {stars.colnames}")
 
 
+def true_psf_fwhm_pix(truth: DetectorTruth) -> float:
+    """FWHM (pixels) of the true PSF: 2.3548 × the median HSM sigma over the truth grid."""
+    return 2.3548 * float(np.median(np.asarray(truth.psf_grid["sigma_pix"], float)))
+
+
 def star_recovery(stars_table: Table, truth_sources: Table, *, match_radius_pix: float = 2.0,
                   snr_min: float = 10.0, edge_pix: float = 20.0, isolation_pix: float = 10.0,
-                  neighbour_flux_ratio: float = 0.1,
+                  neighbour_flux_ratio: float = 0.1, psf_fwhm_pix: float | None = None,
+                  isolation_fwhm: float = 2.5,
                   bbox: tuple[int, int, int, int] | None = None) -> tuple[float, float]:
     """Completeness and purity of a star selection.
 
@@ -296,9 +302,13 @@ def star_recovery(stars_table: Table, truth_sources: Table, *, match_radius_pix:
         Only true stars with truth ``snr`` ≥ this count for completeness.
     edge_pix
         ... and only those at least this far from the detector edge.
-    isolation_pix, neighbour_flux_ratio
+    isolation_pix, neighbour_flux_ratio, psf_fwhm_pix, isolation_fwhm
         ... and only those with no other true source brighter than
-        ``neighbour_flux_ratio`` × their flux within ``isolation_pix``.
+        ``neighbour_flux_ratio`` × their flux within ``max(isolation_pix,
+        isolation_fwhm × psf_fwhm_pix)``: isolation is a matter of PSF overlap,
+        so it scales with the seeing (10 px is 2.5 FWHM at 0.8″ and 0.2″/px; at
+        1.3″ a neighbour 10 px away is 1.5 FWHM off and merges with the star in
+        the smoothed image, undetectable as a separate peak).
     bbox
         ``(x_min, y_min, x_max, y_max)``; default ``truth_sources.meta["bbox"]``.
 
@@ -321,9 +331,10 @@ def star_recovery(stars_table: Table, truth_sources: Table, *, match_radius_pix:
     sx, sy = _xy_columns(stars_table)
 
     isolated = np.ones(len(tx), bool)
+    radius = max(isolation_pix, isolation_fwhm * psf_fwhm_pix) if psf_fwhm_pix else isolation_pix
     if len(tx) > 1:
         tree = cKDTree(np.column_stack([tx, ty]))
-        for i, j in tree.query_pairs(isolation_pix, output_type="ndarray"):
+        for i, j in tree.query_pairs(radius, output_type="ndarray"):
             if flux[j] > neighbour_flux_ratio * flux[i]:
                 isolated[i] = False
             if flux[i] > neighbour_flux_ratio * flux[j]:
@@ -404,7 +415,8 @@ def evaluate_detector(*, visit: int, detector: int, wcs: WCS | None, psf: PsfMod
     zp = (zero_point_error_mmag(calibration_njy_per_count, truth.calibration_njy_per_count)
           if calibration_njy_per_count is not None else nan)
     psf_err = psf_size_error_pct(psf, truth.psf_grid) if psf is not None else nan
-    rec, con = star_recovery(stars, truth.sources) if stars is not None else (nan, nan)
+    rec, con = (star_recovery(stars, truth.sources, psf_fwhm_pix=true_psf_fwhm_pix(truth))
+                if stars is not None else (nan, nan))
     cr = cr_masked_pct(mask, truth.cr_masks) if mask is not None else nan
     return {"visit": int(visit), "detector": int(detector), "wcs_rms_mas": rms, "wcs_max_mas": mx,
             "zp_err_mmag": zp, "psf_size_err_pct": psf_err, "star_recovered_pct": rec,

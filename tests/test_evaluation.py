@@ -278,3 +278,17 @@ def test_psf_truth_positions_selects_bright_unsaturated_stars_inside() -> None:
     assert len(x) == int(ok.sum()) == 38  # 40 stars minus the saturated and the faint one
     x2, _ = psf_truth_positions(truth, max_stars=10, seed=3)
     assert len(x2) == 10 and set(x2) <= set(x)
+
+
+def test_isolation_radius_scales_with_the_seeing():
+    # A star with a 12x brighter neighbour 12 px away is isolated at 0.8" seeing (FWHM 4 px:
+    # 12 px > 10 px = 2.5 FWHM) but not at 1.3" (FWHM 6.5 px: 2.5 FWHM = 16 px), where the pair
+    # merges in the smoothed image; a catalogue holding only the bright star then misses nothing.
+    from singleframe.sim.evaluation import star_recovery
+
+    truth = Table({"x": [100.0, 112.0], "y": [100.0, 100.0], "instflux": [400.0, 5000.0],
+                   "is_star": [True, True], "saturated": [False, False], "snr": [20.0, 100.0]})
+    truth.meta["bbox"] = (0, 0, 300, 300)
+    only_bright = Table({"x": [112.0], "y": [100.0]})
+    assert star_recovery(only_bright, truth, psf_fwhm_pix=4.0)[0] == 50.0
+    assert star_recovery(only_bright, truth, psf_fwhm_pix=6.5)[0] == 100.0
