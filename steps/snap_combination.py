@@ -110,55 +110,77 @@ def combine_snaps(snaps: Sequence[Exposure], *, config: SnapCombineConfig = Snap
     _check(snaps)
     a, b = snaps
     ta, tb = float(a.visit_info.exposure_time_s), float(b.visit_info.exposure_time_s)
-    ia, ib = a.image.astype(np.float64), b.image.astype(np.float64)
-    va, vb = a.variance.astype(np.float64), b.variance.astype(np.float64)
-    mask = (a.mask | b.mask).astype(MASK_DTYPE)
+    r = ta / tb
+    # float32 throughout and pixel-level fixes: 4096² snaps cost ~0.3 GB at the peak instead
+    # of ~1.4 GB of float64 temporaries.
+    image = np.add(a.image, b.image, dtype=np.float32)
+    variance = np.add(a.variance, b.variance, dtype=np.float32)
+    mask = np.bitwise_or(a.mask, b.mask, dtype=MASK_DTYPE)
     n_cr = 0
     if config.repair_cosmic_rays:
-        hit_a, hit_b = _difference_hits(ia, ib, va, vb, ta / tb, a.mask | b.mask, config)
-        r = ta / tb
-        # Replace the hit snap by the other one scaled to its exposure time.
-        ia = np.where(hit_a, ib * r, ia)
-        va = np.where(hit_a, vb * r * r, va)
-        ib = np.where(hit_b, ia / r, ib)
-        vb = np.where(hit_b, va / (r * r), vb)
-        hit = hit_a | hit_b
-        mask |= np.where(hit, MASK_DTYPE(int(MaskPlane.CR)), MASK_DTYPE(0))
-        n_cr = int(hit.sum())
+        ya, xa, yb, xb = _difference_hits(a, b, r, mask, config)
+        # A hit snap is replaced by the other one scaled to its exposure time.
+        ib, vb = b.image[ya, xa].astype(np.float64), b.variance[ya, xa].astype(np.float64)
+        image[ya, xa] = ib * r + ib
+        variance[ya, xa] = vb * r * r + vb
+        ia, va = a.image[yb, xb].astype(np.float64), a.variance[yb, xb].astype(np.float64)
+        image[yb, xb] = ia + ia / r
+        variance[yb, xb] = va + va / (r * r)
+        mask[ya, xa] |= MASK_DTYPE(int(MaskPlane.CR))
+        mask[yb, xb] |= MASK_DTYPE(int(MaskPlane.CR))
+        n_cr = int(ya.size + yb.size)
     vi = dataclasses.replace(a.visit_info, exposure_time_s=ta + tb,
                              mjd_tai=0.5 * (a.visit_info.mjd_tai + b.visit_info.mjd_tai))
-    combined = a.replace(image=(ia + ib).astype(np.float32), variance=(va + vb).astype(np.float32),
-                         mask=mask, visit_info=vi).with_metadata(n_snaps=2, snap_cr_pixels=n_cr)
+    combined = a.replace(image=image, variance=variance, mask=mask,
+                         visit_info=vi).with_metadata(n_snaps=2, snap_cr_pixels=n_cr)
     return SnapCombineResult(combined, 2, n_cr)
 
 
-def _difference_hits(ia: npt.NDArray[np.float64], ib: npt.NDArray[np.float64], va: npt.NDArray[np.float64],
-                     vb: npt.NDArray[np.float64], ratio: float, mask: npt.NDArray[np.integer],
-                     config: SnapCombineConfig) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
-    """Pixels hit in snap a only and in snap b only."""
-    ny, nx = ia.shape
-    d = ia - ib * ratio
-    vd = va + vb * ratio * ratio
-    sd = np.sqrt(np.where(vd > 0, vd, np.inf))
-    z = d / sd
-    unusable = (np.asarray(mask) & MASK_DTYPE(int(MaskPlane.SAT | MaskPlane.NO_DATA | MaskPlane.BAD))) != 0
-    cand = (np.abs(z) > config.difference_sigma) & ~unusable
-    cand[0, :] = cand[-1, :] = False
-    cand[:, 0] = cand[:, -1] = False
-    ys, xs = np.nonzero(cand)
+def _difference_hits(a: Exposure, b: Exposure, ratio: float, mask: npt.NDArray[np.integer],
+                     config: SnapCombineConfig, block_rows: int = 256) -> tuple[npt.NDArray[np.intp], ...]:
+    """Pixels hit in snap a only and in snap b only, as ``(ya, xa, yb, xb)`` index arrays.
+
+    The difference ``a - ratio b`` is formed in blocks of rows (with a one-row halo for the
+    neighbour tests), in float32: only candidate pixels are examined further.
+    """
+    ny, nx = a.shape
+    unusable_bits = MASK_DTYPE(int(MaskPlane.SAT | MaskPlane.NO_DATA | MaskPlane.BAD))
     hit = np.zeros((ny, nx), dtype=bool)
-    if ys.size:
+    negative = np.zeros((ny, nx), dtype=bool)
+    rf = np.float32(ratio)
+    for y0 in range(0, ny, block_rows):
+        lo, hi = max(y0 - 1, 0), min(y0 + block_rows + 1, ny)
+        d = a.image[lo:hi] - b.image[lo:hi] * rf
+        vd = a.variance[lo:hi] + b.variance[lo:hi] * (rf * rf)
+        sd = np.sqrt(np.where(vd > 0, vd, np.float32(np.inf)))
+        z = d / sd
+        unusable = (mask[lo:hi] & unusable_bits) != 0
+        cand = (np.abs(z) > config.difference_sigma) & ~unusable
+        # Only rows of this block are candidates; the frame's outer pixels never are.
+        cand[: y0 - lo] = False
+        cand[min(y0 + block_rows, ny) - lo:] = False
+        if y0 == 0:
+            cand[0] = False
+        if hi == ny:
+            cand[-1] = False
+        cand[:, 0] = cand[:, -1] = False
+        ys, xs = np.nonzero(cand)
+        if not ys.size:
+            continue
         neigh = np.stack([d[ys + dy, xs + dx] for dy, dx in _NEIGHBOURS_8], axis=1)
         sign = np.sign(d[ys, xs])
         excess = sign * (d[ys, xs] - np.median(neigh, axis=1)) / sd[ys, xs]
         sharp = excess > config.sharpness_sigma
-        hit[ys[sharp], xs[sharp]] = True
+        hy, hx, hs = ys[sharp], xs[sharp], sign[sharp]
+        hit[hy + lo, hx] = True
+        negative[hy + lo, hx] = hs < 0
         # One growth pass into same-sign neighbours above grow_sigma (faint track edges).
-        hy, hx = ys[sharp], xs[sharp]
-        hs = sign[sharp]
+        bh = hi - lo
         for dy, dx in _NEIGHBOURS_8:
-            gy, gx = np.clip(hy + dy, 0, ny - 1), np.clip(hx + dx, 0, nx - 1)
+            gy, gx = np.clip(hy + dy, 0, bh - 1), np.clip(hx + dx, 0, nx - 1)
             grow = (hs * z[gy, gx] > config.grow_sigma) & ~unusable[gy, gx]
-            hit[gy[grow], gx[grow]] = True
-    positive = d > 0
-    return hit & positive, hit & ~positive
+            hit[gy[grow] + lo, gx[grow]] = True
+            negative[gy[grow] + lo, gx[grow]] = d[gy[grow], gx[grow]] <= 0
+    ys, xs = np.nonzero(hit)
+    neg = negative[ys, xs]
+    return ys[~neg], xs[~neg], ys[neg], xs[neg]
