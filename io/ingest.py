@@ -56,6 +56,7 @@ import numpy.typing as npt
 from astropy.io import fits
 from astropy.time import Time
 from astropy.wcs import WCS
+from astropy.wcs.utils import proj_plane_pixel_scales
 
 from ..errors import DatasetError, IngestError
 from ..exposure import DEFAULT_OBSERVATORY, DetectorInfo, Exposure, VisitInfo
@@ -398,10 +399,37 @@ def _read_hdul(hdul: fits.HDUList, path: str, data: bytes, instrument: str | Non
     if mask is None or variance is None:
         image, mask, variance = _noise_model(image, detector)
     origin = (-int(h.first("LTV1") or 0), -int(h.first("LTV2") or 0))
+    metadata: dict[str, Any] = {"ingest.source": path, "ingest.sha256": sha,
+                                "ingest.object": str(h.first("OBJECT") or "")}
+    seeing = _seeing_fwhm_pix(h, wcs)
+    if seeing is not None:
+        metadata["seeing_fwhm_pix"] = seeing  # for calibrate's psf_fallback='seeing' on star-less frames
     exposure = Exposure(image=image, mask=mask, variance=variance, visit_info=visit_info, detector=detector,
-                        wcs=wcs, origin=origin, metadata={"ingest.source": path, "ingest.sha256": sha,
-                                                          "ingest.object": str(h.first("OBJECT") or "")})
+                        wcs=wcs, origin=origin, metadata=metadata)
     return RawFile(path, exposure, _snap(h, snap_key), sha)
+
+
+#: Header keywords of the seeing FWHM, in pixels (NOIRLab CP) or arcsec (others), most specific first.
+SEEING_KEYS_PIX = ("FWHM",)
+SEEING_KEYS_ARCSEC = ("SEEING", "L1FWHM", "FWHM_ARC")
+
+
+def _seeing_fwhm_pix(h: _Header, wcs: Any) -> float | None:
+    """The header's seeing FWHM in pixels (arcsec keywords through the WCS pixel scale), or None."""
+    for keys, to_pix in ((SEEING_KEYS_PIX, 1.0), (SEEING_KEYS_ARCSEC, None)):
+        for key in keys:
+            value = h.first(key)
+            try:
+                v = float(value) if value is not None else float("nan")
+            except (TypeError, ValueError):
+                continue
+            if not (math.isfinite(v) and v > 0):
+                continue
+            if to_pix is None:
+                scale_arcsec = float(np.mean(proj_plane_pixel_scales(wcs.celestial))) * 3600.0
+                return v / scale_arcsec if scale_arcsec > 0 else None
+            return v
+    return None
 
 
 def _snap(h: _Header, snap_key: str) -> int | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..configuration import config_from_dict, config_hash, config_to_dict, load_config_file
 from ..errors import ConfigError
@@ -68,6 +68,11 @@ class CalibrateImageConfig:
     n_psf_passes: int = 1
     #: Re-estimate the background with detected sources masked after each detection pass.
     reestimate_background: bool = True
+    #: A frame with too few stars for a PSF: ``error`` raises PsfFitError (the default: never a
+    #: guessed PSF unannounced); ``seeing`` installs a Gaussian of the seeing FWHM in the exposure
+    #: metadata ``seeing_fwhm_pix`` (ingest fills it from the header's FWHM/SEEING keywords), sets
+    #: ``PSF_FALLBACK`` in the image metadata, no ``calib_psf_used`` star, and goes on.
+    psf_fallback: Literal["error", "seeing"] = "error"
     aperture_correction: ApertureCorrectionConfig = field(default_factory=ApertureCorrectionConfig)
     astrometry: AstrometryConfig = field(default_factory=AstrometryConfig)
     #: Extra radius (arcsec) around the detector for loading reference stars (covers pointing errors).

@@ -33,7 +33,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from ..background import BackgroundList
-from ..errors import AllCentroidsFlaggedError
+from ..errors import AllCentroidsFlaggedError, PsfFitError
 from ..exposure import Exposure
 from ..fields import ChebyshevField
 from ..footprints import Detections, labels_to_spans
@@ -95,16 +95,20 @@ def characterize(snaps: Sequence[Exposure], *, config: CalibrateImageConfig) -> 
     exposure = subtract_background(exposure, config=config.background).exposure
     del combined  # every superseded full-frame array is released as soon as possible (peak RSS)
     # Defects (BAD columns, SAT bleed trails, NO_DATA) are interpolated once for measurement.
-    initial = estimate_initial_psf(exposure.image, exposure.variance, exposure.mask,
-                                   config=config.initial_psf, origin=exposure.origin)
-    diag["initial_psf_sigma_pix"] = initial.sigma_pix
-    diag["initial_psf_n_stars"] = initial.n_stars
-    psf: PsfModel = initial.psf
-    exposure = _interpolate_defects(exposure, psf_sigma_pix=initial.sigma_pix, config=config)
+    try:
+        initial = estimate_initial_psf(exposure.image, exposure.variance, exposure.mask,
+                                       config=config.initial_psf, origin=exposure.origin)
+        initial_sigma, diag["initial_psf_n_stars"] = initial.sigma_pix, initial.n_stars
+    except PsfFitError as exc:
+        initial_sigma = _seeing_fallback_sigma(exposure, config, exc)
+        diag["initial_psf_n_stars"] = 0
+        diag["psf_fallback"] = "seeing"
+    diag["initial_psf_sigma_pix"] = initial_sigma
+    psf: PsfModel = GaussianPsf(initial_sigma)
+    exposure = _interpolate_defects(exposure, psf_sigma_pix=initial_sigma, config=config)
 
     catalog = None
     detections = None
-    fit = None
     repaired = exposure
     for pass_index in range(config.n_psf_passes):
         sigma = _psf_center_sigma(psf, exposure)
@@ -122,16 +126,24 @@ def characterize(snaps: Sequence[Exposure], *, config: CalibrateImageConfig) -> 
         del det
         catalog = measure_sources(repaired, detections, config=config.measurement).catalog
         candidates = select_psf_candidates(catalog, config=config.psf_star_selector)
-        fit = fit_psf(repaired, catalog, candidates.candidate, config=config.psf_fit)
+        try:
+            fit = fit_psf(repaired, catalog, candidates.candidate, config=config.psf_fit)
+            fitted, used, reserved = fit.psf, fit.used, fit.reserved
+        except PsfFitError as exc:
+            if config.psf_fallback != "seeing" or "psf_fallback" not in diag:
+                raise
+            # Too few stars even for the Gaussian fallback of fit_psf: keep the seeing Gaussian.
+            fitted, used, reserved = psf, np.zeros(len(catalog), bool), np.zeros(len(catalog), bool)
+            diag["psf_fallback_reason"] = str(exc)
         diag[f"pass{pass_index + 1}_n_detections"] = len(detections)
         diag[f"pass{pass_index + 1}_n_psf_candidates"] = int(candidates.n_candidates)
-        diag[f"pass{pass_index + 1}_n_psf_used"] = int(fit.n_used)
+        diag[f"pass{pass_index + 1}_n_psf_used"] = int(np.sum(used))
         if pass_index + 1 < config.n_psf_passes:
             # Install a Gaussian of the fitted size to start the next pass (reduces noise).
-            psf = GaussianPsf(float(fit.psf.sigma(*exposure.center_pix)))
+            psf = GaussianPsf(float(fitted.sigma(*exposure.center_pix)))
         else:
-            psf = fit.psf
-    assert catalog is not None and detections is not None and fit is not None
+            psf = fitted
+    assert catalog is not None and detections is not None
 
     # Final repair with the fitted PSF, interpolating cosmic rays, then re-measure.
     sigma = _psf_center_sigma(psf, exposure)
@@ -145,13 +157,32 @@ def characterize(snaps: Sequence[Exposure], *, config: CalibrateImageConfig) -> 
     diag["psf_sigma_pix"] = float(sigma)
     catalog = measure_sources(exposure, detections, config=config.measurement).catalog
     catalog["calib_psf_candidate"] = np.asarray(candidates.candidate, bool)
-    catalog["calib_psf_used"] = np.asarray(fit.used, bool)
-    catalog["calib_psf_reserved"] = np.asarray(fit.reserved, bool)
+    catalog["calib_psf_used"] = np.asarray(used, bool)
+    catalog["calib_psf_reserved"] = np.asarray(reserved, bool)
+    if "psf_fallback" in diag:
+        exposure = exposure.with_metadata(PSF_FALLBACK="seeing")
     require_good_centroids(catalog)
     ids = packed_source_ids(exposure.visit_info.visit, exposure.detector.id, len(catalog), catalog=PSF_CATALOG)
     catalog["id"] = ids
     footprints = labels_to_spans(detections.labels, ids, origin=exposure.origin)
     return CharacterizeResult(exposure, exposure.background or BackgroundList(), catalog, footprints, diag)
+
+
+def _seeing_fallback_sigma(exposure: Exposure, config: CalibrateImageConfig, exc: PsfFitError) -> float:
+    """Gaussian sigma (px) of the seeing in the metadata, when ``psf_fallback`` allows it; else re-raise."""
+    if config.psf_fallback != "seeing":
+        raise exc
+    fwhm = exposure.metadata.get("seeing_fwhm_pix")
+    try:
+        fwhm = float(fwhm) if fwhm is not None else float("nan")
+    except (TypeError, ValueError):
+        fwhm = float("nan")
+    if not (math.isfinite(fwhm) and fwhm > 0):
+        raise PsfFitError(
+            f"{exc} and psf_fallback='seeing' needs the exposure metadata 'seeing_fwhm_pix' (from the header's "
+            "FWHM/SEEING keywords at ingest); it is missing or not positive", metadata=dict(exc.metadata),
+        ) from exc
+    return fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 
 def require_good_centroids(catalog: Table) -> None:

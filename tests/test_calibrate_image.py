@@ -173,3 +173,22 @@ def test_all_centroids_flagged_raise_with_counts(scene) -> None:
     assert err.value.metadata["n_sources"] == len(catalog) == err.value.metadata["n_flagged"]
     catalog["base_SdssCentroid_flag"][0] = False  # one usable source is enough to go on
     require_good_centroids(catalog)
+
+
+def test_star_less_frame_fails_or_falls_back_to_the_header_seeing(scene) -> None:
+    from singleframe.errors import PsfFitError
+
+    rng = np.random.default_rng(5)
+    blank = scene.exposure.replace(image=rng.normal(0.0, 10.0, scene.exposure.shape).astype(np.float32))
+    # Default: a typed error, never a guessed PSF.
+    with pytest.raises(PsfFitError, match="too few bright stars"):
+        characterize([blank], config=load_calibrate_config(None, SMALL_SCENE))
+    fallback = load_calibrate_config(None, {**SMALL_SCENE, "psf_fallback": "seeing"})
+    # The fallback needs the seeing in the metadata, and says so.
+    with pytest.raises(PsfFitError, match="seeing_fwhm_pix"):
+        characterize([blank], config=fallback)
+    # With it, the Gaussian of that FWHM is installed and flagged; no star is a PSF star.
+    res = characterize([blank.with_metadata(seeing_fwhm_pix=4.7)], config=fallback)
+    assert res.exposure.metadata["PSF_FALLBACK"] == "seeing"
+    assert 2.3548 * res.exposure.psf.sigma(*res.exposure.center_pix) == pytest.approx(4.7, rel=1e-3)
+    assert not np.any(np.asarray(res.psf_stars["calib_psf_used"], bool))

@@ -191,3 +191,13 @@ def test_placeholder_values_count_as_missing(tmp_path: Path) -> None:
     bad = _write(tmp_path / "bad.fits", EXPTIME="N/A")
     with pytest.raises(IngestError, match="EXPTIME"):
         read_raw_file(bad)
+
+
+def test_header_seeing_is_recorded_in_pixels(tmp_path: Path) -> None:
+    # For calibrate's psf_fallback='seeing': the CP's FWHM is in pixels; SEEING is in arcsec and
+    # goes through the WCS scale (0.2"/px); no keyword, no entry.
+    fwhm_px = read_raw_file(_write(tmp_path / "a.fits", FWHM=4.2)).exposure.metadata["seeing_fwhm_pix"]
+    assert fwhm_px == pytest.approx(4.2)
+    seeing = read_raw_file(_write(tmp_path / "b.fits", SEEING=0.9)).exposure.metadata["seeing_fwhm_pix"]
+    assert seeing == pytest.approx(4.5, rel=1e-9)  # 0.9" / 0.2"/px, exact up to round-off
+    assert "seeing_fwhm_pix" not in read_raw_file(_write(tmp_path / "c.fits")).exposure.metadata

@@ -103,7 +103,8 @@ def _decam_exposure(ooi: str) -> tuple[Exposure, float]:
     visit = VisitInfo(int(h0["EXPNUM"]), float(h0["EXPTIME"]), float(h0["MJD-OBS"]), h0["FILTER"][0],
                       h0["FILTER"][0], 0.0, 0.0, 0.0)
     exposure = Exposure(image, mask, variance.astype(np.float32), visit,
-                        DetectorInfo(int(h0.get("CCDNUM", 0)), gain_e_per_count=float(h.get("GAINA", 1.0))))
+                        DetectorInfo(int(h0.get("CCDNUM", 0)), gain_e_per_count=float(h.get("GAINA", 1.0))),
+                        metadata={"seeing_fwhm_pix": float(h["FWHM"])})  # as ingest reads the CP's FWHM
     return exposure, float(h["FWHM"])
 
 
@@ -120,6 +121,32 @@ def test_decam_cutout_psf_fwhm_agrees_with_the_header(real_data: Path, testcase:
     # The CP's FWHM comes from its own PSF fit; the bar is agreement within 10 %
     # (measured: testcase8 +7.5 %, testcase4 +1.3 %).
     assert 2.3548 * sigma == pytest.approx(fwhm_header, rel=0.10)
+
+
+def _decam_cutouts(real_data: Path) -> list[str]:
+    return sorted(glob.glob(str(real_data / "legacypipe-decam" / "testcase*" / "images" / "**" / "*ooi*"),
+                            recursive=True))
+
+
+def test_every_decam_cutout_characterizes_with_the_seeing_fallback(real_data: Path) -> None:
+    # All 22 DECam cut-outs (41x51 to 280x375 px, 0-8 stars, masks, a saturated star with a bleed
+    # trail) run to the end. Where no star can give a PSF the header seeing is installed and
+    # flagged (PSF_FALLBACK), never silently; frames with stars measure their own PSF.
+    fallback = {**_TINY, "psf_fallback": "seeing"}
+    ooi = _decam_cutouts(real_data)
+    assert len(ooi) == 22
+    n_measured = 0
+    for path in ooi:
+        exposure, fwhm_header = _decam_exposure(path)
+        result = characterize([exposure], config=load_calibrate_config(None, fallback))
+        fwhm = 2.3548 * result.exposure.psf.sigma(*result.exposure.center_pix)
+        # The bar: PSF FWHM within 10 % of the header's (the CP's own PSF fit).
+        assert fwhm == pytest.approx(fwhm_header, rel=0.10), path
+        if "PSF_FALLBACK" in result.exposure.metadata:
+            assert not np.any(result.psf_stars["calib_psf_used"])
+        else:
+            n_measured += 1
+    assert n_measured >= 2  # testcase4 and testcase8 at least fit their own PSF
 
 
 def test_decam_cutout_without_stars_fails_with_an_explanation(real_data: Path) -> None:
