@@ -205,3 +205,68 @@ def test_pixel_psf_offset_images_are_shifted_centred_images(varying_scene):
     ref = shift_stamps(fit.psf.images(x, y), x - np.round(x), y - np.round(y))
     ref /= ref.sum(axis=(1, 2), keepdims=True)
     np.testing.assert_allclose(off, ref, atol=1e-6 * off.max())
+
+
+# --------------------------------------------------------------------------------------
+# Ellipticity (issue 3: |median δe| ≤ 5e-4). On the benchmark frames the median ellipticity
+# residual is set by photon noise of the PSF stars (about 2 / sqrt(Σ (S/N)²) per component);
+# these tests pin down the method itself with stars so bright that noise is negligible, and
+# the star ranking that keeps the information of crowded frames.
+# --------------------------------------------------------------------------------------
+def e_at(x, y):
+    """True ellipticity: both components vary linearly across the detector (as in the simulator's field)."""
+    u = 2 * (np.asarray(x) - ORIGIN[0]) / SHAPE[1] - 1
+    v = 2 * (np.asarray(y) - ORIGIN[1]) / SHAPE[0] - 1
+    return 0.03 + 0.02 * u, -0.02 + 0.015 * v
+
+
+def elliptical_kernel(x, y, size, centered=False):
+    e1, e2 = e_at(x, y)
+    return GaussianPsf(float(sigma_at(x, y)), e1=float(e1), e2=float(e2)).image(x, y, size=size, centered=centered)
+
+
+def distortion(xx, yy, xy):
+    return (xx - yy) / (xx + yy), 2 * xy / (xx + yy)
+
+
+@pytest.fixture(scope="module")
+def bright_scene():
+    rng = np.random.default_rng(41)
+    xs, ys = positions(rng, 90)
+    # S/N ~ 3e3-1e4 per star: the noise floor of the median δe (~2/sqrt(Σ S/N²) ≈ 3e-5) is far below the checks.
+    flux = 10 ** rng.uniform(7.0, 8.0, xs.size)
+    img, var = render(xs, ys, flux, elliptical_kernel, seed=42)
+    exp = exposure(img, var, GaussianPsf(2.1))
+    cat = measure_sources(exp, detect(img, var)).catalog
+    return exp, cat
+
+
+def test_fit_has_no_ellipticity_bias_at_held_out_positions(bright_scene):
+    exp, cat = bright_scene
+    snr = np.asarray(cat["base_PsfFlux_instFlux"]) / np.asarray(cat["base_PsfFlux_instFluxErr"])
+    cand = np.isfinite(snr) & (snr > 100) & ~np.asarray(cat["base_SdssCentroid_flag"], bool)
+    assert cand.sum() >= 80
+    fit = fit_psf(exp, cat, cand, config=PsfFitConfig())
+    rng = np.random.default_rng(6)
+    tx = rng.uniform(40, SHAPE[1] - 40, 60) + ORIGIN[0]
+    ty = rng.uniform(40, SHAPE[0] - 40, 60) + ORIGIN[1]
+    truth = np.stack([elliptical_kernel(a, b, 41, centered=True) for a, b in zip(tx, ty, strict=True)])
+    t = adaptive_moments(truth, sigma_guess_pix=2.0)
+    m = adaptive_moments(fit.psf.images(tx, ty, size=41), sigma_guess_pix=2.0)
+    de1 = distortion(m.xx, m.yy, m.xy)[0] - distortion(t.xx, t.yy, t.xy)[0]
+    de2 = distortion(m.xx, m.yy, m.xy)[1] - distortion(t.xx, t.yy, t.xy)[1]
+    # Noise floor ~3e-5 and the quadratic polynomial follows this smooth field closely: a
+    # method bias (shift interpolant, centring, weighting) of the 1e-3 size seen on noisy frames would fail.
+    assert abs(np.median(de1)) < 1.5e-4 and abs(np.median(de2)) < 1.5e-4
+    assert np.max(np.abs(de1)) < 5e-4 and np.max(np.abs(de2)) < 5e-4  # worst held-out point 2.3e-4 (polynomial)
+
+
+def test_max_stars_keeps_the_brightest_candidates(bright_scene):
+    exp, cat = bright_scene
+    snr = np.asarray(cat["base_PsfFlux_instFlux"]) / np.asarray(cat["base_PsfFlux_instFluxErr"])
+    cand = np.isfinite(snr) & (snr > 100) & ~np.asarray(cat["base_SdssCentroid_flag"], bool)
+    fit = fit_psf(exp, cat, cand, config=PsfFitConfig(max_stars=30, n_reject_iterations=0))
+    pool = cand & ~fit.reserved  # the reserve is drawn first, at random, from all candidates
+    assert fit.n_used == 30
+    assert np.min(snr[fit.used]) >= np.sort(snr[pool])[-30]
+    assert fit.n_reserved == int(0.1 * cand.sum())
