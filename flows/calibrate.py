@@ -107,11 +107,23 @@ def _only_transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def _cache_key(stage: Stage, data_id: DataId, input_refs: dict[str, list[DatasetRef]], ctx: RunContext) -> str:
+def _input_version(store: ArtifactStore, ref: DatasetRef) -> str:
+    """One stored version of an input (bytes and write time, :meth:`ArtifactStore.version`).
+
+    A re-produced input is a new version even when its bytes come out the same, so deleting a
+    dataset recomputes the stage that produces it *and* every stage downstream of it, while a
+    finished run, whose inputs are untouched, recomputes nothing.
+    """
+    return f"{ref.uri}#" + store.version(ref.dataset_type, run=ref.run, instrument=ref.instrument,
+                                         visit=ref.visit, detector=ref.detector, snap=ref.snap)
+
+
+def _cache_key(stage: Stage, data_id: DataId, input_refs: dict[str, list[DatasetRef]], ctx: RunContext,
+               store: ArtifactStore) -> str:
     payload = {
         "stage": stage.name,
         "data_id": data_id.to_dict(),
-        "inputs": {k: sorted(f"{r.uri}#{r.checksum}" for r in v) for k, v in sorted(input_refs.items())},
+        "inputs": {k: sorted(_input_version(store, r) for r in v) for k, v in sorted(input_refs.items())},
         "config_hash": ctx.config_hash,
         "code_version": __version__,
     }
@@ -139,7 +151,7 @@ def run_stage(stage: Stage, ctx: RunContext, data_id: DataId,
     """Run one stage for one detector, or return its cached outputs."""
     store = ArtifactStore(ctx.store)
     input_refs = _input_refs(store, stage, data_id, ctx)
-    key = _cache_key(stage, data_id, input_refs, ctx)
+    key = _cache_key(stage, data_id, input_refs, ctx, store)
     where = {"run": ctx.output_run, "instrument": data_id.instrument, "visit": data_id.visit, "detector": data_id.detector}
     config = calibrate_config_from_dict(ctx.config)
     outputs = persisted_outputs(stage, config)

@@ -52,7 +52,7 @@ def plot_detector_diagnostics(store: ArtifactStore, *, run: str, data_id: DataId
     data_id
         The detector.
     force
-        Redraw even when the stored figure was drawn from the same dataset checksums.
+        Redraw even when the stored figure was drawn from the same dataset versions.
 
     Returns
     -------
@@ -66,7 +66,7 @@ def plot_detector_diagnostics(store: ArtifactStore, *, run: str, data_id: DataId
     """
     where = {"run": run, "instrument": data_id.instrument, "visit": data_id.visit, "detector": data_id.detector}
     png = diagnostics_path(run, data_id)
-    key = {name: store.ref(name, **where).checksum for name in PLOTTED_DATASETS}
+    key = {name: store.version(name, **where) for name in PLOTTED_DATASETS}
     sidecar = png + ".key.json"
     if not force and store.exists_path(png) and store.exists_path(sidecar):
         if json.loads(store.get_bytes(sidecar)) == key:

@@ -14,7 +14,6 @@ functions of :mod:`singleframe.steps.pipeline`, and pack the products.
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any

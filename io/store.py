@@ -335,6 +335,17 @@ class ArtifactStore:
                                        f"{self.url(path)}", dataset_type=dtype.name, uri=self.url(path))
         return self._make_ref(dtype, path, run, data_id, str(prov.get("checksum")) if prov.get("checksum") else None)
 
+    def version(self, dataset_type: str, *, run: str, instrument: str, visit: int | None = None,
+                detector: int | None = None, snap: int | None = None) -> str:
+        """Identity of the stored version of a dataset: ``<checksum>@<write time>``.
+
+        Two writes of the same bytes are two versions: caches keyed on versions recompute
+        everything downstream of a re-produced dataset, and nothing when nothing was rewritten.
+        """
+        prov = self.provenance(dataset_type, run=run, instrument=instrument, visit=visit, detector=detector,
+                               snap=snap)
+        return f"{prov.get('checksum')}@{prov.get('created_utc')}"
+
     def delete(self, dataset_type: str, *, run: str, instrument: str, visit: int | None = None,
                detector: int | None = None, snap: int | None = None) -> None:
         """Remove a dataset and its sidecar (sidecar first, so a half-deleted dataset reads as missing)."""
