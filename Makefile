@@ -36,6 +36,12 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) -m singleframe.benchmarks --suite quick --repeat 3 --peer-repeat 1 --check
 
+## make bench-orchestration: issue-6 bars (Prefect overhead, Dask speed-up, re-run, flow memory) on a simulated
+## 20 x 4096² visit against a local Prefect server; writes benchmarks/results/orchestration-*.{md,json}.
+.PHONY: bench-orchestration
+bench-orchestration: $(STAMP)
+	$(PY) -m singleframe.orchestration_bench --detectors 20 --size 4096
+
 ## make bench-setup: install the peer systems (Debian packages when root with apt; astroscrappy into .venv).
 bench-setup: $(STAMP)
 	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
