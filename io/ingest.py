@@ -416,19 +416,17 @@ SEEING_KEYS_ARCSEC = ("SEEING", "L1FWHM", "FWHM_ARC")
 
 def _seeing_fwhm_pix(h: _Header, wcs: Any) -> float | None:
     """The header's seeing FWHM in pixels (arcsec keywords through the WCS pixel scale), or None."""
-    for keys, to_pix in ((SEEING_KEYS_PIX, 1.0), (SEEING_KEYS_ARCSEC, None)):
-        for key in keys:
-            value = h.first(key)
-            try:
-                v = float(value) if value is not None else float("nan")
-            except (TypeError, ValueError):
-                continue
-            if not (math.isfinite(v) and v > 0):
-                continue
-            if to_pix is None:
-                scale_arcsec = float(np.mean(proj_plane_pixel_scales(wcs.celestial))) * 3600.0
-                return v / scale_arcsec if scale_arcsec > 0 else None
+    for keys, in_arcsec in ((SEEING_KEYS_PIX, False), (SEEING_KEYS_ARCSEC, True)):
+        try:
+            v = float(h.first(*keys))
+        except (TypeError, ValueError):
+            continue
+        if not (math.isfinite(v) and v > 0):
+            continue
+        if not in_arcsec:
             return v
+        scale_arcsec = float(np.mean(proj_plane_pixel_scales(wcs.celestial))) * 3600.0
+        return v / scale_arcsec if scale_arcsec > 0 else None
     return None
 
 

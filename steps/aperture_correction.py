@@ -385,6 +385,14 @@ def _aperture_radius(stem: str) -> float:
             from None
 
 
+def _require_columns(catalog: Table, cols: list[str], *, knob: str, stem: str) -> None:
+    """ConfigError naming the option whose aperture the catalogue lacks."""
+    missing = [c for c in cols if c not in catalog.colnames]
+    if missing:
+        raise ConfigError(f"aperture_correction.{knob}={stem!r}: the catalogue has no {missing}; measure that "
+                          f"aperture (measurement.aperture_radii_pix) or set {knob} to null")
+
+
 def _curve_of_growth(catalog: Table, clean: npt.NDArray[np.bool_],
                      config: ApertureCorrectionConfig) -> tuple[float, float, int, bool]:
     """Factor ``f_total / f_ref`` for a point source, its error, stars used and a fallback flag.
@@ -399,11 +407,8 @@ def _curve_of_growth(catalog: Table, clean: npt.NDArray[np.bool_],
     25-40 mmag: the faint stars' scatter is additive counts, which the χ² scaling represents.)
     """
     tot_stem, ref_stem = config.total_aperture, config.reference_aperture
-    cols = [f"{tot_stem}_instFlux", f"{tot_stem}_instFluxErr", f"{tot_stem}_flag", f"{ref_stem}_instFluxErr"]
-    missing = [c for c in cols if c not in catalog.colnames]
-    if missing:
-        raise ConfigError(f"aperture_correction.total_aperture={tot_stem!r}: the catalogue has no {missing}; "
-                          "measure that aperture (measurement.aperture_radii_pix) or set total_aperture to null")
+    _require_columns(catalog, [f"{tot_stem}_instFlux", f"{tot_stem}_instFluxErr", f"{tot_stem}_flag",
+                               f"{ref_stem}_instFluxErr"], knob="total_aperture", stem=tot_stem)
     f_ref = np.asarray(catalog[f"{ref_stem}_instFlux"], float)
     e_ref = np.asarray(catalog[f"{ref_stem}_instFluxErr"], float)
     f_tot = np.asarray(catalog[f"{tot_stem}_instFlux"], float)
@@ -414,11 +419,8 @@ def _curve_of_growth(catalog: Table, clean: npt.NDArray[np.bool_],
         & np.isfinite(f_ref) & np.isfinite(f_tot) & (f_ref > 0) & (e_ref > 0) & (e_ann > 0)
     tail_stem = config.tail_aperture
     if tail_stem is not None:
-        tail_cols = [f"{tail_stem}_instFlux", f"{tail_stem}_instFluxErr", f"{tail_stem}_flag"]
-        missing = [c for c in tail_cols if c not in catalog.colnames]
-        if missing:
-            raise ConfigError(f"aperture_correction.tail_aperture={tail_stem!r}: the catalogue has no {missing}; "
-                              "measure that aperture or set tail_aperture to null")
+        _require_columns(catalog, [f"{tail_stem}_instFlux", f"{tail_stem}_instFluxErr", f"{tail_stem}_flag"],
+                         knob="tail_aperture", stem=tail_stem)
         f_mid = np.asarray(catalog[f"{tail_stem}_instFlux"], float)
         e_mid = np.asarray(catalog[f"{tail_stem}_instFluxErr"], float)
         # F(r) = F_inf - A r^-p through (r_mid, F_mid) and (r_tot, F_tot): F_inf = F_tot + t (F_tot - F_mid).

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from astropy.table import Table
 from astropy.wcs import WCS
+from scenes import noisy_refcat
 
 from singleframe.camera import square_mosaic
 from singleframe.errors import AstrometryError
@@ -38,16 +39,8 @@ def _magnitudes(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def _refcat(rng: np.random.Generator, ra: np.ndarray, dec: np.ndarray, ref_noise_mas: float) -> Table:
-    n = len(ra)
-    flux_njy = 10 ** (-0.4 * (_magnitudes(rng, n) - 31.4))
-    ref = Table()
-    ref["id"] = np.arange(n, dtype=np.int64) + 1_000_000
-    sig = ref_noise_mas / 3.6e6
-    ref["ra"] = ra + rng.normal(0, sig, n) / np.cos(np.radians(dec))
-    ref["dec"] = dec + rng.normal(0, sig, n)
-    ref["r_flux"] = flux_njy
-    ref["r_fluxErr"] = 0.01 * flux_njy
-    return ref
+    flux_njy = 10 ** (-0.4 * (_magnitudes(rng, len(ra)) - 31.4))
+    return noisy_refcat(rng, ra, dec, flux_njy, noise_mas=ref_noise_mas, first_id=1_000_000)
 
 
 def observe(rng: np.random.Generator, truth: WCS, ref: Table, *, n_spurious: int, missing: float = 0.15) -> Table:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from astropy.table import Table
+from scenes import noisy_refcat
 
 from singleframe.camera import square_mosaic
 from singleframe.errors import AstrometryError
@@ -40,13 +41,7 @@ def _scene(seed: int, *, n_ref: int = 1500, grow: float = 0.3, ref_noise_mas: fl
     src["base_PsfFlux_instFlux"] = flux[on] * 0.5
     src["base_PsfFlux_instFluxErr"] = np.full(len(on), 5.0)
     src["base_PixelFlags_flag_saturated"] = np.zeros(len(on), bool)
-    ref = Table()
-    ref["id"] = np.arange(n_ref, dtype=np.int64) + 10_000
-    sig = ref_noise_mas / 3.6e6
-    ref["ra"] = ra + rng.normal(0, sig, n_ref) / np.cos(np.radians(dec))
-    ref["dec"] = dec + rng.normal(0, sig, n_ref)
-    ref["r_flux"] = flux
-    ref["r_fluxErr"] = 0.01 * flux
+    ref = noisy_refcat(rng, ra, dec, flux, noise_mas=ref_noise_mas, first_id=10_000)
     return truth, src, ref
 
 
