@@ -190,5 +190,6 @@ def test_star_less_frame_fails_or_falls_back_to_the_header_seeing(scene) -> None
     # With it, the Gaussian of that FWHM is installed and flagged; no star is a PSF star.
     res = characterize([blank.with_metadata(seeing_fwhm_pix=4.7)], config=fallback)
     assert res.exposure.metadata["PSF_FALLBACK"] == "seeing"
+    # The Gaussian's sigma is FWHM / (2 sqrt(2 ln 2)) exactly; 2.3548 rounds that factor (2e-5).
     assert 2.3548 * res.exposure.psf.sigma(*res.exposure.center_pix) == pytest.approx(4.7, rel=1e-3)
     assert not np.any(np.asarray(res.psf_stars["calib_psf_used"], bool))
