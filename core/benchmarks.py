@@ -65,6 +65,7 @@ WCS_RMS_BAR_MAS = 2.0
 CR_COMPLETENESS_BAR_PCT = 95.0
 TIME_RATIO_BAR = 0.5  # ours / (SEx+PSFEx+SCAMP) on the 4096² typical frame
 PEAK_RSS_BAR_MB = 1536.0
+CHARACTERIZE_BAR_S = 2.0  # issue 3: the whole characterization of a 4096² detector on one core
 CR_SPEEDUP_BAR = 10.0
 PHYSICAL_LIMIT_RATIO_BAR = 10.0
 #: Quality bars of issue 3 (PSF model at the star positions, aperture correction, star selection).
@@ -257,11 +258,13 @@ def _worker_ours(frame_dir: Path, quality: bool = True) -> dict[str, Any]:
         table_to_parquet_bytes,
     )
     from .io.refcat import load_refcat
+    from .runtime import tune_memory_allocator
     from .steps.config import load_calibrate_config
-    from .steps.pipeline import calibrate_image
+    from .steps.pipeline import calibrate_image, characterize
 
     meta = json.loads((frame_dir / "meta.json").read_text())
     config = load_calibrate_config(None)
+    tune_memory_allocator()  # as the CLI and the flow tasks do
     t0 = time.perf_counter()
     snaps = [exposure_from_fits_bytes(p.read_bytes()) for p in sorted(frame_dir.glob("snap*.fits"))]
     t_read = time.perf_counter() - t0
@@ -287,10 +290,16 @@ def _worker_ours(frame_dir: Path, quality: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     gaussian_filter(snaps[0].image, sigma, truncate=4.0)
     t_conv = time.perf_counter() - t0
+    # The characterization of the next detector in the same worker (a survey worker calibrates
+    # many): imports, first calls and the heap's first growth are paid once per process.
+    t0 = time.perf_counter()
+    characterize(snaps, config=config)
+    t_char_steady = time.perf_counter() - t0
     rec: dict[str, Any] = {
         "wall_s": t_read + t_refcat + t_cal + t_write, "calibrate_s": t_cal, "read_s": t_read,
         "refcat_s": t_refcat, "write_s": t_write, "convolution_s": t_conv,
         "stages_s": {k: float(v) for k, v in result.timings_s.items()}, "peak_rss_mb": _peak_rss_mb(),
+        "characterize_steady_s": t_char_steady,
         "n_stars": int(len(result.single_visit_star_unstandardized)),
         "n_psf_stars": int(len(result.single_visit_psf_star)), "n_pixels": int(np.prod(exp.shape)),
     }
@@ -527,6 +536,7 @@ def bench_frame(spec: FrameSpec, frame_dir: Path, work: Path, *, repeat: int, pe
     ours = [_spawn("ours", frame_dir, work / f"ours{i}.json", quality=i == 0) for i in range(repeat)]
     q = ours[0]
     stages = " ".join(f"{k}={statistics.median(r['stages_s'][k] for r in ours):.2f}" for k in q["stages_s"])
+    stages += f" characterize_next_detector={statistics.median(r['characterize_steady_s'] for r in ours):.2f}"
     io_note = (f"read={statistics.median(r['read_s'] for r in ours):.2f} "
                f"refcat={statistics.median(r['refcat_s'] for r in ours):.2f} "
                f"write={statistics.median(r['write_s'] for r in ours):.2f}")
@@ -539,6 +549,7 @@ def bench_frame(spec: FrameSpec, frame_dir: Path, work: Path, *, repeat: int, pe
     row_ours["ratio_to_ours"] = 1.0
     row_ours["n_pixels"] = spec.size * spec.size
     row_ours["stages_s_median"] = {k: statistics.median(r["stages_s"][k] for r in ours) for k in q["stages_s"]}
+    row_ours["characterize_steady_s_median"] = statistics.median(r["characterize_steady_s"] for r in ours)
     rows.append(row_ours)
     ours_wall = row_ours["wall_s_median"]
     floor = [r["read_s"] + r["write_s"] + r["convolution_s"] for r in ours]
@@ -638,6 +649,13 @@ def check_bars(rows: Sequence[dict[str, Any]]) -> list[Bar]:
             a, b = cr["cr_completeness_pct"], sc["cr_completeness_pct"]
             bars.append(Bar(frame, "CR step completeness >= astroscrappy", f"{_f(a)} vs {_f(b)} %", "ours >= peer",
                             None if a is None or b is None else a >= b, False))
+        if (ours.get("n_pixels") or 0) >= ISSUE3_FRAME_PIXELS and ours.get("stages_s_median"):
+            cold = ours["stages_s_median"].get("characterize")
+            steady = ours.get("characterize_steady_s_median")
+            shown = f"{_f(cold)} s first detector of a process, {_f(steady)} s next detector"
+            bars.append(Bar(frame, "characterization <= 2 s per 4096² detector", shown,
+                            f"<= {CHARACTERIZE_BAR_S} s", None if cold is None else cold <= CHARACTERIZE_BAR_S,
+                            False))
         floor = by.get((frame, "physical_limit"))
         if floor:
             ratio = _ratio(ours["wall_s_median"], floor["wall_s_median"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import astropy.units as u
 import numpy as np
@@ -138,7 +139,8 @@ def compensated_name(radius_pix: float) -> str:
 
 def measure_sources(exposure: Exposure, detections: Detections, *,
                     config: MeasurementConfig = MeasurementConfig(),
-                    ap_corr: Mapping[str, ChebyshevField] | None = None) -> MeasurementResult:
+                    ap_corr: Mapping[str, ChebyshevField] | None = None,
+                    aperture_fluxes: bool = True) -> MeasurementResult:
     """Measure every detection of ``exposure``.
 
     Parameters
@@ -153,6 +155,11 @@ def measure_sources(exposure: Exposure, detections: Detections, *,
     ap_corr
         Optional aperture-correction fields (``name → ChebyshevField``) to apply
         to ``base_PsfFlux`` and ``base_GaussianFlux``.
+    aperture_fluxes
+        False leaves out the circular apertures and the compensated top-hat
+        (half the cost on a 4096² frame): PSF-star and star selection need only
+        centroids, shapes and PSF fluxes; :func:`measure_aperture_fluxes` adds
+        them afterwards to the rows that are kept.
 
     Returns
     -------
@@ -184,7 +191,8 @@ def measure_sources(exposure: Exposure, detections: Detections, *,
     labels = np.asarray(detections.labels, np.int32)
     batches = [slice(i, i + config.max_sources_per_batch) for i in range(0, n, config.max_sources_per_batch)]
     parts = [_measure(exposure, x_peak[b], y_peak[b], labels=labels, own_label=labels_id[b], recentre=True,
-                      footprint_npix=None if npix is None else npix[b], config=config)
+                      footprint_npix=None if npix is None else npix[b], config=config,
+                      aperture_fluxes=aperture_fluxes)
              for b in batches or [slice(0, 0)]]
     catalog = parts[0] if len(parts) == 1 else vstack(parts, join_type="exact", metadata_conflicts="silent")
     catalog["id"] = labels_id
@@ -195,6 +203,34 @@ def measure_sources(exposure: Exposure, detections: Detections, *,
     if ap_corr:
         catalog = apply_aperture_corrections(catalog, ap_corr)
     return MeasurementResult(catalog, n, int(np.count_nonzero(catalog["base_SdssCentroid_flag"])))
+
+
+def measure_aperture_fluxes(exposure: Exposure, catalog: Table, detections: Detections, *,
+                            config: MeasurementConfig = MeasurementConfig()) -> Table:
+    """Add the aperture columns to a catalogue measured with ``aperture_fluxes=False``.
+
+    Every row is measured at its ``base_SdssCentroid_x/_y`` with the pixels of other
+    footprints of ``detections`` excluded (row ``id`` = its label), exactly as
+    :func:`measure_sources` does: the values equal a full measurement's. The
+    columns are placed where :func:`measure_sources` puts them.
+    """
+    config.validate()
+    missing = [c for c in ("id", "base_SdssCentroid_x", "base_SdssCentroid_y") if c not in catalog.colnames]
+    if missing:
+        raise ConfigError(f"catalog lacks {missing}; pass a catalogue from measure_sources(aperture_fluxes=False)")
+    ox, oy = exposure.origin
+    x = np.asarray(catalog["base_SdssCentroid_x"], float) - ox
+    y = np.asarray(catalog["base_SdssCentroid_y"], float) - oy
+    columns = _aperture_columns(exposure, x, y, np.asarray(detections.labels, np.int32),
+                                np.asarray(catalog["id"], np.int64), config)
+    out = catalog.copy(copy_data=False)
+    clash = [name for name in columns if name in out.colnames]
+    if clash:
+        raise ConfigError(f"catalog already has aperture columns {clash[:3]}...; measure it with aperture_fluxes=False")
+    anchor = "base_LocalBackground_instFlux"
+    index = out.colnames.index(anchor) if anchor in out.colnames else len(out.colnames)
+    out.add_columns(list(columns.values()), indexes=[index] * len(columns), names=list(columns))
+    return out
 
 
 def measure_at_positions(exposure: Exposure, x: npt.ArrayLike, y: npt.ArrayLike, *,
@@ -321,12 +357,11 @@ def _cut_usable(st: _Stamps, exposure: Exposure, bad_bits: np.uint32, labels: np
 
 def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.NDArray[np.float64], *,
              labels: npt.NDArray[np.int32] | None, own_label: npt.NDArray[np.int64], recentre: bool,
-             config: MeasurementConfig, footprint_npix: npt.NDArray[np.int64] | None = None) -> Table:
+             config: MeasurementConfig, footprint_npix: npt.NDArray[np.int64] | None = None,
+             aperture_fluxes: bool = True) -> Table:
     n = x_start.size
     ox, oy = exposure.origin
     ny, nx = exposure.shape
-    image = exposure.image
-    variance = exposure.variance
     mask = exposure.mask
     bad_bits = _bad_bits(config)
     psf = exposure.psf
@@ -477,53 +512,10 @@ def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.
     cat["base_GaussianFlux_instFluxErr"] = u.Quantity(g_err, u.ct)
     cat["base_GaussianFlux_flag"] = ~g_ok
 
-    # --- circular apertures and the compensated top-hat (sep, exact overlap) -------
     xl, yl = xc - ox, yc - oy
-    sep_img = np.ascontiguousarray(image, dtype=np.float32)
-    sep_var = np.ascontiguousarray(variance, dtype=np.float32)
-    seg_kw: dict[str, object] = {}
-    if labels is not None and config.replace_neighbours and n:
-        # sep zeroes (does not rescale) pixels of other segments: neighbour flux is removed.
-        seg_kw = {"segmap": np.ascontiguousarray(labels, dtype=np.int32),
-                  "seg_id": np.ascontiguousarray(own_label, dtype=np.int32)}
-
-    for r in config.aperture_radii_pix:
-        if n == 0:
-            s, e, trunc, neigh = np.zeros(0), np.zeros(0), np.zeros(0, bool), np.zeros(0, bool)
-        else:
-            s, e, f = sep.sum_circle(sep_img, xl, yl, float(r), var=sep_var, subpix=0, **seg_kw)
-            s, e, f = np.asarray(s, float), np.asarray(e, float), np.asarray(f)
-            trunc = (f & sep.APER_TRUNC) != 0
-            # With a segmentation map, sep flags apertures where other sources' pixels were zeroed.
-            neigh = (f & sep.APER_HASMASKED) != 0
-        stem = aperture_name(float(r))
-        cat[f"{stem}_instFlux"] = u.Quantity(s, u.ct)
-        cat[f"{stem}_instFluxErr"] = u.Quantity(e, u.ct)
-        cat[f"{stem}_flag"] = trunc | ~np.isfinite(s)
-        cat[f"{stem}_flag_apertureTruncated"] = trunc
-        cat[f"{stem}_flag_neighbours"] = neigh
-
-    rc = float(config.compensated_radius_pix)
-    r_in = rc * config.compensated_annulus_inner_factor
-    r_out = rc * config.compensated_annulus_outer_factor
-    if n:
-        # sep subtracts the mean of the annulus' unmasked pixels times the aperture area.
-        comp, comp_err, f_c = sep.sum_circle(sep_img, xl, yl, rc, var=sep_var, subpix=0,
-                                             bkgann=(r_in, r_out), **seg_kw)
-        comp = np.asarray(comp, float)
-        comp_err = np.asarray(comp_err, float)
-        comp_flag = ((np.asarray(f_c) & sep.APER_TRUNC) != 0) | ~np.isfinite(comp)
-    else:
-        comp = comp_err = np.zeros(0)
-        comp_flag = np.zeros(0, bool)
-    stem = compensated_name(rc)
-    cat[f"{stem}_instFlux"] = u.Quantity(comp, u.ct)
-    cat[f"{stem}_instFluxErr"] = u.Quantity(comp_err, u.ct)
-    cat[f"{stem}_flag"] = comp_flag
-    # Normalised by the aperture-correction step; starts equal to the raw compensated flux.
-    cat["base_NormalizedCompensatedTophatFlux_instFlux"] = u.Quantity(comp, u.ct)
-    cat["base_NormalizedCompensatedTophatFlux_instFluxErr"] = u.Quantity(comp_err, u.ct)
-    cat["base_NormalizedCompensatedTophatFlux_flag"] = comp_flag.copy()
+    if aperture_fluxes:
+        for name, col in _aperture_columns(exposure, xl, yl, labels, own_label, config).items():
+            cat[name] = col
 
     # --- local background: annulus median of source-free pixels ---------------------
     gy, gx = np.mgrid[-half:half + 1, -half:half + 1]
@@ -588,6 +580,60 @@ def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.
     own = valid | (~neighbour & inside)
     pmax = np.max(np.where(own, img_st, -np.inf), axis=(1, 2)) if n else np.zeros(0)
     cat["psf_max_value"] = u.Quantity(np.where(np.isfinite(pmax), pmax, np.nan).astype(np.float32), u.ct)
+    return cat
+
+
+def _aperture_columns(exposure: Exposure, xl: npt.NDArray[np.float64], yl: npt.NDArray[np.float64],
+                      labels: npt.NDArray[np.int32] | None, own_label: npt.NDArray[np.int64],
+                      config: MeasurementConfig) -> dict[str, Any]:
+    """Circular apertures and the compensated top-hat (sep, exact overlap) at array positions."""
+    n = xl.size
+    cat: dict[str, Any] = {}
+    sep_img = np.ascontiguousarray(exposure.image, dtype=np.float32)
+    sep_var = np.ascontiguousarray(exposure.variance, dtype=np.float32)
+    seg_kw: dict[str, object] = {}
+    if labels is not None and config.replace_neighbours and n:
+        # sep zeroes (does not rescale) pixels of other segments: neighbour flux is removed.
+        seg_kw = {"segmap": np.ascontiguousarray(labels, dtype=np.int32),
+                  "seg_id": np.ascontiguousarray(own_label, dtype=np.int32)}
+
+    for r in config.aperture_radii_pix:
+        if n == 0:
+            s, e, trunc, neigh = np.zeros(0), np.zeros(0), np.zeros(0, bool), np.zeros(0, bool)
+        else:
+            s, e, f = sep.sum_circle(sep_img, xl, yl, float(r), var=sep_var, subpix=0, **seg_kw)
+            s, e, f = np.asarray(s, float), np.asarray(e, float), np.asarray(f)
+            trunc = (f & sep.APER_TRUNC) != 0
+            # With a segmentation map, sep flags apertures where other sources' pixels were zeroed.
+            neigh = (f & sep.APER_HASMASKED) != 0
+        stem = aperture_name(float(r))
+        cat[f"{stem}_instFlux"] = u.Quantity(s, u.ct)
+        cat[f"{stem}_instFluxErr"] = u.Quantity(e, u.ct)
+        cat[f"{stem}_flag"] = trunc | ~np.isfinite(s)
+        cat[f"{stem}_flag_apertureTruncated"] = trunc
+        cat[f"{stem}_flag_neighbours"] = neigh
+
+    rc = float(config.compensated_radius_pix)
+    r_in = rc * config.compensated_annulus_inner_factor
+    r_out = rc * config.compensated_annulus_outer_factor
+    if n:
+        # sep subtracts the mean of the annulus' unmasked pixels times the aperture area.
+        comp, comp_err, f_c = sep.sum_circle(sep_img, xl, yl, rc, var=sep_var, subpix=0,
+                                             bkgann=(r_in, r_out), **seg_kw)
+        comp = np.asarray(comp, float)
+        comp_err = np.asarray(comp_err, float)
+        comp_flag = ((np.asarray(f_c) & sep.APER_TRUNC) != 0) | ~np.isfinite(comp)
+    else:
+        comp = comp_err = np.zeros(0)
+        comp_flag = np.zeros(0, bool)
+    stem = compensated_name(rc)
+    cat[f"{stem}_instFlux"] = u.Quantity(comp, u.ct)
+    cat[f"{stem}_instFluxErr"] = u.Quantity(comp_err, u.ct)
+    cat[f"{stem}_flag"] = comp_flag
+    # Normalised by the aperture-correction step; starts equal to the raw compensated flux.
+    cat["base_NormalizedCompensatedTophatFlux_instFlux"] = u.Quantity(comp, u.ct)
+    cat["base_NormalizedCompensatedTophatFlux_instFluxErr"] = u.Quantity(comp_err, u.ct)
+    cat["base_NormalizedCompensatedTophatFlux_flag"] = comp_flag.copy()
     return cat
 
 

@@ -41,6 +41,7 @@ from ..ids import packed_source_ids
 from ..masks import DEFECT_PLANES, MaskPlane
 from ..photo_calib import PhotoCalib
 from ..psf import GaussianPsf, PsfModel
+from ..runtime import tune_memory_allocator
 from .aperture_correction import (
     BAD_NORMALIZATION_FLAGS,
     CALIB_FLUX,
@@ -57,7 +58,7 @@ from .detection import detect_sources
 from .flag_propagation import match_psf_stars
 from .initial_psf import estimate_initial_psf
 from .interpolation import interpolate_masked
-from .measurement import apply_aperture_corrections, measure_sources
+from .measurement import apply_aperture_corrections, measure_aperture_fluxes, measure_sources
 from .photometry import fit_photometry
 from .psf_determination import fit_psf, select_psf_candidates
 from .snap_combination import combine_snaps
@@ -124,7 +125,9 @@ def characterize(snaps: Sequence[Exposure], *, config: CalibrateImageConfig) -> 
         repaired = repaired.replace(mask=det.mask)
         detections = det.detections
         del det
-        catalog = measure_sources(repaired, detections, config=config.measurement).catalog
+        # Candidates and the fit need centroids, shapes and PSF fluxes; apertures come with the
+        # final measurement below.
+        catalog = measure_sources(repaired, detections, config=config.measurement, aperture_fluxes=False).catalog
         candidates = select_psf_candidates(catalog, config=config.psf_star_selector)
         try:
             fit = fit_psf(repaired, catalog, candidates.candidate, config=config.psf_fit)
@@ -294,15 +297,19 @@ def find_stars(exposure: Exposure, psf_stars: Table, *, wcs: WCS, ap_corr: Mappi
     det = detect_sources(exposure.image, exposure.variance, exposure.mask, psf_sigma_pix=sigma,
                          config=config.star_detection, origin=exposure.origin)
     exp = exposure.replace(mask=det.mask)
-    catalog = measure_sources(exp, det.detections, config=config.measurement).catalog
+    # Selection needs no aperture fluxes: they are measured on the selected stars only (a third
+    # of the detections are not stars).
+    catalog = measure_sources(exp, det.detections, config=config.measurement, aperture_fluxes=False).catalog
     catalog["sky_source"] = np.zeros(len(catalog), bool)
     selection = select_stars(catalog, config=config.star_selector)
-    selected = np.asarray(selection.selected, bool)
-    norm_stars = selected & ~np.asarray(catalog["sky_source"], bool)
+    stars = measure_aperture_fluxes(exp, catalog[np.asarray(selection.selected, bool)], det.detections,
+                                    config=config.measurement)
+    del catalog
+    norm_stars = ~np.asarray(stars["sky_source"], bool)
     for flag in BAD_NORMALIZATION_FLAGS:
-        if flag in catalog.colnames:
-            norm_stars &= ~np.asarray(catalog[flag], bool)
-    norm = measure_normalization(catalog, norm_stars, config=config.aperture_correction)
+        if flag in stars.colnames:
+            norm_stars &= ~np.asarray(stars[flag], bool)
+    norm = measure_normalization(stars, norm_stars, config=config.aperture_correction)
     rescale = norm.normalization / normalization
     star_ap_corr = {k: _scale_field(v, rescale) for k, v in ap_corr.items()}
     psf_scale_err = dict(scale_err or {})
@@ -312,9 +319,8 @@ def find_stars(exposure: Exposure, psf_stars: Table, *, wcs: WCS, ap_corr: Mappi
         # The field level error (its mean over the PSF stars) stays; the normalisation error is replaced.
         level_sq = max(float(psf_scale_err.get(name, psf_norm_err)) ** 2 - psf_norm_err**2, 0.0)
         star_scale_err[name] = float(math.sqrt(level_sq + norm.normalization_err**2))
-    catalog = apply_normalization(catalog, norm.normalization)
-    catalog = apply_aperture_corrections(catalog, star_ap_corr)
-    stars = catalog[selected]
+    stars = apply_normalization(stars, norm.normalization)
+    stars = apply_aperture_corrections(stars, star_ap_corr)
     n_real = len(stars)
     if config.n_sky_sources:
         sky = place_sky_sources(det.mask, n_sources=config.n_sky_sources, radius_pix=8.0,
@@ -466,6 +472,8 @@ class CalibrateImageResult:
 def calibrate_image(snaps: Sequence[Exposure], refcat: Table, *, config: CalibrateImageConfig) -> CalibrateImageResult:
     """Run all stages in memory (no store, no Prefect); times each stage."""
     import time
+
+    tune_memory_allocator()
 
     t: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -18,6 +18,7 @@ from singleframe.psf import GaussianPsf, PsfModel
 from singleframe.steps.measurement import (
     MeasurementConfig,
     apply_aperture_corrections,
+    measure_aperture_fluxes,
     measure_at_positions,
     measure_sources,
 )
@@ -327,3 +328,22 @@ def test_batches_give_the_same_catalogue(star_scene):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, equal_nan=True, err_msg=name)
     with pytest.raises(ConfigError, match="max_sources_per_batch"):
         MeasurementConfig(max_sources_per_batch=0).validate()
+
+
+def test_aperture_fluxes_measured_later_on_a_subset_equal_a_full_measurement(star_scene):
+    # The star pass measures apertures on the selected rows only: same columns, same order,
+    # and the same values (sep measures each source independently), bit for bit.
+    res, _, _, _, exp, det = star_scene
+    light = measure_sources(exp, det, aperture_fluxes=False).catalog
+    assert not any(c.startswith(("base_CircularApertureFlux", "base_CompensatedTophatFlux")) for c in light.colnames)
+    keep = np.arange(len(light)) % 3 != 1
+    later = measure_aperture_fluxes(exp, light[keep], det)
+    whole = res.catalog[keep]
+    assert later.colnames == whole.colnames
+    for name in whole.colnames:
+        np.testing.assert_array_equal(np.asarray(later[name]), np.asarray(whole[name]), err_msg=name)
+        assert getattr(later[name], "unit", None) == getattr(whole[name], "unit", None), name
+    with pytest.raises(ConfigError, match="already has aperture columns"):
+        measure_aperture_fluxes(exp, res.catalog, det)
+    with pytest.raises(ConfigError, match="lacks"):
+        measure_aperture_fluxes(exp, light[["id"]], det)
