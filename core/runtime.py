@@ -4,9 +4,12 @@ A 4096×4096 detector allocates a few dozen frame-sized temporaries (64–130 MB
 each) as it passes through the steps. glibc's ``malloc`` serves every block
 above its mmap threshold (dynamic, at most 32 MB) with a fresh ``mmap`` and
 returns it to the kernel on ``free``, so each temporary is page-faulted and
-zero-filled again: measured 0.6–0.9 s of a 2.9 s characterization on one core
-(``benchmarks/README.md``). Raising the threshold keeps freed frames in the
-heap for the next step to reuse; the peak RSS is unchanged within 3 %.
+zero-filled again: 0.3–1 s of a 2.5–3 s characterization of a 4096² frame
+on one core of this VM (interleaved fresh-process runs, medians). Raising the
+threshold keeps freed frames in the heap for the next step to reuse; the peak
+RSS moved by +3 to +5 % on the benchmark frames. (Raising the trim threshold
+too cut the page faults further but made the whole calibration 0.3–0.6 s
+slower in the same interleaved runs: it is left at glibc's default.)
 
 :func:`tune_memory_allocator` is called by the entry points that run
 calibrations (``calibrate_image``, the Prefect stage tasks, the CLI), once per

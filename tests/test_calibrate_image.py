@@ -69,6 +69,17 @@ def test_second_psf_pass_is_switchable(result, scene) -> None:
     assert int(np.sum(two.single_visit_psf_star["calib_psf_used"])) == 3
 
 
+def test_residual_search_is_switchable_and_adds_nothing_without_hidden_stars(result, scene) -> None:
+    # The scene's sources are well separated: the residual pass around its bright stars finds
+    # no merged neighbour, so switching it off leaves the same star catalogue.
+    off = calibrate_image([scene.exposure], scene.refcat,
+                          config=load_calibrate_config(None, {**SMALL_SCENE, "residual_search": False}))
+    on_stars, off_stars = result.single_visit_star_unstandardized, off.single_visit_star_unstandardized
+    assert len(on_stars) == len(off_stars)
+    np.testing.assert_array_equal(np.asarray(on_stars["base_SdssCentroid_x"]),
+                                  np.asarray(off_stars["base_SdssCentroid_x"]))
+
+
 def test_star_catalog_matches_truth_with_origin(result, scene) -> None:
     stars = result.single_visit_star_unstandardized
     real = stars[~stars["sky_source"]]
