@@ -241,20 +241,25 @@ def bright_scene():
     return exp, cat
 
 
+def _held_out_de(fit, *, seed):
+    """Model minus true distortion (de1, de2) at 60 random positions away from the edges."""
+    rng = np.random.default_rng(seed)
+    tx = rng.uniform(40, SHAPE[1] - 40, 60) + ORIGIN[0]
+    ty = rng.uniform(40, SHAPE[0] - 40, 60) + ORIGIN[1]
+    truth = np.stack([elliptical_kernel(a, b, 41, centered=True) for a, b in zip(tx, ty, strict=True)])
+    t = adaptive_moments(truth, sigma_guess_pix=2.0)
+    m = adaptive_moments(fit.psf.images(tx, ty, size=41), sigma_guess_pix=2.0)
+    dm, dt = distortion(m.xx, m.yy, m.xy), distortion(t.xx, t.yy, t.xy)
+    return dm[0] - dt[0], dm[1] - dt[1]
+
+
 def test_fit_has_no_ellipticity_bias_at_held_out_positions(bright_scene):
     exp, cat = bright_scene
     snr = np.asarray(cat["base_PsfFlux_instFlux"]) / np.asarray(cat["base_PsfFlux_instFluxErr"])
     cand = np.isfinite(snr) & (snr > 100) & ~np.asarray(cat["base_SdssCentroid_flag"], bool)
     assert cand.sum() >= 80
     fit = fit_psf(exp, cat, cand, config=PsfFitConfig())
-    rng = np.random.default_rng(6)
-    tx = rng.uniform(40, SHAPE[1] - 40, 60) + ORIGIN[0]
-    ty = rng.uniform(40, SHAPE[0] - 40, 60) + ORIGIN[1]
-    truth = np.stack([elliptical_kernel(a, b, 41, centered=True) for a, b in zip(tx, ty, strict=True)])
-    t = adaptive_moments(truth, sigma_guess_pix=2.0)
-    m = adaptive_moments(fit.psf.images(tx, ty, size=41), sigma_guess_pix=2.0)
-    de1 = distortion(m.xx, m.yy, m.xy)[0] - distortion(t.xx, t.yy, t.xy)[0]
-    de2 = distortion(m.xx, m.yy, m.xy)[1] - distortion(t.xx, t.yy, t.xy)[1]
+    de1, de2 = _held_out_de(fit, seed=6)
     # Noise floor ~3e-5 and the quadratic polynomial follows this smooth field closely: a
     # method bias (shift interpolant, centring, weighting) of the 1e-3 size seen on noisy frames would fail.
     assert abs(np.median(de1)) < 1.5e-4 and abs(np.median(de2)) < 1.5e-4
@@ -296,14 +301,8 @@ def blended_scene():
 
 
 def _median_de(fit):
-    rng = np.random.default_rng(7)
-    tx = rng.uniform(40, SHAPE[1] - 40, 60) + ORIGIN[0]
-    ty = rng.uniform(40, SHAPE[0] - 40, 60) + ORIGIN[1]
-    truth = np.stack([elliptical_kernel(a, b, 41, centered=True) for a, b in zip(tx, ty, strict=True)])
-    t = adaptive_moments(truth, sigma_guess_pix=2.0)
-    m = adaptive_moments(fit.psf.images(tx, ty, size=41), sigma_guess_pix=2.0)
-    return (np.median(distortion(m.xx, m.yy, m.xy)[0] - distortion(t.xx, t.yy, t.xy)[0]),
-            np.median(distortion(m.xx, m.yy, m.xy)[1] - distortion(t.xx, t.yy, t.xy)[1]))
+    de1, de2 = _held_out_de(fit, seed=7)
+    return np.median(de1), np.median(de2)
 
 
 def test_shape_rejection_drops_blended_stars_only(blended_scene):
