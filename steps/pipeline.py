@@ -11,8 +11,9 @@ them back to back (used by benchmarks and tests).
    aperture corrections.
 3. :func:`calibrate_astrometry` — fit the WCS to the reference catalogue
    using the PSF stars.
-4. :func:`find_stars` — detect (S/N ≥ 10), deblend, measure, select
-   unresolved stars, re-measure the calibration-flux normalisation on them
+4. :func:`find_stars` — detect (S/N ≥ 10), deblend, measure, search the
+   PSF-subtracted residual of bright stars for merged faint ones, select
+   unresolved stars, measure their apertures, re-measure the calibration-flux normalisation on them
    (neighbours masked), aperture correct, add sky sources, propagate PSF and
    astrometry flags (``psf_id``).
 5. :func:`calibrate_photometry` — fit the zero point to the reference catalogue.
@@ -285,6 +286,9 @@ def find_stars(exposure: Exposure, psf_stars: Table, *, wcs: WCS, ap_corr: Mappi
                scale_err: Mapping[str, float] | None = None) -> FindStarsStage:
     """Brief steps 5–6: detect at S/N ≥ 10, deblend, measure, select, propagate flags.
 
+    With ``residual_search`` the PSF-subtracted residual around bright stars is searched for
+    faint stars the deblender merged into them (:func:`.residual_detection.detect_residual_sources`).
+
     The calibration-flux normalisation (compensated → total flux) is re-measured here on the
     selected stars: this pass detects to S/N 10, so fainter neighbours are masked (zeroed) in
     the apertures instead of adding their light to the curve of growth as in the S/N ≥ 50 PSF
@@ -298,15 +302,15 @@ def find_stars(exposure: Exposure, psf_stars: Table, *, wcs: WCS, ap_corr: Mappi
     det = detect_sources(exposure.image, exposure.variance, exposure.mask, psf_sigma_pix=sigma,
                          config=config.star_detection, origin=exposure.origin)
     exp = exposure.replace(mask=det.mask)
-    # Selection needs no aperture fluxes: they are measured on the selected stars only (a third
-    # of the detections are not stars).
+    # Selection needs no aperture fluxes: they are measured on the selected stars only (a sixth
+    # of the detections of the typical 4096² frame are not stars).
     catalog = measure_sources(exp, det.detections, config=config.measurement, aperture_fluxes=False).catalog
-    n_residual = 0
+    residual = None
     if config.residual_search:
         residual = detect_residual_sources(exp, catalog, det.detections, config=config.residual_detection,
                                            measurement_config=config.measurement).catalog
         residual["sky_source"] = np.zeros(len(residual), bool)
-        n_residual = len(residual)
+    n_residual = 0 if residual is None else len(residual)
     catalog["sky_source"] = np.zeros(len(catalog), bool)
     selection = select_stars(catalog, config=config.star_selector)
     stars = measure_aperture_fluxes(exp, catalog[np.asarray(selection.selected, bool)], det.detections,
@@ -316,7 +320,7 @@ def find_stars(exposure: Exposure, psf_stars: Table, *, wcs: WCS, ap_corr: Mappi
     # stars sit on subtracted bright neighbours, whose model errors would enter their apertures
     # (crowded 4096²: aperture-correction error 0.25 -> 0.86 mmag if they are included).
     n_first = len(stars)
-    if n_residual:
+    if residual is not None and n_residual:
         extra = residual[np.asarray(select_stars(residual, config=config.star_selector).selected, bool)]
         stars = vstack([stars, extra], join_type="exact", metadata_conflicts="silent")
     norm_stars = ~np.asarray(stars["sky_source"], bool)
@@ -346,7 +350,8 @@ def find_stars(exposure: Exposure, psf_stars: Table, *, wcs: WCS, ap_corr: Mappi
     radius = max(config.psf_star_match_radius_pix, sigma)
     prop = match_psf_stars(psf_stars, stars, radius_pix=radius)
     stars = compute_coordinates(prop.stars, wcs, exposure.origin)
-    diag = {"n_detections": len(det.detections), "n_residual_detections": n_residual, "n_stars": n_real, "n_psf_matched": int(prop.n_matched),
+    diag = {"n_detections": len(det.detections), "n_residual_detections": n_residual, "n_stars": n_real,
+            "n_psf_matched": int(prop.n_matched),
             "n_psf_matched_multiple": int(prop.n_multiple), "normalization": float(norm.normalization),
             "normalization_err": float(norm.normalization_err), "normalization_n_stars": int(norm.n_stars),
             "curve_of_growth": float(norm.curve_of_growth), "curve_of_growth_n_stars": int(norm.curve_of_growth_n_stars),
