@@ -260,7 +260,7 @@ def _worker_ours(frame_dir: Path, quality: bool = True) -> dict[str, Any]:
     from .io.refcat import load_refcat
     from .runtime import tune_memory_allocator
     from .steps.config import load_calibrate_config
-    from .steps.pipeline import calibrate_image, characterize
+    from .steps.pipeline import calibrate_image, characterize, correct_apertures
 
     meta = json.loads((frame_dir / "meta.json").read_text())
     config = load_calibrate_config(None)
@@ -308,10 +308,11 @@ def _worker_ours(frame_dir: Path, quality: bool = True) -> dict[str, Any]:
     if quality:
         rec.update(_quality_ours(frame_dir, result, config))
     del result, exp
-    # The characterization of the next detector in the same worker (a survey worker calibrates
-    # many): imports, first calls and the heap's first growth are paid once per process.
+    # The characterization (with the aperture corrections) of the next detector in the same worker
+    # (a survey worker calibrates many): first calls and the heap's first growth are paid once.
     t0 = time.perf_counter()
-    characterize(snaps, config=config)
+    ch = characterize(snaps, config=config)
+    correct_apertures(ch.exposure, ch.psf_stars, config=config)
     rec["characterize_steady_s"] = time.perf_counter() - t0
     return rec
 
@@ -659,7 +660,9 @@ def check_bars(rows: Sequence[dict[str, Any]]) -> list[Bar]:
             bars.append(Bar(frame, "CR step completeness >= astroscrappy", f"{_f(a)} vs {_f(b)} %", "ours >= peer",
                             None if a is None or b is None else a >= b, False))
         if (ours.get("n_pixels") or 0) >= ISSUE3_FRAME_PIXELS and ours.get("stages_s_median"):
-            cold = ours["stages_s_median"].get("characterize")
+            # The issue's "whole characterization" includes the aperture corrections (~0.01 s).
+            st = ours["stages_s_median"]
+            cold = st["characterize"] + st.get("correct_apertures", 0.0) if "characterize" in st else None
             steady = ours.get("characterize_steady_s_median")
             shown = f"{_f(cold)} s first detector of a process, {_f(steady)} s next detector"
             bars.append(Bar(frame, "characterization <= 2 s per 4096² detector", shown,
