@@ -7,7 +7,13 @@ returns it to the kernel on ``free``, so each temporary is page-faulted and
 zero-filled again: 0.3–1 s of a 2.5–3 s characterization of a 4096² frame
 on one core of this VM (interleaved fresh-process runs, medians). Raising the
 threshold keeps freed frames in the heap for the next step to reuse; the peak
-RSS moved by +3 to +5 % on the benchmark frames. (Raising the trim threshold
+RSS moved by +3 to +5 % on the benchmark frames. Every thread allocates from
+that one heap (``M_ARENA_MAX`` 1): the stages of a flow run in Prefect's and
+Dask's worker threads, whose per-thread arenas hold at most 64 MB and so would
+``mmap`` every frame again (first characterization in a thread: 2.1–2.9 s →
+1.5–1.9 s); the arena lock is taken a few hundred times per detector, by
+large allocations only (Python's small objects have their own allocator).
+(Raising the trim threshold
 too cut the page faults further but made the whole calibration 0.3–0.6 s
 slower in the same interleaved runs: it is left at glibc's default.)
 
@@ -33,12 +39,13 @@ __all__ = ["MMAP_THRESHOLD_BYTES", "tune_memory_allocator"]
 MMAP_THRESHOLD_BYTES = 1 << 30
 
 _M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+_M_ARENA_MAX = -8
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
 
 def tune_memory_allocator() -> bool:
-    """Raise glibc's mmap threshold for this process (idempotent); True when it is in effect."""
+    """Raise glibc's mmap threshold and use one arena for this process (idempotent); True when in effect."""
     with _lock:
         if "tuned" not in _state:
             _state["tuned"] = _apply()
@@ -57,4 +64,4 @@ def _apply() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_ARENA_MAX, 1))
