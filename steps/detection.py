@@ -135,6 +135,12 @@ def _snr_image(img: npt.NDArray[np.float32], excluded: npt.NDArray[np.bool_],
     return out
 
 
+def smoothing_kernel(psf_sigma_pix: float) -> npt.NDArray[np.float64]:
+    """The detection filter: a unit-sum Gaussian of the PSF sigma on Rubin's odd width ``int(7 sigma + 0.5)``."""
+    half = int(7 * psf_sigma_pix + 0.5) // 2
+    return np.asarray(GaussianPsf(psf_sigma_pix).image(0.0, 0.0, size=2 * max(half, 1) + 1), np.float64)
+
+
 def detect_sources(
     image: npt.NDArray[np.floating],
     variance: npt.NDArray[np.floating],
@@ -179,8 +185,7 @@ def detect_sources(
     excluded = (msk & MASK_DTYPE(int(config.excluded_planes))) != 0
     excluded |= ~np.isfinite(img)
 
-    half = int(7 * psf_sigma_pix + 0.5) // 2  # Rubin's smoothing-kernel width int(7 sigma + 0.5)//2*2+1
-    kernel = GaussianPsf(psf_sigma_pix).image(0.0, 0.0, size=2 * max(half, 1) + 1).astype(np.float32)
+    kernel = smoothing_kernel(psf_sigma_pix).astype(np.float32)
     k_norm = float(np.sqrt(np.sum(kernel.astype(np.float64) ** 2)))
     data = _snr_image(img, excluded, _sky_sigma_blocks(var, excluded, config.noise_bin_size_pix),
                       config.noise_bin_size_pix)

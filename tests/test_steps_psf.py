@@ -72,6 +72,13 @@ def positions(rng, n):
     return xs, ys
 
 
+def measured_scene(xs, ys, flux, kernel, *, seed):
+    """Render the stars, start from a 2.1-px Gaussian PSF, detect and measure: (exposure, catalogue)."""
+    img, var = render(xs, ys, flux, kernel, seed=seed)
+    exp = exposure(img, var, GaussianPsf(2.1))
+    return exp, measure_sources(exp, detect(img, var)).catalog
+
+
 def gaussian_kernel(x, y, size):
     return GaussianPsf(float(sigma_at(x, y)), e1=0.03, e2=-0.02).image(x, y, size=size, centered=False)
 
@@ -81,9 +88,7 @@ def varying_scene():
     rng = np.random.default_rng(21)
     xs, ys = positions(rng, 110)
     flux = 10 ** rng.uniform(4.3, 5.5, xs.size)
-    img, var = render(xs, ys, flux, gaussian_kernel, seed=22)
-    exp = exposure(img, var, GaussianPsf(2.1))
-    cat = measure_sources(exp, detect(img, var)).catalog
+    exp, cat = measured_scene(xs, ys, flux, gaussian_kernel, seed=22)
     sel = select_psf_candidates(cat, config=PsfStarSelectorConfig())
     fit = fit_psf(exp, cat, sel.candidate, config=PsfFitConfig())
     return exp, cat, sel, fit
@@ -235,9 +240,7 @@ def bright_scene():
     xs, ys = positions(rng, 90)
     # S/N ~ 3e3-1e4 per star: the noise floor of the median δe (~2/sqrt(Σ S/N²) ≈ 3e-5) is far below the checks.
     flux = 10 ** rng.uniform(7.0, 8.0, xs.size)
-    img, var = render(xs, ys, flux, elliptical_kernel, seed=42)
-    exp = exposure(img, var, GaussianPsf(2.1))
-    cat = measure_sources(exp, detect(img, var)).catalog
+    exp, cat = measured_scene(xs, ys, flux, elliptical_kernel, seed=42)
     return exp, cat
 
 
@@ -288,9 +291,7 @@ def blended_scene():
     # 6 % of the star's flux 3 px away: δe1 ≈ +0.05 (> 5 sigma of a star's shape noise, ~1.5 / (S/N)) but
     # a reduced-chi² excess of only ~0.1-0.3 over the stamp, below min_reject_reduced_chi2 = 1.5.
     cx, cy, cf = xs[blended] + 3.0, ys[blended], 0.06 * flux[blended]
-    img, var = render(np.r_[xs, cx], np.r_[ys, cy], np.r_[flux, cf], elliptical_kernel, seed=62)
-    exp = exposure(img, var, GaussianPsf(2.1))
-    cat = measure_sources(exp, detect(img, var)).catalog
+    exp, cat = measured_scene(np.r_[xs, cx], np.r_[ys, cy], np.r_[flux, cf], elliptical_kernel, seed=62)
     # Row of each true star (the companions merge into their star's detection).
     cx_cat, cy_cat = np.asarray(cat["base_SdssCentroid_x"]), np.asarray(cat["base_SdssCentroid_y"])
     d = np.hypot(cx_cat[:, None] - xs[None], cy_cat[:, None] - ys[None])
