@@ -116,8 +116,10 @@ class BackgroundModel:
         ty, tx = spl.get_knots()
         ky, kx = spl.degrees
         coeffs = spl.get_coeffs().reshape(len(ty) - ky - 1, len(tx) - kx - 1)
-        by = _design_matrix(ys, ty, ky)
-        bx = _design_matrix(xs, tx, kx)
+        # float32 throughout: a float64 product would be a 128 MB temporary on a 4k² frame, and
+        # each pixel sums at most (k + 1)² non-zero terms of the sky level's magnitude.
+        by = _design_matrix(ys, ty, ky).astype(np.float32)
+        bx = _design_matrix(xs, tx, kx).astype(np.float32)
         return np.asarray((by @ coeffs.astype(np.float32)) @ bx.T, dtype=np.float32)
 
     def scaled(self, factor: float) -> BackgroundModel:

@@ -70,22 +70,29 @@ def labels_to_spans(labels: npt.NDArray[np.integer], ids: npt.ArrayLike | None =
     """
     lab = np.asarray(labels)
     ny, nx = lab.shape
-    padded = np.zeros((ny, nx + 2), dtype=np.int64)
-    padded[:, 1:-1] = lab
-    change = padded[:, 1:] != padded[:, :-1]
-    rows, cols = np.nonzero(change)
-    # Each change position starts a new run; a run ends where the next one starts.
-    starts_r, starts_c = rows, cols
-    vals = padded[rows, cols + 1]
-    # For each row, consecutive change points delimit runs.
-    nxt = np.append(cols[1:], nx)
-    same_row = np.append(rows[1:] == rows[:-1], False)
-    end = np.where(same_row, nxt, nx) - 1
-    keep = (vals != 0) & (cols < nx)
-    y = starts_r[keep].astype(np.int64) + origin[1]
-    xs = starts_c[keep].astype(np.int64) + origin[0]
-    xe = end[keep].astype(np.int64) + origin[0]
-    v = vals[keep]
+    ys, x_starts, x_ends, values = [], [], [], []
+    # Bands of rows in the labels' own dtype: no frame-sized int64 or boolean temporaries.
+    band = max(1, (1 << 20) // max(nx, 1))
+    padded = np.zeros((min(band, ny), nx + 2), dtype=lab.dtype)
+    for y0 in range(0, ny, band):
+        n = min(band, ny - y0)
+        block = padded[:n]
+        block[:, 1:-1] = lab[y0:y0 + n]
+        # Each change of value along a row starts a run; a run ends where the next one starts.
+        rows, cols = np.nonzero(block[:, 1:] != block[:, :-1])
+        vals = block[rows, cols + 1]
+        nxt = np.append(cols[1:], nx)
+        same_row = np.append(rows[1:] == rows[:-1], False)
+        end = np.where(same_row, nxt, nx) - 1
+        keep = (vals != 0) & (cols < nx)
+        ys.append(rows[keep].astype(np.int64) + (y0 + origin[1]))
+        x_starts.append(cols[keep].astype(np.int64) + origin[0])
+        x_ends.append(end[keep].astype(np.int64) + origin[0])
+        values.append(vals[keep].astype(np.int64))
+    y = np.concatenate(ys) if ys else np.zeros(0, np.int64)
+    xs = np.concatenate(x_starts) if ys else np.zeros(0, np.int64)
+    xe = np.concatenate(x_ends) if ys else np.zeros(0, np.int64)
+    v = np.concatenate(values) if ys else np.zeros(0, np.int64)
     if ids is not None:
         id_arr = np.asarray(ids, dtype=np.int64)
         out_ids = id_arr[v - 1]

@@ -39,7 +39,7 @@ from ..exposure import Exposure
 from ..fields import ChebyshevField
 from ..footprints import Detections, labels_to_spans
 from ..ids import packed_source_ids
-from ..masks import DEFECT_PLANES, MaskPlane
+from ..masks import DEFECT_PLANES, MASK_DTYPE, MaskPlane
 from ..photo_calib import PhotoCalib
 from ..psf import GaussianPsf, PsfModel
 from ..runtime import tune_memory_allocator
@@ -114,17 +114,27 @@ def characterize(snaps: Sequence[Exposure], *, config: CalibrateImageConfig) -> 
     detections = None
     repaired = exposure
     for pass_index in range(config.n_psf_passes):
+        # A pass keeps only the PSF of the previous one: its frame-sized products (repaired
+        # image and mask, footprint labels) are released before this pass allocates its own.
+        repaired = exposure
+        catalog = detections = None
         sigma = _psf_center_sigma(psf, exposure)
         repaired = repair_cosmic_rays(exposure.replace(psf=psf), psf_sigma_pix=sigma,
                                       config=config.cosmic_rays, interpolate=False).exposure
         det = detect_sources(repaired.image, repaired.variance, repaired.mask, psf_sigma_pix=sigma,
                              config=config.psf_detection, origin=repaired.origin)
-        if config.reestimate_background:
-            repaired = subtract_background(repaired.replace(mask=det.mask), config=config.background).exposure
-            exposure = exposure.replace(
-                image=np.subtract(exposure.image, repaired.background.components[-1].image(), dtype=np.float32),
-                background=repaired.background)
+        # det.mask is the repair's mask plus DETECTED: the repair's own mask is released here.
         repaired = repaired.replace(mask=det.mask)
+        if config.reestimate_background:
+            # Cosmic rays are not interpolated in the passes, so the repaired pixels are the
+            # exposure's: the subtracted image is then shared, not computed (and held) twice.
+            same_pixels = repaired.image is exposure.image
+            repaired = subtract_background(repaired, config=config.background).exposure
+            image = (repaired.image if same_pixels
+                     else np.subtract(exposure.image, repaired.background.components[-1].image(),
+                                      dtype=np.float32))
+            exposure = exposure.replace(image=image, background=repaired.background)
+            del image
         detections = det.detections
         del det
         # Candidates and the fit need centroids, shapes and PSF fluxes; apertures come with the
@@ -152,11 +162,12 @@ def characterize(snaps: Sequence[Exposure], *, config: CalibrateImageConfig) -> 
 
     # Final repair with the fitted PSF, interpolating cosmic rays, then re-measure.
     sigma = _psf_center_sigma(psf, exposure)
-    detected_mask = exposure.mask | (repaired.mask & MaskPlane.DETECTED)
-    del repaired
-    final = repair_cosmic_rays(exposure.replace(psf=psf, mask=detected_mask), psf_sigma_pix=sigma,
-                               config=config.cosmic_rays, interpolate=True)
-    del detected_mask
+    # In place and in MASK_DTYPE (a Python-int operand would promote 4k² masks to int64).
+    detected_mask = np.bitwise_and(repaired.mask, MASK_DTYPE(int(MaskPlane.DETECTED)))
+    np.bitwise_or(detected_mask, exposure.mask, out=detected_mask)
+    exposure = exposure.replace(psf=psf, mask=detected_mask)  # the mask without DETECTED is released
+    del repaired, detected_mask
+    final = repair_cosmic_rays(exposure, psf_sigma_pix=sigma, config=config.cosmic_rays, interpolate=True)
     exposure = final.exposure.replace(psf=psf)
     diag["n_cosmic_rays"] = int(final.n_cosmic_rays)
     diag["psf_sigma_pix"] = float(sigma)
