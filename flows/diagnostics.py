@@ -9,13 +9,26 @@ they can be linked from a Prefect artifact.
 
 A plot is redrawn only when the checksums of the datasets it shows change
 (recorded in a small JSON beside it): a finished visit re-plots nothing.
+
+A matplotlib figure is a web of reference cycles (~22 000 objects per
+figure here) that only the cyclic garbage collector frees. Left to it, the
+figures of ~3 detectors pile up until the next full collection and are freed
+in the middle of another detector's work, which fragments the heap: in a
+100-detector flow run (512² detectors) the flow process's median
+per-detector peak RSS was 447 MB, against 413 MB with each figure collected
+as soon as it is written. A full collection costs 125–180 ms on this VM
+(~230 000 tracked objects), so the figure is drawn with the automatic
+collector paused, which keeps its objects in the youngest generation, and a
+collection of that generation alone (10–14 ms) frees all of it.
 """
 
 from __future__ import annotations
 
+import gc
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -71,11 +84,33 @@ def plot_detector_diagnostics(store: ArtifactStore, *, run: str, data_id: DataId
     if not force and store.exists_path(png) and store.exists_path(sidecar):
         if json.loads(store.get_bytes(sidecar)) == key:
             return store.url(f"{store.root_path}/{png}")
-    data = _render(store, where, data_id)
+    with _figure_garbage_collected():
+        data = _render(store, where, data_id)
     uri = store.put_bytes(png, data)
     # Written after the PNG: a figure without its key is redrawn next time.
     store.put_bytes(sidecar, json.dumps(key, sort_keys=True).encode())
     return uri
+
+
+@contextmanager
+def _figure_garbage_collected() -> Iterator[None]:
+    """Pause automatic garbage collection while a figure is drawn, then free it with a youngest-generation pass.
+
+    Only the thread that paused the collector resumes it (a concurrent plot in another thread
+    finds it paused and leaves it alone), and a collector disabled by the application stays
+    disabled.
+    """
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        yield
+    finally:
+        # The figure is unreachable by now (``_render`` returned its bytes only); its objects
+        # never left generation 0 because no automatic collection ran while it was drawn.
+        gc.collect(0)
+        if paused:
+            gc.enable()
 
 
 def _band(store: ArtifactStore, where: Mapping[str, Any]) -> str:

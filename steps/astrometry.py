@@ -663,17 +663,14 @@ def _pattern_match(src_tp: npt.NDArray[np.float64], s_flux: npt.NDArray[np.float
         j0, j1 = np.searchsorted(rp[:, 0], [tx.min() - max_off, tx.max() + max_off])
         r = rp[j0:j1]
         r = r[(r[:, 1] > ty.min() - max_off) & (r[:, 1] < ty.max() + max_off)]
-        ix = np.floor((r[None, :, 0] - tx[:, None] + max_off) / bin_arcsec).astype(np.int64).ravel()
-        iy = np.floor((r[None, :, 1] - ty[:, None] + max_off) / bin_arcsec).astype(np.int64).ravel()
-        ok = (ix >= 0) & (ix < nb) & (iy >= 0) & (iy < nb)
-        hist = np.bincount(iy[ok] * nb + ix[ok], minlength=nb * nb).reshape(nb, nb)
+        hist, n_ok = _offset_votes(tx, ty, r, max_off=max_off, bin_arcsec=bin_arcsec, nb=nb)
         # 2x2 box sums so that a peak split across bin edges is counted whole.
         box = hist[:-1, :-1] + hist[1:, :-1] + hist[:-1, 1:] + hist[1:, 1:]
         n_trials += box.size
         k_best = int(np.argmax(box))
         if box.flat[k_best] > best[0]:
             jy, jx = divmod(k_best, nb - 1)
-            best = (int(box.flat[k_best]), ic, jy, jx, 4.0 * float(ok.sum()) / (nb * nb))
+            best = (int(box.flat[k_best]), ic, jy, jx, 4.0 * float(n_ok) / (nb * nb))
     peak, ic, jy, jx, lam = best
     log_fap = _log_poisson_sf(peak - 1, max(lam, 1e-12)) + math.log(max(n_trials, 1))
     confidence = float(1.0 - min(1.0, math.exp(min(log_fap, 0.0))))
@@ -682,14 +679,43 @@ def _pattern_match(src_tp: npt.NDArray[np.float64], s_flux: npt.NDArray[np.float
     c, s = sc[ic] * math.cos(th[ic]), sc[ic] * math.sin(th[ic])
     tx = c * sp[:, 0] - s * sp[:, 1]
     ty = s * sp[:, 0] + c * sp[:, 1]
-    dx = (rp[None, :, 0] - tx[:, None]).ravel()
-    dy = (rp[None, :, 1] - ty[:, None]).ravel()
     lo_x, lo_y = -max_off + jx * bin_arcsec, -max_off + jy * bin_arcsec
-    sel = (dx >= lo_x) & (dx < lo_x + 2 * bin_arcsec) & (dy >= lo_y) & (dy < lo_y + 2 * bin_arcsec)
-    shift = np.array([float(np.median(dx[sel])), float(np.median(dy[sel]))])
+    in_x, in_y = [], []
+    per = max(1, _VOTE_BLOCK_PAIRS // len(rp))
+    for b in range(0, len(tx), per):
+        dx = (rp[None, :, 0] - tx[b:b + per, None]).ravel()
+        dy = (rp[None, :, 1] - ty[b:b + per, None]).ravel()
+        sel = (dx >= lo_x) & (dx < lo_x + 2 * bin_arcsec) & (dy >= lo_y) & (dy < lo_y + 2 * bin_arcsec)
+        in_x.append(dx[sel])
+        in_y.append(dy[sel])
+    shift = np.array([float(np.median(np.concatenate(in_x))), float(np.median(np.concatenate(in_y)))])
     theta, scale = float(th[ic]), float(sc[ic])
     linear = scale * np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
     return _Pattern(linear, shift, peak, lam, confidence, bin_arcsec, math.degrees(theta), scale)
+
+
+#: Source-reference pairs per block of the offset vote: the temporaries of a block stay at a
+#: few MB whatever the star counts (a whole 500 x 3000 vote needed ~63 MB at once, the flow
+#: process's peak RSS on a dense detector).
+_VOTE_BLOCK_PAIRS = 1 << 16
+
+
+def _offset_votes(tx: npt.NDArray[np.float64], ty: npt.NDArray[np.float64], r: npt.NDArray[np.float64], *,
+                  max_off: float, bin_arcsec: float, nb: int) -> tuple[npt.NDArray[np.int64], int]:
+    """Histogram (``nb x nb``) of reference - source offsets within ``max_off``, and its number of votes.
+
+    Sources are taken in blocks of at most ``_VOTE_BLOCK_PAIRS`` pairs; the counts are exact.
+    """
+    hist = np.zeros(nb * nb, np.int64)
+    n_ok = 0
+    per = max(1, _VOTE_BLOCK_PAIRS // max(len(r), 1))
+    for b in range(0, len(tx), per):
+        ix = np.floor((r[None, :, 0] - tx[b:b + per, None] + max_off) / bin_arcsec).astype(np.int64).ravel()
+        iy = np.floor((r[None, :, 1] - ty[b:b + per, None] + max_off) / bin_arcsec).astype(np.int64).ravel()
+        ok = (ix >= 0) & (ix < nb) & (iy >= 0) & (iy < nb)
+        n_ok += int(np.count_nonzero(ok))
+        hist += np.bincount(iy[ok] * nb + ix[ok], minlength=nb * nb)
+    return hist.reshape(nb, nb), n_ok
 
 
 def _log_poisson_sf(k: float, lam: float) -> float:
