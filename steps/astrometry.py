@@ -724,6 +724,8 @@ def _log_poisson_sf(k: float, lam: float) -> float:
     scipy.special's ``pdtrc`` is what ``scipy.stats.poisson.logsf`` evaluates; importing
     scipy.stats for it added 0.4 s to every worker process's start-up.
     """
+    if k < 0:
+        return 0.0  # P(X > k) = 1 (pdtrc is NaN there; scipy.stats returned 0 too)
     with np.errstate(divide="ignore"):
         return float(np.log(pdtrc(k, lam)))
 

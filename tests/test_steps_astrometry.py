@@ -145,3 +145,32 @@ def test_config_validation():
 
     with pytest.raises(ConfigError):
         AstrometryConfig(max_rms_arcsec=0).validate()
+
+
+def test_pattern_false_alarm_probability_is_the_poisson_tail():
+    # The match's false-alarm test needs log P(X > k) for a Poisson count; it is computed from
+    # scipy.special (no scipy.stats import in workers) and must equal scipy.stats' value,
+    # including k < 0 (probability 1) and the underflow to -inf.
+    from scipy.stats import poisson
+
+    from singleframe.steps.astrometry import _log_poisson_sf
+
+    for k, lam in [(-1, 0.5), (-3, 1e-12), (0, 0.5), (4, 2.0), (49, 2.0), (300, 1e-3)]:
+        assert _log_poisson_sf(k, lam) == float(poisson.logsf(k, lam))
+
+
+def test_offset_vote_in_blocks_counts_every_pair_once():
+    # The blocked vote must give exactly the histogram of the whole pair set at once.
+    from singleframe.steps import astrometry
+
+    rng = np.random.default_rng(3)
+    tx, ty = rng.uniform(-300, 300, 700), rng.uniform(-300, 300, 700)
+    r = rng.uniform(-320, 320, (400, 2))
+    nb, max_off, bin_arcsec = 41, 20.0, 1.0
+    hist, n_ok = astrometry._offset_votes(tx, ty, r, max_off=max_off, bin_arcsec=bin_arcsec, nb=nb)
+    ix = np.floor((r[None, :, 0] - tx[:, None] + max_off) / bin_arcsec).astype(np.int64).ravel()
+    iy = np.floor((r[None, :, 1] - ty[:, None] + max_off) / bin_arcsec).astype(np.int64).ravel()
+    ok = (ix >= 0) & (ix < nb) & (iy >= 0) & (iy < nb)
+    assert 700 * 400 > 4 * astrometry._VOTE_BLOCK_PAIRS  # the vote really runs in several blocks
+    assert n_ok == int(ok.sum()) > 0
+    np.testing.assert_array_equal(hist, np.bincount(iy[ok] * nb + ix[ok], minlength=nb * nb).reshape(nb, nb))
