@@ -110,10 +110,7 @@ def characterize(snaps: Sequence[Exposure], *, config: CalibrateImageConfig) -> 
     psf: PsfModel = GaussianPsf(initial_sigma)
     exposure = _interpolate_defects(exposure, psf_sigma_pix=initial_sigma, config=config)
 
-    catalog = None
-    detections = None
-    repaired = exposure
-    for pass_index in range(config.n_psf_passes):
+    for pass_index in range(config.n_psf_passes):  # 1 or 2 (validated)
         # A pass keeps only the PSF of the previous one: its frame-sized products (repaired
         # image and mask, footprint labels) are released before this pass allocates its own.
         repaired = exposure
