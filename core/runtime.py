@@ -17,9 +17,14 @@ large allocations only (Python's small objects have their own allocator).
 too cut the page faults further but made the whole calibration 0.3–0.6 s
 slower in the same interleaved runs: it is left at glibc's default.)
 
-:func:`tune_memory_allocator` is called by the entry points that run
-calibrations (``calibrate_image``, the Prefect stage tasks, the CLI), once per
-process. Set ``SINGLEFRAME_MALLOC_TUNING=0`` to leave the allocator alone. It
+The arena limit only binds threads that have not allocated yet: a thread keeps
+the arena it got on its first ``malloc``. :func:`tune_memory_allocator` is
+therefore called when ``singleframe`` is imported, before the flow starts its
+worker threads (a 4096² detector in a Prefect worker thread took 8.4 s when the
+tuning came from inside the thread, 6.4 s with it at import), and again,
+idempotently, by the entry points that run calibrations. Dask workers of a
+local cluster get ``MALLOC_ARENA_MAX=1`` in their environment instead, because
+their task thread may allocate before the first task imports ``singleframe``. Set ``SINGLEFRAME_MALLOC_TUNING=0`` to leave the allocator alone. It
 does nothing outside glibc (macOS, musl), where the allocators behave
 differently.
 """

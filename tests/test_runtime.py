@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -20,3 +23,43 @@ def test_tuning_applies_on_glibc_and_is_idempotent(monkeypatch):
     assert runtime._apply() is True  # mallopt accepted the threshold
     first = runtime.tune_memory_allocator()
     assert runtime.tune_memory_allocator() is first  # decided once per process
+
+
+_THREAD_ARENAS = """
+import ctypes, threading
+import singleframe  # tunes the allocator on import
+import numpy as np
+
+def work():
+    frame = np.ones((2048, 2048))  # 32 MB: larger than half a thread arena's 64 MB heap
+    frame.sum()
+    ctypes.CDLL("libc.so.6").malloc_stats()  # per-arena statistics, on stderr
+
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_threads_started_after_import_share_the_main_arena():
+    # A worker thread with an arena of its own mmaps (and page-faults) every frame-sized
+    # temporary again; importing singleframe must tune the allocator before such threads exist.
+    env = {k: v for k, v in os.environ.items() if k not in {"SINGLEFRAME_MALLOC_TUNING", "MALLOC_ARENA_MAX"}}
+    done = subprocess.run([sys.executable, "-c", _THREAD_ARENAS], capture_output=True, text=True, env=env,
+                          check=True, timeout=60)
+    arenas = [line for line in done.stderr.splitlines() if line.startswith("Arena ")]
+    assert arenas == ["Arena 0:"], done.stderr
+
+
+def test_local_dask_workers_get_one_malloc_arena():
+    pytest.importorskip("prefect_dask")
+    import dask
+
+    from singleframe.flows.calibrate import make_task_runner
+
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": {}}):
+        make_task_runner(dask_workers=2)
+        env = dask.config.get("distributed.nanny.pre-spawn-environ")
+        assert env["MALLOC_ARENA_MAX"] == "1"
+        assert int(env["MALLOC_TRIM_THRESHOLD_"]) >= 1 << 30  # above any 4096² frame
