@@ -40,7 +40,7 @@ from astropy.io.fits.verify import VerifyError
 from .. import __version__
 from ..errors import DatasetError, DatasetNotFoundError, SingleframeError, TransientIOError
 from .datasets import DatasetType, get_dataset_type
-from .formats import _json_dumps, _json_loads, get_format
+from .formats import BytesLike, _json_dumps, _json_loads, get_format
 from .refs import DatasetRef
 
 __all__ = ["ArtifactStore", "PROVENANCE_SUFFIX"]
@@ -61,7 +61,7 @@ _CONTENT_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, TypeEr
                                                     VerifyError, pa.ArrowException)
 
 
-def _checksum(data: bytes) -> str:
+def _checksum(data: BytesLike) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -168,11 +168,12 @@ class ArtifactStore:
     # ------------------------------------------------------------------------------------
     # raw bytes (also used by the reference-catalogue layer)
     # ------------------------------------------------------------------------------------
-    def _write_bytes_atomic(self, path: str, data: bytes) -> None:
+    def _write_bytes_atomic(self, path: str, data: BytesLike) -> None:
         parent = path.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
         if self._atomic_put:
-            self.fs.pipe_file(path, data)
+            # Object-store clients want bytes; the copy is small next to the upload.
+            self.fs.pipe_file(path, data if isinstance(data, bytes) else bytes(data))
             return
         tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
         try:

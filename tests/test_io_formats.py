@@ -119,6 +119,34 @@ def test_exposure_file_opens_with_plain_astropy(exposure: Exposure) -> None:
         np.testing.assert_array_equal(hdul["IMAGE"].data, exposure.image)
 
 
+def _astropy_file(hdul: fits.HDUList) -> bytes:
+    buf = io.BytesIO()
+    hdul.writeto(buf, checksum=False)
+    return buf.getvalue()
+
+
+def test_fits_files_are_byte_for_byte_astropy_s(exposure: Exposure) -> None:
+    # The pixels are written by our own conversion (formats._hdul_bytes), everything else by
+    # astropy: the file must be exactly the one astropy's writeto makes, for every layout we write
+    # (exposure with PSF, aperture corrections, background and metadata tables; plain images of
+    # each pixel type; a background list; an image astropy has to scale, which takes its path).
+    assert bytes(formats.exposure_to_fits_bytes(exposure)) == _astropy_file(formats.exposure_to_hdulist(exposure))
+    rng = np.random.default_rng(5)
+    for dtype in (np.float32, np.float64, np.int16, np.int32, np.int64, np.uint8, np.bool_, np.uint16):
+        arr = (rng.normal(size=(13, 29)) * 100).astype(dtype)
+        stored = arr.astype(np.uint8) if dtype == np.bool_ else arr
+        hdr = fits.Header([("SFDTYPE", np.dtype(dtype).name, "numpy dtype of the stored array")])
+        expected = _astropy_file(fits.HDUList([fits.PrimaryHDU(data=stored, header=hdr)]))
+        assert bytes(formats.image_to_fits_bytes(arr)) == expected, dtype
+        np.testing.assert_array_equal(formats.image_from_fits_bytes(formats.image_to_fits_bytes(arr)), arr)
+    bkg = exposure.background
+    assert bkg is not None
+    primary = fits.PrimaryHDU()
+    primary.header["BUNIT"] = bkg.unit
+    primary.header["NBKGD"] = (len(bkg), "number of background components")
+    assert bytes(formats.background_to_fits_bytes(bkg)) == _astropy_file(fits.HDUList([primary, *bkg.to_hdus()]))
+
+
 def test_minimal_exposure_round_trip() -> None:
     rng = np.random.default_rng(3)
     image = rng.normal(size=(NY, NX)).astype(np.float32)
