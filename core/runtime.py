@@ -24,9 +24,11 @@ worker threads (a 4096² detector in a Prefect worker thread took 8.4 s when the
 tuning came from inside the thread, 6.4 s with it at import), and again,
 idempotently, by the entry points that run calibrations. Dask workers of a
 local cluster get ``MALLOC_ARENA_MAX=1`` in their environment instead, because
-their task thread may allocate before the first task imports ``singleframe``. Set ``SINGLEFRAME_MALLOC_TUNING=0`` to leave the allocator alone. It
-does nothing outside glibc (macOS, musl), where the allocators behave
-differently.
+their task thread may allocate before the first task imports ``singleframe``,
+and a trim threshold of 1 GiB, because Dask's nanny sets 64 kB (see
+:func:`singleframe.flows.calibrate.make_task_runner`). Set
+``SINGLEFRAME_MALLOC_TUNING=0`` to leave the allocator alone. It does nothing
+outside glibc (macOS, musl), where the allocators behave differently.
 """
 
 from __future__ import annotations
