@@ -258,13 +258,11 @@ def _worker_ours(frame_dir: Path, quality: bool = True) -> dict[str, Any]:
         table_to_parquet_bytes,
     )
     from .io.refcat import load_refcat
-    from .runtime import tune_memory_allocator
     from .steps.config import load_calibrate_config
     from .steps.pipeline import calibrate_image, characterize, correct_apertures
 
     meta = json.loads((frame_dir / "meta.json").read_text())
     config = load_calibrate_config(None)
-    tune_memory_allocator()  # as the CLI and the flow tasks do
     # Process start-up, paid once per worker process and reported apart: pyarrow imports pandas
     # (0.2 s) at its first array conversion, which would otherwise land in the refcat load.
     t0 = time.perf_counter()

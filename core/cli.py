@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import SingleframeError
-from .runtime import tune_memory_allocator
 
 
 def _add_store(p: argparse.ArgumentParser) -> None:
@@ -197,7 +196,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # short on a loaded 2-core machine (observed: migrations alone take 10-20 s).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     args = build_parser().parse_args(argv)
-    tune_memory_allocator()
     try:
         return int(args.func(args))
     except SingleframeError as exc:

@@ -19,10 +19,9 @@ slower in the same interleaved runs: it is left at glibc's default.)
 
 The arena limit only binds threads that have not allocated yet: a thread keeps
 the arena it got on its first ``malloc``. :func:`tune_memory_allocator` is
-therefore called when ``singleframe`` is imported, before the flow starts its
-worker threads (a 4096² detector in a Prefect worker thread took 8.4 s when the
-tuning came from inside the thread, 6.4 s with it at import), and again,
-idempotently, by the entry points that run calibrations. Dask workers of a
+therefore called once, when ``singleframe`` is imported, before the flow starts
+its worker threads (a 4096² detector in a Prefect worker thread took 8.4 s when
+the tuning came from inside the thread, 6.4 s with it at import). Dask workers of a
 local cluster get ``MALLOC_ARENA_MAX=1`` in their environment instead, because
 their task thread may allocate before the first task imports ``singleframe``,
 and a trim threshold of 1 GiB, because Dask's nanny sets 64 kB (see

@@ -54,7 +54,6 @@ from ..exposure import Exposure
 from ..ids import DataId
 from ..io.refs import DatasetRef
 from ..io.store import ArtifactStore
-from ..runtime import tune_memory_allocator
 from ..steps.config import CalibrateImageConfig, calibrate_config_from_dict, load_calibrate_config
 from .artifacts import SUMMARY_KEYS, VisitProgress, publish_visit_artifacts
 from .diagnostics import plot_detector_diagnostics
@@ -150,7 +149,6 @@ def _input_refs(store: ArtifactStore, stage: Stage, data_id: DataId, ctx: RunCon
 def run_stage(stage: Stage, ctx: RunContext, data_id: DataId,
               refcat_loader: Callable[[Exposure], Any] | None = None) -> dict[str, DatasetRef]:
     """Run one stage for one detector, or return its cached outputs."""
-    tune_memory_allocator()
     store = ArtifactStore(ctx.store)
     input_refs = _input_refs(store, stage, data_id, ctx)
     key = _cache_key(stage, data_id, input_refs, ctx, store)

@@ -312,7 +312,8 @@ def _plain_pixels(hdu: Any) -> npt.NDArray[Any] | None:
         return None
     hdr = hdu.header
     data = hdu.data
-    if (data.dtype.newbyteorder("=") not in _BITPIX or hdr.get("BITPIX") != _BITPIX[data.dtype.newbyteorder("=")]
+    bitpix = _BITPIX.get(data.dtype.newbyteorder("="))
+    if (bitpix is None or hdr.get("BITPIX") != bitpix
             or float(hdr.get("BZERO", 0.0)) != 0.0 or float(hdr.get("BSCALE", 1.0)) != 1.0):
         return None
     return data
@@ -322,12 +323,16 @@ def _padded(n_bytes: int) -> int:
     return -(-n_bytes // _FITS_BLOCK) * _FITS_BLOCK
 
 
+def _astropy_bytes(hdul: fits.HDUList) -> bytes:
+    buf = io.BytesIO()
+    hdul.writeto(buf, checksum=False)
+    return buf.getvalue()
+
+
 def _astropy_hdu_bytes(hdu: Any) -> bytes:
     """One extension HDU as astropy writes it, cut out of a file with an empty primary HDU."""
     primary = fits.PrimaryHDU()
-    buf = io.BytesIO()
-    fits.HDUList([primary, hdu]).writeto(buf, checksum=False)
-    return buf.getvalue()[len(primary.header.tostring()):]
+    return _astropy_bytes(fits.HDUList([primary, hdu]))[len(primary.header.tostring()):]
 
 
 def _hdul_bytes(hdul: fits.HDUList) -> BytesLike:
@@ -345,9 +350,7 @@ def _hdul_bytes(hdul: fits.HDUList) -> BytesLike:
     ``tests/test_io_formats.py``.
     """
     if len(hdul) == 0 or (hdul[0].data is not None and _plain_pixels(hdul[0]) is None):
-        buf = io.BytesIO()
-        hdul.writeto(buf, checksum=False)
-        return buf.getvalue()
+        return _astropy_bytes(hdul)
     hdul.update_extend()  # EXTEND in the primary header, as writeto does
     parts: list[tuple[bytes, npt.NDArray[Any] | None]] = []
     for i, hdu in enumerate(hdul):

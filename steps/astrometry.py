@@ -38,6 +38,7 @@ import copy
 import itertools
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -681,10 +682,7 @@ def _pattern_match(src_tp: npt.NDArray[np.float64], s_flux: npt.NDArray[np.float
     ty = s * sp[:, 0] + c * sp[:, 1]
     lo_x, lo_y = -max_off + jx * bin_arcsec, -max_off + jy * bin_arcsec
     in_x, in_y = [], []
-    per = max(1, _VOTE_BLOCK_PAIRS // len(rp))
-    for b in range(0, len(tx), per):
-        dx = (rp[None, :, 0] - tx[b:b + per, None]).ravel()
-        dy = (rp[None, :, 1] - ty[b:b + per, None]).ravel()
+    for dx, dy in _offset_blocks(tx, ty, rp):
         sel = (dx >= lo_x) & (dx < lo_x + 2 * bin_arcsec) & (dy >= lo_y) & (dy < lo_y + 2 * bin_arcsec)
         in_x.append(dx[sel])
         in_y.append(dy[sel])
@@ -700,6 +698,14 @@ def _pattern_match(src_tp: npt.NDArray[np.float64], s_flux: npt.NDArray[np.float
 _VOTE_BLOCK_PAIRS = 1 << 16
 
 
+def _offset_blocks(tx: npt.NDArray[np.float64], ty: npt.NDArray[np.float64],
+                   r: npt.NDArray[np.float64]) -> Iterator[tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]]:
+    """Reference - source offsets ``(dx, dy)``, flattened, for blocks of at most ``_VOTE_BLOCK_PAIRS`` pairs."""
+    per = max(1, _VOTE_BLOCK_PAIRS // max(len(r), 1))
+    for b in range(0, len(tx), per):
+        yield (r[None, :, 0] - tx[b:b + per, None]).ravel(), (r[None, :, 1] - ty[b:b + per, None]).ravel()
+
+
 def _offset_votes(tx: npt.NDArray[np.float64], ty: npt.NDArray[np.float64], r: npt.NDArray[np.float64], *,
                   max_off: float, bin_arcsec: float, nb: int) -> tuple[npt.NDArray[np.int64], int]:
     """Histogram (``nb x nb``) of reference - source offsets within ``max_off``, and its number of votes.
@@ -708,10 +714,9 @@ def _offset_votes(tx: npt.NDArray[np.float64], ty: npt.NDArray[np.float64], r: n
     """
     hist = np.zeros(nb * nb, np.int64)
     n_ok = 0
-    per = max(1, _VOTE_BLOCK_PAIRS // max(len(r), 1))
-    for b in range(0, len(tx), per):
-        ix = np.floor((r[None, :, 0] - tx[b:b + per, None] + max_off) / bin_arcsec).astype(np.int64).ravel()
-        iy = np.floor((r[None, :, 1] - ty[b:b + per, None] + max_off) / bin_arcsec).astype(np.int64).ravel()
+    for dx, dy in _offset_blocks(tx, ty, r):
+        ix = np.floor((dx + max_off) / bin_arcsec).astype(np.int64)
+        iy = np.floor((dy + max_off) / bin_arcsec).astype(np.int64)
         ok = (ix >= 0) & (ix < nb) & (iy >= 0) & (iy < nb)
         n_ok += int(np.count_nonzero(ok))
         hist += np.bincount(iy[ok] * nb + ix[ok], minlength=nb * nb)

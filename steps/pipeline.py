@@ -42,7 +42,6 @@ from ..ids import packed_source_ids
 from ..masks import DEFECT_PLANES, MASK_DTYPE, MaskPlane
 from ..photo_calib import PhotoCalib
 from ..psf import GaussianPsf, PsfModel
-from ..runtime import tune_memory_allocator
 from .aperture_correction import (
     BAD_NORMALIZATION_FLAGS,
     CALIB_FLUX,
@@ -498,8 +497,6 @@ class CalibrateImageResult:
 def calibrate_image(snaps: Sequence[Exposure], refcat: Table, *, config: CalibrateImageConfig) -> CalibrateImageResult:
     """Run all stages in memory (no store, no Prefect); times each stage."""
     import time
-
-    tune_memory_allocator()
 
     t: dict[str, float] = {}
     t0 = time.perf_counter()
