@@ -21,7 +21,8 @@ import numpy as np
 import numpy.typing as npt
 import sep
 from astropy.table import Table
-from scipy import ndimage
+from scipy import ndimage, sparse
+from scipy.sparse import csgraph
 
 from ..errors import ConfigError, StepFailedError
 from ..footprints import Detections
@@ -190,7 +191,7 @@ def detect_sources(
     data = _snr_image(img, excluded, _sky_sigma_blocks(var, excluded, config.noise_bin_size_pix),
                       config.noise_bin_size_pix)
 
-    # The Gaussian kernel is separable: two 1-D passes cost ~0.13 s on 4096² instead of ~0.4 s
+    # The Gaussian kernel is separable: two 1-D passes cost ~0.07 s on 4096² instead of ~0.4 s
     # for sep's direct 2-D convolution; sep then thresholds and deblends the filtered image
     # unchanged (same footprints and barycentres to float precision).
     filtered = _correlate_separable(data, kernel.sum(axis=1), kernel.sum(axis=0), out=data)
@@ -210,18 +211,18 @@ def detect_sources(
     keep = snr >= config.peak_threshold_snr
 
     # Parent footprints: connected sets of sep pixels (children of one parent touch).
-    parents, _ = ndimage.label(seg > 0, structure=np.ones((3, 3), dtype=bool))
-    parent_of = parents[yc, xc].astype(np.int64)
-    del parents
-    n_children = np.bincount(parent_of, minlength=int(parent_of.max()) + 1)
+    parent_of = _parent_components(seg, *(np.asarray(objects[k], np.int64) for k in ("xmin", "xmax", "ymin", "ymax")))
+    n_children = np.bincount(parent_of)
     kept_idx = np.flatnonzero(keep)
     n_kept = kept_idx.size
 
     grow = int(round(0.886 * int(config.grow_sigma * psf_sigma_pix + 0.5)))  # square of the disk's area
     # Every footprint is grown (sources below the peak threshold too, so that they are DETECTED
     # and ignored by later background estimates); labels keep only the retained sources.
-    labels = _grow_labels(seg, grow) if grow > 0 else seg
+    grown = _grow_labels(seg, grow, len(objects)) if grow > 0 else seg
     del seg
+    labels = grown.astype(np.int32)
+    del grown
     detected = (labels > 0).astype(MASK_DTYPE)
     detected *= MASK_DTYPE(int(MaskPlane.DETECTED))
     out_mask = np.bitwise_or(msk, detected, out=detected)
@@ -267,33 +268,79 @@ def detect_sources(
 def _correlate_separable(data: npt.NDArray[np.float32], ky: npt.NDArray[np.float32],
                          kx: npt.NDArray[np.float32], *, out: npt.NDArray[np.float32] | None = None,
                          block_rows: int = 64) -> npt.NDArray[np.float32]:
-    """Correlate with ``outer(ky, kx)`` (zero outside the image), float32.
+    """Correlate with ``outer(ky, kx)`` (zero outside the image), float32; symmetric 1-D kernels.
 
-    The x pass is scipy's 1-D correlation along contiguous rows; the y pass is a shift-and-add
-    over blocks of rows that stay in cache (scipy's strided axis-0 pass is ~4x slower).
-    ``out`` may be ``data`` itself (the y pass reads only the x-pass buffer): one 4096² float32
-    buffer less at the memory peak of detection.
+    One band of ``block_rows`` output rows at a time: the band's input rows (with a halo of
+    ``h`` rows on each side) are filtered along x into a small buffer that stays in cache, then
+    combined along y. Symmetric taps are paired (``w (a + b)``: three passes instead of four),
+    and the halo rows filtered for one band are kept for the next. No full-frame intermediate:
+    the typical 4096² filter took 70 ms instead of 120-150 ms for scipy's x pass followed by a
+    blocked y pass (the same sums up to float32 rounding, tested against ``ndimage.correlate``).
+    ``out`` may be ``data`` itself: a band is written only after every input row it overlaps
+    has been filtered into the buffer.
     """
-    rows = ndimage.correlate1d(data, kx.astype(np.float32), axis=1, mode="constant", cval=0.0)
-    ny, nx = rows.shape
+    ky = np.asarray(ky, np.float64)
+    kx = np.asarray(kx, np.float64)
+    if ky.size % 2 == 0 or kx.size != ky.size or not (np.allclose(ky, ky[::-1], rtol=1e-5, atol=0)
+                                                      and np.allclose(kx, kx[::-1], rtol=1e-5, atol=0)):
+        raise ValueError("_correlate_separable needs two symmetric kernels of the same odd length")
+    # Exactly symmetric (the sums of a symmetric 2-D kernel can differ in the last bit).
+    ky = (0.5 * (ky + ky[::-1])).astype(np.float32)
+    kx = (0.5 * (kx + kx[::-1])).astype(np.float32)
+    ny, nx = data.shape
     h = ky.size // 2
     if out is None:
-        out = np.zeros_like(rows)
-    else:
-        out.fill(0.0)
-    tmp = np.empty((block_rows, nx), np.float32)
+        out = np.empty((ny, nx), np.float32)
+    if min(ny, nx) <= 2 * h:  # a stamp narrower than the kernel: scipy's direct passes
+        rows = ndimage.correlate1d(data, kx, axis=1, mode="constant", cval=0.0)
+        return ndimage.correlate1d(rows, ky, axis=0, mode="constant", cval=0.0, output=out)
+    buf = np.empty((block_rows + 2 * h, nx), np.float32)
+    tmp = np.empty_like(buf)
+    held_lo = held_hi = 0  # source rows whose x-filtered values are in buf[: held_hi - held_lo]
     for y0 in range(0, ny, block_rows):
         n = min(block_rows, ny - y0)
-        o = out[y0:y0 + n]
-        for i, w in enumerate(ky.astype(np.float32)):
-            lo = y0 + i - h  # source row of o[0] for this tap
-            clo, chi = max(lo, 0), min(lo + n, ny)
-            if chi <= clo:
-                continue
-            t = tmp[: chi - clo]
-            np.multiply(rows[clo:chi], w, out=t)
-            o[clo - lo: chi - lo] += t
+        lo, hi = max(y0 - h, 0), min(y0 + n + h, ny)
+        kept = max(held_hi - lo, 0)
+        if kept:
+            buf[:kept] = buf[lo - held_lo: held_hi - held_lo]
+        _correlate_rows(data[lo + kept: hi], kx, buf[kept: hi - lo], tmp)
+        held_lo, held_hi = lo, hi
+        band, t = out[y0: y0 + n], tmp[:n]
+        b = buf[: hi - lo]
+        if y0 - h >= 0 and y0 + n + h <= ny:
+            np.multiply(b[h: h + n], ky[h], out=band)
+            for i in range(h):
+                np.add(b[i: i + n], b[2 * h - i: 2 * h - i + n], out=t)
+                t *= ky[i]
+                band += t
+        else:  # first and last bands: taps beyond the image contribute nothing
+            band.fill(0.0)
+            for i, w in enumerate(ky):
+                src = y0 + i - h  # source row of band[0] for this tap
+                clo, chi = max(src, lo), min(src + n, hi)
+                if chi > clo:
+                    np.multiply(b[clo - lo: chi - lo], w, out=tmp[: chi - clo])
+                    band[clo - src: chi - src] += tmp[: chi - clo]
     return out
+
+
+def _correlate_rows(src: npt.NDArray[np.float32], k: npt.NDArray[np.float32], dst: npt.NDArray[np.float32],
+                    tmp: npt.NDArray[np.float32]) -> None:
+    """``dst = `` each row of ``src`` correlated with the symmetric ``k`` (zero outside); ``2 h < width``."""
+    n, nx = src.shape
+    h = k.size // 2
+    np.multiply(src, k[h], out=dst)
+    for i in range(h):
+        d, w = h - i, k[i]
+        t = tmp[:n, : nx - 2 * d]
+        np.add(src[:, : nx - 2 * d], src[:, 2 * d:], out=t)
+        t *= w
+        dst[:, d: nx - d] += t
+        edge = tmp[:n, :d]  # the first and last d columns have one tap inside
+        np.multiply(src[:, d: 2 * d], w, out=edge)
+        dst[:, :d] += edge
+        np.multiply(src[:, nx - 2 * d: nx - d], w, out=edge)
+        dst[:, nx - d:] += edge
 
 
 def _run_sep(data: npt.NDArray[np.float32], thresh: float, excluded: npt.NDArray[np.bool_],
@@ -338,27 +385,98 @@ def _peak_snr(img: npt.NDArray[np.float32], var: npt.NDArray[np.float32], exclud
     return np.where(den > 0, num / np.sqrt(np.where(den > 0, den, 1.0)), 0.0)
 
 
-def _grow_labels(labels: npt.NDArray[np.int32], r: int) -> npt.NDArray[np.int32]:
+def _parent_components(seg: npt.NDArray[np.int32], xmin: npt.NDArray[np.int64], xmax: npt.NDArray[np.int64],
+                       ymin: npt.NDArray[np.int64], ymax: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Parent index of every sep object: the 8-connected component of ``seg > 0`` it belongs to.
+
+    Object ``i`` owns the pixels ``seg == i + 1``, all inside its inclusive bounding box
+    ``[xmin, xmax] x [ymin, ymax]`` (sep's own). Two objects can touch only where their boxes,
+    grown by one pixel, overlap: the pixels are compared there alone, and the touching pairs
+    are joined as a graph. Same partition as ``ndimage.label(seg > 0, 3x3)`` (tested) without
+    its two full-frame arrays: 7 ms instead of 55-200 ms on the typical 4096² frame (3941
+    objects, 108 touching pairs), 50 instead of 62 ms on the crowded one (17367, 1903).
+    """
+    n = xmin.size
+    if n == 0:
+        return np.zeros(0, np.int64)
+    # Candidate pairs (i, j): sweep over objects sorted by xmin, j after i while xmin_j <= xmax_i + 1.
+    order = np.argsort(xmin, kind="stable")
+    first = np.arange(1, n + 1)
+    last = np.searchsorted(xmin[order], xmax[order] + 1, side="right")
+    count = np.maximum(last - first, 0)
+    i_sorted = np.repeat(np.arange(n), count)
+    j_sorted = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count) + np.repeat(first, count)
+    a, b = order[i_sorted], order[j_sorted]
+    near = (ymin[b] <= ymax[a] + 1) & (ymax[b] >= ymin[a] - 1)
+    a, b = a[near], b[near]
+    ny, nx = seg.shape
+    touch = np.zeros(a.size, bool)
+    for k, (i, j) in enumerate(zip(a.tolist(), b.tolist())):
+        y0, x0 = max(ymin[i], ymin[j]) - 1, max(xmin[i], xmin[j]) - 1
+        crop = seg[max(y0, 0): min(ymax[i], ymax[j]) + 2, max(x0, 0): min(xmax[i], xmax[j]) + 2]
+        mine = crop == i + 1
+        theirs = crop == j + 1
+        if not (mine.any() and theirs.any()):
+            continue
+        grown = mine.copy()  # 3x3 dilation of i's pixels
+        grown[1:] |= mine[:-1]
+        grown[:-1] |= mine[1:]
+        wide = grown.copy()
+        wide[:, 1:] |= grown[:, :-1]
+        wide[:, :-1] |= grown[:, 1:]
+        touch[k] = bool((wide & theirs).any())
+    graph = sparse.coo_matrix((np.ones(int(touch.sum()), np.int8), (a[touch], b[touch])), shape=(n, n))
+    _, component = csgraph.connected_components(graph, directed=False)
+    return np.asarray(component, np.int64)
+
+
+def _window_max(a: npt.NDArray[np.unsignedinteger], scratch: npt.NDArray[np.unsignedinteger], axis: int,
+                length: int) -> tuple[npt.NDArray[np.unsignedinteger], npt.NDArray[np.unsignedinteger]]:
+    """``a[i] <- max(a[i : i + length])`` along ``axis`` (zero beyond the end), by doubling.
+
+    ``ceil(log2(length))`` full passes instead of ``length - 1``: the windows of ``2w`` are
+    the maxima of two windows of ``w``, and the last step overlaps two power-of-two windows.
+    Ping-pongs between ``a`` and ``scratch``; returns ``(result, other buffer)``.
+    """
+    def step(src: np.ndarray, dst: np.ndarray, shift: int) -> tuple[np.ndarray, np.ndarray]:
+        head = [slice(None)] * src.ndim
+        tail = [slice(None)] * src.ndim
+        ahead = [slice(None)] * src.ndim
+        m = src.shape[axis]
+        head[axis], ahead[axis], tail[axis] = slice(0, m - shift), slice(shift, m), slice(m - shift, m)
+        np.maximum(src[tuple(head)], src[tuple(ahead)], out=dst[tuple(head)])
+        dst[tuple(tail)] = src[tuple(tail)]
+        return dst, src
+
+    width = 1
+    while 2 * width <= length:
+        a, scratch = step(a, scratch, width)
+        width *= 2
+    if length > width:
+        a, scratch = step(a, scratch, length - width)
+    return a, scratch
+
+
+def _grow_labels(labels: npt.NDArray[np.int32], r: int, n_labels: int | None = None) -> npt.NDArray[np.unsignedinteger]:
     """Grow labels into unlabelled pixels by a square of half-width ``r`` (larger label wins ties).
 
-    Shifted in-place maxima (2r per axis) run on contiguous memory; scipy's 1-D maximum
-    filter along axis 0 is ~10x slower on a 4k x 4k image.
+    A separable maximum filter (:func:`_window_max`) on a copy padded by ``r`` zeros, so the
+    forward windows of ``2r + 1`` land centred without a shift; the labels themselves stay.
+    ``n_labels`` (the largest label, when the caller knows it) saves a pass over the image.
+    Returns the narrowest unsigned type that holds the labels (a view into the padded copy):
+    the passes are memory-bound, so uint16 (any frame with < 65536 sources) is ~2-5x faster
+    than int32 on a 4k x 4k image, and the caller converts once, after releasing ``labels``.
     """
-    # The narrowest unsigned type that holds the labels: the shifts are memory-bound, so
-    # uint16 (any frame with < 65536 sources) is ~2-5x faster than int32 on a 4k x 4k image.
-    top = int(labels.max(initial=0))
+    top = int(labels.max(initial=0)) if n_labels is None else int(n_labels)
     work = np.uint16 if top < 2**16 else np.uint32
-    grown = labels.astype(work)
-    for axis in (0, 1):
-        src = grown.copy()
-        n = src.shape[axis]
-        for k in range(1, min(r, n - 1) + 1):
-            if axis == 0:
-                np.maximum(grown[k:], src[:-k], out=grown[k:])
-                np.maximum(grown[:-k], src[k:], out=grown[:-k])
-            else:
-                np.maximum(grown[:, k:], src[:, :-k], out=grown[:, k:])
-                np.maximum(grown[:, :-k], src[:, k:], out=grown[:, :-k])
-    out = grown.astype(np.int32)
-    np.copyto(out, labels, where=labels > 0)
+    ny, nx = labels.shape
+    grown = np.zeros((ny + 2 * r, nx + 2 * r), work)
+    grown[r:r + ny, r:r + nx] = labels
+    scratch = np.empty_like(grown)
+    # Rows first over the whole padded array; then columns only on the ny rows that are kept.
+    grown, scratch = _window_max(grown, scratch, 0, 2 * r + 1)
+    grown, scratch = _window_max(grown[:ny], scratch[:ny], 1, 2 * r + 1)
+    del scratch  # the other buffer: released before the caller's conversion
+    out = grown[:, :nx]
+    np.copyto(out, labels, where=labels > 0, casting="unsafe")  # labels are < 2**bits of `work`
     return out

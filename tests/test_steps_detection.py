@@ -149,3 +149,80 @@ def test_faint_star_on_a_bright_star_wing_is_deblended():
                                origin=ORIGIN).detections.sources
             found.append(bool(np.any(np.hypot(s["x_peak"] - ORIGIN[0] - 73.2, s["y_peak"] - ORIGIN[1] - 60.1) < 2)))
         assert found == [False, True], seed
+
+
+def _blobs(seed, n=400, shape=(300, 400)):
+    """Random rectangles and crosses of ids 1..n, many touching (edge, corner) or overlapping."""
+    rng = np.random.default_rng(seed)
+    seg = np.zeros(shape, np.int32)
+    for k in range(1, n + 1):
+        y, x = rng.integers(0, shape[0] - 1), rng.integers(0, shape[1] - 1)
+        h, w = rng.integers(1, 9, size=2)
+        seg[y: y + h, x: x + w] = k
+        if k % 3 == 0:  # a diagonal tail: corner-only contacts
+            for d in range(1, 4):
+                if y + h - 1 + d < shape[0] and x + w - 1 + d < shape[1]:
+                    seg[y + h - 1 + d, x + w - 1 + d] = k
+    ids = np.unique(seg[seg > 0])  # overwritten ids vanish; renumber 1..m as sep's segmap is
+    lut = np.zeros(n + 1, np.int32)
+    lut[ids] = np.arange(1, ids.size + 1)
+    return lut[seg]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_parent_components_equal_connected_components_of_the_segmap(seed):
+    from scipy import ndimage
+
+    from singleframe.steps.detection import _parent_components
+
+    seg = _blobs(seed)
+    m = int(seg.max())
+    boxes = ndimage.find_objects(seg)
+    xmin = np.array([b[1].start for b in boxes]); xmax = np.array([b[1].stop - 1 for b in boxes])
+    ymin = np.array([b[0].start for b in boxes]); ymax = np.array([b[0].stop - 1 for b in boxes])
+    parent = _parent_components(seg, xmin, xmax, ymin, ymax)
+    ref, n_ref = ndimage.label(seg > 0, structure=np.ones((3, 3), bool))
+    # One pixel of each object names its reference component; the partitions must be equal.
+    labels, first_pixel = np.unique(seg.ravel(), return_index=True)
+    ref_of = ref.ravel()[first_pixel[labels > 0]]
+    assert n_ref < m  # the scene has blends, or the test proves nothing
+    pairs = np.unique(np.stack([ref_of, parent]), axis=1)
+    assert pairs.shape[1] == n_ref == np.unique(parent).size
+    assert _parent_components(seg, xmin[:0], xmax[:0], ymin[:0], ymax[:0]).size == 0
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 4, 7])
+def test_grow_labels_is_a_square_maximum_filter_into_empty_pixels(r):
+    from scipy import ndimage
+
+    from singleframe.steps.detection import _grow_labels
+
+    seg = _blobs(7, n=150)
+    ref = ndimage.maximum_filter(seg, size=2 * r + 1, mode="constant", cval=0)
+    ref = np.where(seg > 0, seg, ref)
+    assert np.array_equal(_grow_labels(seg, r), ref)
+    assert np.array_equal(_grow_labels(seg, r, n_labels=int(seg.max())), ref)
+    big = seg.copy()
+    big[big > 0] += 70_000  # labels beyond uint16 take the uint32 path
+    assert np.array_equal(_grow_labels(big, r), np.where(big > 0, big, ndimage.maximum_filter(big, 2 * r + 1, mode="constant")))
+
+
+@pytest.mark.parametrize("shape", [(300, 257), (64, 64), (130, 9), (11, 40), (200, 45)])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_separable_filter_equals_scipy_correlation(shape, in_place):
+    from scipy import ndimage
+
+    from singleframe.steps.detection import _correlate_separable, smoothing_kernel
+
+    rng = np.random.default_rng(sum(shape))
+    data = rng.normal(size=shape).astype(np.float32)
+    kernel = smoothing_kernel(1.7)  # 13 x 13: halos, edge bands and stamps narrower than it
+    ref = ndimage.correlate(data.astype(np.float64), kernel, mode="constant", cval=0.0)
+    work = data.copy()
+    got = _correlate_separable(work, kernel.sum(axis=1), kernel.sum(axis=0), out=work if in_place else None,
+                               block_rows=16)
+    # float32 sums of 13 + 13 taps of unit-variance noise: rounding ~1e-7 of the ~0.3 rms output.
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6)
+    assert (got is work) == in_place
+    with pytest.raises(ValueError, match="symmetric"):
+        _correlate_separable(data, np.arange(3.0), np.arange(3.0))
