@@ -172,9 +172,11 @@ def run_stage(stage: Stage, ctx: RunContext, data_id: DataId,
     loader = refcat_loader or _refcat_loader(store, ctx, config)
     try:
         products = stage.compute(loaded, StageContext(data_id, config, loader))
-    except StepFailedError as exc:
-        # Name the files, so the failure record says which inputs could not be processed.
-        exc.metadata.setdefault("input_uris", [r.uri for refs in input_refs.values() for r in refs])
+    except Exception as exc:
+        if isinstance(exc, StepFailedError):
+            # Name the files, so the failure record says which inputs could not be processed.
+            exc.metadata.setdefault("input_uris", [r.uri for refs in input_refs.values() for r in refs])
+        release_traceback_locals(exc)
         raise
     provenance = {
         "cache_key": key,
@@ -183,6 +185,27 @@ def run_stage(stage: Stage, ctx: RunContext, data_id: DataId,
         "inputs": [{"dataset_type": k, "uri": r.uri, "checksum": r.checksum} for k, v in input_refs.items() for r in v],
     }
     return {name: store.put(name, products[name], provenance=provenance, **where) for name in outputs}
+
+
+def release_traceback_locals(exc: BaseException) -> None:
+    """Drop the local variables of the finished frames in ``exc``'s traceback (and its causes').
+
+    Prefect keeps a failed task's exception in its state, and the traceback keeps every frame
+    of the failed stage with its arrays: a reference cycle that only the cyclic garbage
+    collector breaks, detectors later. Measured on a 40-detector run of 512² detectors: the
+    flow process's in-use heap stayed +17 and +40 MB for 3-8 detectors after each failed
+    astrometry. The message, type, metadata and the traceback's file and line numbers stay.
+    """
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if e.__traceback__ is not None:
+            traceback.clear_frames(e.__traceback__)  # frames still executing are left alone
+        stack += [e.__cause__, e.__context__]
 
 
 def _refcat_loader(store: ArtifactStore, ctx: RunContext, config: CalibrateImageConfig) -> Callable[[Exposure], Any]:

@@ -188,3 +188,47 @@ def test_switched_off_outputs_are_not_written_unless_a_later_stage_reads_them() 
     assert persisted_outputs(char, everything) == char.outputs
     # The PSF stars and matches feed find_stars and finalize: kept as intermediates.
     assert persisted_outputs(astrom, none) == astrom.outputs
+
+
+def test_a_failed_stage_releases_its_arrays_without_waiting_for_the_garbage_collector(tmp_path: Path) -> None:
+    """The exception Prefect keeps must not keep the failed stage's frames and their pixels alive."""
+    import gc
+    import traceback
+    import weakref
+
+    from singleframe.errors import AstrometryError
+    from singleframe.flows.calibrate import RunContext, run_stage
+    from singleframe.flows.stages import Stage
+    from singleframe.ids import DataId
+    from singleframe.steps.config import load_calibrate_config
+
+    alive: list[weakref.ref] = []
+
+    def solve(pixels: np.ndarray) -> None:
+        votes = np.zeros((1024, 1024))  # a large local of a nested call, as the astrometric vote
+        alive.append(weakref.ref(votes))
+        try:
+            raise ValueError("inner cause")
+        except ValueError as cause:
+            raise AstrometryError("no astrometric solution") from cause
+
+    def compute(inputs, ctx):
+        pixels = np.ones((512, 512), np.float32)
+        alive.append(weakref.ref(pixels))
+        solve(pixels)
+
+    stage = Stage("calibrate_astrometry", (), ("initial_astrometry_match_detector",), compute, "fails")
+    config = load_calibrate_config(None)
+    ctx = RunContext(store=str(tmp_path), input_run="raw", output_run="out", refcat="refcat",
+                     config=config.to_dict(), config_hash="x")
+    gc.disable()  # only reference counting may free the arrays
+    try:
+        with pytest.raises(AstrometryError) as info:
+            run_stage(stage, ctx, DataId("SimCam", 1, 0), refcat_loader=lambda exposure: None)
+        assert len(alive) == 2 and all(ref() is None for ref in alive)
+        # What the failure record needs survives: type, message, cause and the traceback's lines.
+        assert isinstance(info.value.__cause__, ValueError)
+        text = "".join(traceback.format_exception(info.value))
+        assert "in solve" in text and "no astrometric solution" in text
+    finally:
+        gc.enable()
