@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_STORE ?= demo_store
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench bench-quick bench-setup serve clean lint
+.PHONY: venv demo test bench bench-quick bench-psf bench-setup serve clean lint
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ bench-quick: $(STAMP)
 .PHONY: bench-orchestration
 bench-orchestration: $(STAMP)
 	$(PY) -m singleframe.orchestration_bench --detectors 20 --size 4096
+
+## make bench-psf: our PSF model vs PSFEx over 8 independent simulated 4096² typical frames (rms of the median
+## residuals; a single frame's comparison is at the noise floor); writes benchmarks/results/psf-*.{md,json}.
+bench-psf: $(STAMP)
+	$(PY) -m singleframe.psf_bench --frame 4096-typical --seeds 8
 
 ## make bench-setup: install the peer systems (Debian packages when root with apt; astroscrappy into .venv).
 bench-setup: $(STAMP)

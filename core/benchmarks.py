@@ -116,8 +116,11 @@ MAIN_FRAME = "4096-typical"
 # --------------------------------------------------------------------------------------
 # Frame preparation (subprocess)
 # --------------------------------------------------------------------------------------
-def _prepare(spec: FrameSpec, frame_dir: Path) -> None:
-    """Simulate one frame and write everything the systems read: snaps, image, refcats, truth."""
+def _prepare(spec: FrameSpec, frame_dir: Path, *, seed: int | None = None) -> None:
+    """Simulate one frame and write everything the systems read: snaps, image, refcats, truth.
+
+    ``seed`` (default: :func:`~singleframe.sim.benchmark_config`'s) draws another sky and noise.
+    """
     import numpy as np
     from astropy.io import fits
 
@@ -128,7 +131,8 @@ def _prepare(spec: FrameSpec, frame_dir: Path) -> None:
     from .sim.evaluation import psf_truth_positions, true_psf_at_stars
     from .steps.pipeline import refcat_search_radius_deg
 
-    cfg = benchmark_config(spec.size, spec.field, spec.seeing_arcsec)
+    cfg = benchmark_config(spec.size, spec.field, spec.seeing_arcsec,
+                           **({} if seed is None else {"seed": int(seed)}))
     visit = dataclasses.replace(cfg.visits[0], n_snaps=spec.n_snaps)
     cfg = dataclasses.replace(cfg, visits=(visit,))
     refcat = make_reference_catalog(cfg)

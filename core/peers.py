@@ -8,7 +8,8 @@ people would run instead, on the same pixels. Everything here works offline:
 * :func:`refcat_to_ldac_table` — our reference table as SCAMP's ``ASTREF*`` columns;
 * :func:`wcs_from_scamp_head` — a SCAMP ``.head`` as an astropy TPV WCS;
 * :class:`PsfexPsf` — a PSFEx ``.psf`` file as a :class:`~singleframe.psf.PsfModel`;
-* :func:`run_astromatic_chain`, :func:`run_solve_field` — the binaries, timed
+* :func:`run_astromatic_chain` (:func:`run_sextractor_psfex` for its first two links),
+  :func:`run_solve_field` — the binaries, timed
   one process at a time with their own peak RSS (``os.wait4``);
 * :func:`run_astroscrappy` — L.A.Cosmic (astroscrappy) on an image.
 
@@ -341,6 +342,23 @@ def run_astromatic_chain(image_path: str | Path, refcat_ldac: str | Path, *, wor
         if not peer_available(tool):
             raise PeerUnavailableError(f"{tool} is not installed; run `make bench-setup`")
     wd = Path(workdir)
+    runs, cat, psf = run_sextractor_psfex(image_path, workdir=wd, config_dir=config_dir, share_dir=share_dir)
+    objects, _ = read_ldac(cat)
+    cfg = Path(config_dir)
+    runs["scamp"] = run_timed(
+        ["scamp", str(cat), "-c", str(cfg / "scamp.conf"), "-ASTREF_CATALOG", "FILE",
+         "-ASTREFCAT_NAME", str(Path(refcat_ldac).resolve()), "-CHECKPLOT_TYPE", "NONE", "-CHECKPLOT_DEV", "NULL",
+         "-WRITE_XML", "Y", "-XML_NAME", str(wd / "scamp.xml")], cwd=wd)
+    head = wd / "frame.head"
+    return AstromaticResult(runs, cat, psf, head if head.exists() else None,
+                            len(objects), _scamp_contrast(wd / "scamp.xml"))
+
+
+def run_sextractor_psfex(image_path: str | Path, *, workdir: str | Path,
+                         config_dir: str | Path = ASTROMATIC_CONFIG_DIR,
+                         share_dir: str | Path = SEXTRACTOR_SHARE) -> tuple[dict[str, ProcessRun], Path, Path | None]:
+    """The first two links of the chain: ``(runs by tool, LDAC catalogue, PSFEx .psf or None)``."""
+    wd = Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
     cfg, share = Path(config_dir), Path(share_dir)
     cat = wd / "frame.ldac"
@@ -349,17 +367,10 @@ def run_astromatic_chain(image_path: str | Path, refcat_ldac: str | Path, *, wor
         ["source-extractor", str(Path(image_path).resolve()), "-c", str(cfg / "sex.conf"),
          "-PARAMETERS_NAME", str(cfg / "chain.param"), "-FILTER_NAME", str(share / "default.conv"),
          "-STARNNW_NAME", str(share / "default.nnw"), "-CATALOG_NAME", str(cat)], cwd=wd)
-    objects, _ = read_ldac(cat)
     runs["psfex"] = run_timed(["psfex", str(cat), "-c", str(cfg / "psfex.conf"), "-PSF_DIR", str(wd),
                                "-XML_NAME", str(wd / "psfex.xml")], cwd=wd)
     psf = wd / "frame.psf"
-    runs["scamp"] = run_timed(
-        ["scamp", str(cat), "-c", str(cfg / "scamp.conf"), "-ASTREF_CATALOG", "FILE",
-         "-ASTREFCAT_NAME", str(Path(refcat_ldac).resolve()), "-CHECKPLOT_TYPE", "NONE", "-CHECKPLOT_DEV", "NULL",
-         "-WRITE_XML", "Y", "-XML_NAME", str(wd / "scamp.xml")], cwd=wd)
-    head = wd / "frame.head"
-    return AstromaticResult(runs, cat, psf if psf.exists() else None, head if head.exists() else None,
-                            len(objects), _scamp_contrast(wd / "scamp.xml"))
+    return runs, cat, psf if psf.exists() else None
 
 
 def _scamp_contrast(xml: Path) -> float | None:
@@ -466,6 +477,6 @@ def run_astroscrappy(image: npt.NDArray[np.floating], *, gain_e_per_count: float
 __all__ = [
     "ASTROMATIC_CONFIG_DIR", "AstromaticResult", "PeerFailedError", "PeerUnavailableError", "ProcessRun",
     "PsfexPsf", "SEXTRACTOR_SHARE", "SolveFieldResult", "peer_available", "read_ldac", "read_wcs_file",
-    "refcat_to_ldac_table", "run_astromatic_chain", "run_astroscrappy", "run_solve_field", "run_timed",
-    "wcs_from_scamp_head", "write_ldac",
+    "refcat_to_ldac_table", "run_astromatic_chain", "run_astroscrappy", "run_sextractor_psfex", "run_solve_field",
+    "run_timed", "wcs_from_scamp_head", "write_ldac",
 ]

@@ -409,9 +409,8 @@ def _parent_components(seg: npt.NDArray[np.int32], xmin: npt.NDArray[np.int64], 
     a, b = order[i_sorted], order[j_sorted]
     near = (ymin[b] <= ymax[a] + 1) & (ymax[b] >= ymin[a] - 1)
     a, b = a[near], b[near]
-    ny, nx = seg.shape
     touch = np.zeros(a.size, bool)
-    for k, (i, j) in enumerate(zip(a.tolist(), b.tolist())):
+    for k, (i, j) in enumerate(zip(a.tolist(), b.tolist(), strict=True)):
         y0, x0 = max(ymin[i], ymin[j]) - 1, max(xmin[i], xmin[j]) - 1
         crop = seg[max(y0, 0): min(ymax[i], ymax[j]) + 2, max(x0, 0): min(xmax[i], xmax[j]) + 2]
         mine = crop == i + 1

@@ -21,6 +21,7 @@ from singleframe.benchmarks import (
     format_markdown,
     make_row,
 )
+from singleframe.errors import ConfigError
 from singleframe.peers import (
     PsfexPsf,
     _index_presets,
@@ -314,3 +315,24 @@ def test_wcs_bar_is_asserted_where_the_stars_can_resolve_it():
     matches = Table({"distance_arcsec": np.full(39, 0.007)})
     assert _wcs_floor_mas(matches) == pytest.approx(7.0 * math.sqrt(6 / 39))  # rms x sqrt(6/N), in mas
     assert _wcs_floor_mas(matches[:6]) is None  # fewer matches than affine terms + 1: no floor
+
+
+def test_psf_bench_summary_counts_rms_and_per_frame_wins():
+    from singleframe.psf_bench import PsfBenchConfig, summarize
+
+    rows = [{"seed": 1, "ours": {"de1": 3e-4, "de2": -1e-4, "size_err_pct": 0.01},
+             "psfex": {"de1": -6e-4, "de2": 0.6e-4, "size_err_pct": -0.2}},
+            {"seed": 2, "ours": {"de1": -1e-4, "de2": 2e-4, "size_err_pct": 0.03},
+             "psfex": {"de1": 0.4e-4, "de2": 4e-4, "size_err_pct": -0.3}},
+            {"seed": 3, "ours": {"de1": 0.0, "de2": float("nan"), "size_err_pct": 0.02}, "psfex": None}]
+    s = summarize(rows)
+    # rms over the finite per-frame medians: sqrt((9 + 1 + 0) / 3) e-4 for ours' de1, two frames for de2.
+    assert s["ours"]["de1"]["rms"] == pytest.approx(math.sqrt(10 / 3) * 1e-4)
+    assert s["ours"]["de2"]["n"] == 2 and s["ours"]["de2"]["mean"] == pytest.approx(0.5e-4)
+    assert s["psfex"]["size_err_pct"]["rms"] == pytest.approx(math.sqrt((0.04 + 0.09) / 2))
+    # Tie 5e-5: frame 1 de1 (3 <= 6.5) and de2 (1 <= 1.1) within; frame 2 de1 (1 > 0.9) not, de2 within.
+    assert s["n_paired"] == 2 and s["ours_within"] == {"de1": 1, "de2": 2}
+    with pytest.raises(ConfigError):
+        PsfBenchConfig(frame="4096-nowhere").validate()
+    with pytest.raises(ConfigError):
+        PsfBenchConfig(seeds=(5, 5)).validate()

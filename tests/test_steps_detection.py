@@ -178,8 +178,8 @@ def test_parent_components_equal_connected_components_of_the_segmap(seed):
     seg = _blobs(seed)
     m = int(seg.max())
     boxes = ndimage.find_objects(seg)
-    xmin = np.array([b[1].start for b in boxes]); xmax = np.array([b[1].stop - 1 for b in boxes])
-    ymin = np.array([b[0].start for b in boxes]); ymax = np.array([b[0].stop - 1 for b in boxes])
+    xmin, xmax = np.array([b[1].start for b in boxes]), np.array([b[1].stop - 1 for b in boxes])
+    ymin, ymax = np.array([b[0].start for b in boxes]), np.array([b[0].stop - 1 for b in boxes])
     parent = _parent_components(seg, xmin, xmax, ymin, ymax)
     ref, n_ref = ndimage.label(seg > 0, structure=np.ones((3, 3), bool))
     # One pixel of each object names its reference component; the partitions must be equal.
