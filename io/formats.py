@@ -455,13 +455,11 @@ def _origin_keys(hdr: fits.Header, origin: tuple[int, int]) -> None:
     hdr["LTV2"] = (-int(y0), "minus the parent y of the first pixel")
 
 
-def _image_header(exposure: Exposure, extname: str, wcs_header: fits.Header | None = None) -> fits.Header:
+def _image_header(exposure: Exposure, extname: str, wcs_header: fits.Header | None) -> fits.Header:
     """EXTNAME/EXTTYPE, the WCS (``wcs_header``: the exposure's, made once per file) and the origin."""
     hdr = fits.Header()
     hdr["EXTNAME"] = extname
     hdr["EXTTYPE"] = extname
-    if wcs_header is None and exposure.wcs is not None:
-        wcs_header = exposure.wcs.to_header(relax=True)
     if wcs_header is not None:
         hdr.extend(wcs_header, update=True)
     _origin_keys(hdr, exposure.origin)
@@ -493,8 +491,9 @@ def exposure_to_hdulist(exposure: Exposure) -> fits.HDUList:
     mask_hdr = _image_header(exposure, "MASK", wcs_header)
     for name, bit in plane_bits().items():
         mask_hdr[_long_key(f"MP_{name}")] = (bit, f"bit number of mask plane {name}")
-    # Every plane bit is below 31, so int32 (Rubin's mask type) holds the bits unchanged.
-    hdus.append(fits.ImageHDU(exposure.mask.astype(np.int32), header=mask_hdr))
+    # Every plane bit is below 31, so int32 (Rubin's mask type) holds the bits unchanged: the
+    # uint32 mask is reinterpreted, not copied (the FITS writer converts it once, to big-endian).
+    hdus.append(fits.ImageHDU(exposure.mask.view(np.int32), header=mask_hdr))
     hdus.append(fits.ImageHDU(exposure.variance.astype(np.float32, copy=False),
                               header=_image_header(exposure, "VARIANCE", wcs_header)))
     if exposure.psf is not None:
