@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_STORE ?= demo_store
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench bench-quick bench-psf bench-setup serve clean lint
+.PHONY: venv demo test bench bench-quick bench-psf bench-stars bench-setup serve clean lint
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ bench-orchestration: $(STAMP)
 ## residuals; a single frame's comparison is at the noise floor); writes benchmarks/results/psf-*.{md,json}.
 bench-psf: $(STAMP)
 	$(PY) -m singleframe.psf_bench --frame 4096-typical --seeds 8
+
+## make bench-stars: star/galaxy separation on the 4096² poor-seeing frame: the configured cut, uniform size
+## cuts and the best per-S/N cut chosen with the truth (a bound); writes benchmarks/results/stars-*.{md,json}.
+bench-stars: $(STAMP)
+	$(PY) -m singleframe.selection_bench --frame 4096-poor-seeing
 
 ## make bench-setup: install the peer systems (Debian packages when root with apt; astroscrappy into .venv).
 bench-setup: $(STAMP)

@@ -47,10 +47,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .errors import ConfigError
 
 #: Keys every result row has (null where a system does not produce the quantity).
 ROW_KEYS = ("frame", "system", "wall_s_median", "wall_s_min", "wall_s_max", "n_runs", "peak_rss_mb",
@@ -116,6 +118,14 @@ MAIN_FRAME = "4096-typical"
 # --------------------------------------------------------------------------------------
 # Frame preparation (subprocess)
 # --------------------------------------------------------------------------------------
+def frame_spec(name: str) -> FrameSpec:
+    """The ``make bench`` (or ``bench-quick``) frame called ``name``; ConfigError if there is none."""
+    for spec in (*FULL_FRAMES, *QUICK_FRAMES):
+        if spec.name == name:
+            return spec
+    raise ConfigError(f"unknown frame {name!r}; choose one of {sorted(s.name for s in (*FULL_FRAMES, *QUICK_FRAMES))}")
+
+
 def _prepare(spec: FrameSpec, frame_dir: Path, *, seed: int | None = None) -> None:
     """Simulate one frame and write everything the systems read: snaps, image, refcats, truth.
 
@@ -768,6 +778,23 @@ def _cell(column: str, value: Any) -> str:
 
 def _machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.node()}"
+
+
+def run_and_write(run: Callable[[], dict[str, Any]], render: Callable[[dict[str, Any]], str], out_dir: str | Path,
+                  stem: str, latest: str) -> dict[str, Any]:
+    """Run a quality benchmark, print its Markdown and write ``<stem>-<stamp>`` and ``<latest>`` (.md, .json)."""
+    t0 = time.perf_counter()
+    result = run()
+    result["total_s"] = time.perf_counter() - t0
+    table = render(result)
+    print(table)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for name in (f"{stem}-{stamp}", latest):
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{name}.md").write_text(table)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

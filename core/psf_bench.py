@@ -21,24 +21,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .benchmarks import (
-    FULL_FRAMES,
     PEER_TIE_FRACTION,
     PSF_DE_MEDIAN_BAR,
-    QUICK_FRAMES,
     _load_psf_truth,
     _load_truth,
     _machine,
     _prepare,
+    frame_spec,
+    run_and_write,
 )
 from .errors import ConfigError
 
@@ -54,9 +52,7 @@ class PsfBenchConfig:
     seeds: tuple[int, ...] = tuple(range(101, 109))
 
     def validate(self) -> None:
-        names = {s.name for s in (*FULL_FRAMES, *QUICK_FRAMES)}
-        if self.frame not in names:
-            raise ConfigError(f"unknown frame {self.frame!r}; choose one of {sorted(names)}")
+        frame_spec(self.frame)
         if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"need at least two distinct seeds, got {self.seeds}")
 
@@ -99,7 +95,7 @@ def run_psf_bench(config: PsfBenchConfig, *, work_dir: str | Path | None = None,
     from .peers import peer_available
 
     config.validate()
-    spec = next(s for s in (*FULL_FRAMES, *QUICK_FRAMES) if s.name == config.frame)
+    spec = frame_spec(config.frame)
     peers = peer_available("source-extractor") and peer_available("psfex")
     if not peers:
         log("source-extractor/psfex not installed: PSFEx skipped (make bench-setup)")
@@ -183,17 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results", help="where the Markdown and JSON go")
     args = parser.parse_args(argv)
     config = PsfBenchConfig(args.frame, tuple(range(args.first_seed, args.first_seed + args.seeds)))
-    t0 = time.perf_counter()
-    result = run_psf_bench(config)
-    result["total_s"] = time.perf_counter() - t0
-    table = format_markdown(result)
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    for name in (f"psf-{config.frame}-{stamp}", "psf-latest"):
-        (out / f"{name}.json").write_text(json.dumps(result, indent=1))
-        (out / f"{name}.md").write_text(table)
+    run_and_write(lambda: run_psf_bench(config), format_markdown, args.out, f"psf-{config.frame}", "psf-latest")
     return 0
 
 

@@ -283,6 +283,43 @@ def true_psf_fwhm_pix(truth: DetectorTruth) -> float:
     return 2.3548 * float(np.median(np.asarray(truth.psf_grid["sigma_pix"], float)))
 
 
+def eligible_stars(truth_sources: Table, *, snr_min: float = 10.0, edge_pix: float = 20.0,
+                   isolation_pix: float = 10.0, neighbour_flux_ratio: float = 0.1,
+                   psf_fwhm_pix: float | None = None, isolation_fwhm: float = 2.5,
+                   bbox: tuple[int, int, int, int] | None = None) -> npt.NDArray[np.bool_]:
+    """The true stars a star selection should recover (one flag per row of ``truth_sources``).
+
+    Unsaturated point sources with truth ``snr`` ≥ ``snr_min``, at least ``edge_pix`` from the
+    detector edge (``bbox`` ``(x_min, y_min, x_max, y_max)``, default
+    ``truth_sources.meta["bbox"]``), with no other true source brighter than
+    ``neighbour_flux_ratio`` × their flux within ``max(isolation_pix, isolation_fwhm ×
+    psf_fwhm_pix)``: isolation is a matter of PSF overlap, so it scales with the seeing (10 px
+    is 2.5 FWHM at 0.8″ and 0.2″/px; at 1.3″ a neighbour 10 px away is 1.5 FWHM off and merges
+    with the star in the smoothed image, undetectable as a separate peak).
+    """
+    tx, ty = np.asarray(truth_sources["x"], float), np.asarray(truth_sources["y"], float)
+    flux = np.asarray(truth_sources["instflux"], float)
+    is_star = np.asarray(truth_sources["is_star"], bool)
+    if bbox is None:
+        bbox = truth_sources.meta.get("bbox")
+    if bbox is None:
+        raise KeyError("truth_sources.meta has no 'bbox'; pass bbox=(x_min, y_min, x_max, y_max)")
+    xmin, ymin, xmax, ymax = bbox
+    isolated = np.ones(len(tx), bool)
+    radius = max(isolation_pix, isolation_fwhm * psf_fwhm_pix) if psf_fwhm_pix else isolation_pix
+    if len(tx) > 1:
+        tree = cKDTree(np.column_stack([tx, ty]))
+        for i, j in tree.query_pairs(radius, output_type="ndarray"):
+            if flux[j] > neighbour_flux_ratio * flux[i]:
+                isolated[i] = False
+            if flux[i] > neighbour_flux_ratio * flux[j]:
+                isolated[j] = False
+    return np.asarray(is_star & ~np.asarray(truth_sources["saturated"], bool) & isolated
+                      & (np.asarray(truth_sources["snr"], float) >= snr_min)
+                      & (tx >= xmin + edge_pix) & (tx <= xmax - edge_pix)
+                      & (ty >= ymin + edge_pix) & (ty <= ymax - edge_pix))
+
+
 def star_recovery(stars_table: Table, truth_sources: Table, *, match_radius_pix: float = 2.0,
                   snr_min: float = 10.0, edge_pix: float = 20.0, isolation_pix: float = 10.0,
                   neighbour_flux_ratio: float = 0.1, psf_fwhm_pix: float | None = None,
@@ -298,19 +335,8 @@ def star_recovery(stars_table: Table, truth_sources: Table, *, match_radius_pix:
         ``DetectorTruth.sources``.
     match_radius_pix
         Largest centroid distance of a match.
-    snr_min
-        Only true stars with truth ``snr`` ≥ this count for completeness.
-    edge_pix
-        ... and only those at least this far from the detector edge.
-    isolation_pix, neighbour_flux_ratio, psf_fwhm_pix, isolation_fwhm
-        ... and only those with no other true source brighter than
-        ``neighbour_flux_ratio`` × their flux within ``max(isolation_pix,
-        isolation_fwhm × psf_fwhm_pix)``: isolation is a matter of PSF overlap,
-        so it scales with the seeing (10 px is 2.5 FWHM at 0.8″ and 0.2″/px; at
-        1.3″ a neighbour 10 px away is 1.5 FWHM off and merges with the star in
-        the smoothed image, undetectable as a separate peak).
-    bbox
-        ``(x_min, y_min, x_max, y_max)``; default ``truth_sources.meta["bbox"]``.
+    snr_min, edge_pix, isolation_pix, neighbour_flux_ratio, psf_fwhm_pix, isolation_fwhm, bbox
+        Which true stars count for completeness: :func:`eligible_stars`.
 
     Returns
     -------
@@ -321,29 +347,11 @@ def star_recovery(stars_table: Table, truth_sources: Table, *, match_radius_pix:
         when a denominator is zero.
     """
     tx, ty = np.asarray(truth_sources["x"], float), np.asarray(truth_sources["y"], float)
-    flux = np.asarray(truth_sources["instflux"], float)
     is_star = np.asarray(truth_sources["is_star"], bool)
-    if bbox is None:
-        bbox = truth_sources.meta.get("bbox")
-    if bbox is None:
-        raise KeyError("truth_sources.meta has no 'bbox'; pass bbox=(x_min, y_min, x_max, y_max)")
-    xmin, ymin, xmax, ymax = bbox
+    eligible = eligible_stars(truth_sources, snr_min=snr_min, edge_pix=edge_pix, isolation_pix=isolation_pix,
+                              neighbour_flux_ratio=neighbour_flux_ratio, psf_fwhm_pix=psf_fwhm_pix,
+                              isolation_fwhm=isolation_fwhm, bbox=bbox)
     sx, sy = _xy_columns(stars_table)
-
-    isolated = np.ones(len(tx), bool)
-    radius = max(isolation_pix, isolation_fwhm * psf_fwhm_pix) if psf_fwhm_pix else isolation_pix
-    if len(tx) > 1:
-        tree = cKDTree(np.column_stack([tx, ty]))
-        for i, j in tree.query_pairs(radius, output_type="ndarray"):
-            if flux[j] > neighbour_flux_ratio * flux[i]:
-                isolated[i] = False
-            if flux[i] > neighbour_flux_ratio * flux[j]:
-                isolated[j] = False
-    eligible = (is_star & ~np.asarray(truth_sources["saturated"], bool) & isolated
-                & (np.asarray(truth_sources["snr"], float) >= snr_min)
-                & (tx >= xmin + edge_pix) & (tx <= xmax - edge_pix)
-                & (ty >= ymin + edge_pix) & (ty <= ymax - edge_pix))
-
     if len(sx):
         d_truth, _ = cKDTree(np.column_stack([sx, sy])).query(np.column_stack([tx, ty]))
     else:

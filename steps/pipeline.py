@@ -286,11 +286,14 @@ class FindStarsStage:
     ap_corr: Mapping[str, ChebyshevField] = dataclasses.field(default_factory=dict)
     #: Relative flux-scale error of each corrected flux (star-pass normalisation ⊕ field level).
     scale_err: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    #: With ``keep_candidates``: every first-pass detection, measured, before the star selection
+    #: (what :func:`.star_selection.select_stars` chose from; no aperture fluxes, no sky sources).
+    candidates: Table | None = None
 
 
 def find_stars(exposure: Exposure, psf_stars: Table, *, wcs: WCS, ap_corr: Mapping[str, ChebyshevField],
                normalization: float, config: CalibrateImageConfig,
-               scale_err: Mapping[str, float] | None = None) -> FindStarsStage:
+               scale_err: Mapping[str, float] | None = None, keep_candidates: bool = False) -> FindStarsStage:
     """Brief steps 5–6: detect at S/N ≥ 10, deblend, measure, select, propagate flags.
 
     With ``residual_search`` the PSF-subtracted residual around bright stars is searched for
@@ -322,6 +325,7 @@ def find_stars(exposure: Exposure, psf_stars: Table, *, wcs: WCS, ap_corr: Mappi
     selection = select_stars(catalog, config=config.star_selector)
     stars = measure_aperture_fluxes(exp, catalog[np.asarray(selection.selected, bool)], det.detections,
                                     config=config.measurement)
+    candidates = catalog if keep_candidates else None
     del catalog
     # The calibration-flux normalisation is measured on first-pass stars only: the residual-pass
     # stars sit on subtracted bright neighbours, whose model errors would enter their apertures
@@ -364,7 +368,8 @@ def find_stars(exposure: Exposure, psf_stars: Table, *, wcs: WCS, ap_corr: Mappi
             "curve_of_growth": float(norm.curve_of_growth), "curve_of_growth_n_stars": int(norm.curve_of_growth_n_stars),
             "normalization_ratio_to_psf_pass": float(rescale)}
     diag.update({f"scale_err.{k}": float(v) for k, v in star_scale_err.items()})
-    return FindStarsStage(stars, det.detections, diag, float(norm.normalization), star_ap_corr, star_scale_err)
+    return FindStarsStage(stars, det.detections, diag, float(norm.normalization), star_ap_corr, star_scale_err,
+                          candidates)
 
 
 def _scale_field(field: ChebyshevField, factor: float) -> ChebyshevField:

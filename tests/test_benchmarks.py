@@ -336,3 +336,67 @@ def test_psf_bench_summary_counts_rms_and_per_frame_wins():
         PsfBenchConfig(frame="4096-nowhere").validate()
     with pytest.raises(ConfigError):
         PsfBenchConfig(seeds=(5, 5)).validate()
+
+
+def test_passing_sigma_reproduces_the_size_test_of_select_stars():
+    """``need <= k`` must select exactly what ``select_stars`` selects at ``max_size_excess_sigma=k``."""
+    import dataclasses
+
+    from singleframe.selection_bench import passing_sigma
+    from singleframe.steps.star_selection import StarSelectorConfig, select_stars
+
+    rng = np.random.default_rng(3)
+    n = 400
+    snr = rng.uniform(5, 300, n)
+    t_psf = rng.uniform(4, 9, n)
+    excess = rng.normal(0, 3 / snr) + np.where(rng.random(n) < 0.3, rng.uniform(0, 0.5, n), 0.0)
+    excess[:5] = np.nan  # failed moments are never point sources
+    cat = Table({"base_PsfFlux_instFlux": snr * 100.0, "base_PsfFlux_instFluxErr": np.full(n, 100.0),
+                 "ext_shapeHSM_HsmSourceMoments_xx": t_psf * (1 + excess) / 2,
+                 "ext_shapeHSM_HsmSourceMoments_yy": t_psf * (1 + excess) / 2,
+                 "ext_shapeHSM_HsmPsfMoments_xx": t_psf / 2, "ext_shapeHSM_HsmPsfMoments_yy": t_psf / 2})
+    base = StarSelectorConfig()
+    need = passing_sigma(excess, snr, noise_coeff=base.size_noise_coeff, floor_frac=base.min_size_excess_frac)
+    no_size = np.asarray(select_stars(cat, config=dataclasses.replace(base, max_size_excess_sigma=None)).selected)
+    for k in (0.5, 1.0, 2.0, 3.5, 6.0):
+        sel = np.asarray(select_stars(cat, config=dataclasses.replace(base, max_size_excess_sigma=k)).selected)
+        assert sel.sum() > 0 and (~sel).sum() > 0  # the cut does something, or the test proves nothing
+        np.testing.assert_array_equal(sel, no_size & (need <= k))
+
+
+def test_oracle_cut_finds_the_clean_solution_and_never_beats_the_best_single_cut_in_one_bin():
+    from singleframe.selection_bench import best_binned_cut
+
+    rng = np.random.default_rng(5)
+    ks = (0.5, 1.0, 2.0, 3.0, 5.0)
+    # Separable by S/N: faint galaxies sit 4 sigma out, bright ones 0.5 sigma (an oracle cuts the
+    # faint bin at 3 and keeps the bright bin whole, where galaxies do not exist).
+    n_star, n_gal = 1000, 60
+    snr = np.concatenate([rng.uniform(10, 100, n_star), rng.uniform(10, 15, n_gal)])
+    need = np.concatenate([np.abs(rng.normal(0, 1, n_star)).clip(max=2.9), np.full(n_gal, 4.0)])
+    is_star = np.arange(n_star + n_gal) < n_star
+    is_cont = ~is_star
+
+    def evaluate(sel):
+        return 100.0 * np.sum(sel & is_star) / n_star, 100.0 * np.sum(sel & is_cont) / max(sel.sum(), 1)
+
+    best = best_binned_cut(need, snr, is_star, is_cont, evaluate, sigmas=ks, snr_edges=(15.0,),
+                           min_recovered_pct=98.0)
+    assert best["recovered_pct"] == 100.0 and best["contaminant_pct"] == 0.0
+    assert best["snr_bins"][1] == 15.0 and best["sigmas"][0] == 3.0
+
+    # One bin, overlapping classes: the oracle is the best uniform cut that reaches the recovery.
+    need = np.concatenate([np.abs(rng.normal(0, 1, n_star)), np.abs(rng.normal(1.5, 1, n_gal))])
+    best = best_binned_cut(need, snr, is_star, is_cont, evaluate, sigmas=ks, snr_edges=(), min_recovered_pct=98.0)
+    uniform = [evaluate(need <= k) for k in ks]
+    feasible = [c for r, c in uniform if r >= 98.0]
+    assert best["contaminant_pct"] == pytest.approx(min(feasible))
+    # No threshold reaches an impossible recovery: NaNs, not a wrong answer.
+    none = best_binned_cut(need, snr, is_star, is_cont, evaluate, sigmas=(0.1,), snr_edges=(), min_recovered_pct=99.0)
+    assert none["sigmas"] is None and math.isnan(none["contaminant_pct"])
+    from singleframe.selection_bench import SelectionBenchConfig
+
+    with pytest.raises(ConfigError, match="unknown frame"):
+        SelectionBenchConfig(frame="4096-nowhere").validate()
+    with pytest.raises(ConfigError, match="increasing"):
+        SelectionBenchConfig(snr_edges=(20.0, 10.0)).validate()

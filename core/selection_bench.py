@@ -1,0 +1,339 @@
+"""``make bench-stars``: how far star/galaxy separation by size can go on a benchmark frame.
+
+Issue 3 asks the star selection for ≥ 98 % of the isolated S/N ≥ 10 true stars
+and ≤ 2 % contaminants. On the poor-seeing frame the faint compact galaxies
+are barely larger than the 1.3″ PSF, so the question is whether any cut on the
+measured size can meet both numbers, or whether the information is not in the
+pixels. This benchmark runs the calibration of one simulated frame up to the
+star pass (:func:`~singleframe.steps.pipeline.find_stars` with
+``keep_candidates``: every detection measured, before selection) and scores,
+with the evaluator of ``make bench``
+(:func:`~singleframe.sim.evaluation.star_recovery`):
+
+- the selection as configured, and without its size test;
+- the size test at other significance thresholds (the same cut at every S/N);
+- the best a cut on the size excess can do **with the truth in hand**: per bin
+  of S/N, the threshold is chosen from a grid by the true classes of the
+  sources in that bin (a Lagrangian trade of contaminants against recovered
+  stars). No rule that sees only a source's size excess and S/N can do better
+  on this frame than this oracle (up to the grid), so if it misses the bars,
+  the bars cannot be met by size alone;
+- the contaminants of the configured selection by kind (a true galaxy within
+  2 px, a true star 2–5 px away: a blend, or nothing), and the size-excess
+  significance of the galaxy contaminants against that of the true stars.
+
+Only the first-pass catalogue is scored (``make bench`` also counts the stars
+of the residual search around bright stars, ~0.1 % of the selection).
+Writes ``benchmarks/results/stars-<frame>-<stamp>.{md,json}`` and
+``stars-latest.{md,json}``. Quality only: nothing is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .benchmarks import (
+    STAR_CONTAMINANT_BAR_PCT,
+    STAR_RECOVERED_BAR_PCT,
+    _load_truth,
+    _machine,
+    _prepare,
+    frame_spec,
+    run_and_write,
+)
+from .errors import ConfigError
+
+#: Match radius of the evaluator (px): a selected source with no true star this close is a contaminant.
+MATCH_RADIUS_PIX = 2.0
+#: A contaminant with a true star within this distance (px), but not within the match radius, is a blend.
+BLEND_RADIUS_PIX = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionBenchConfig:
+    """What to simulate and which cuts to score."""
+
+    #: A ``make bench`` frame name.
+    frame: str = "4096-poor-seeing"
+    #: Simulation seed (None: the ``make bench`` frame itself).
+    seed: int | None = None
+    #: Size-excess significance thresholds of the uniform cuts (and the oracle's grid).
+    sigmas: tuple[float, ...] = (0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 5.0)
+    #: Inner edges of the oracle's S/N bins (PSF-flux S/N; below the first and above the last are bins too).
+    snr_edges: tuple[float, ...] = (10.0, 12.0, 14.0, 17.0, 20.0, 25.0, 35.0, 50.0, 100.0)
+
+    def validate(self) -> None:
+        frame_spec(self.frame)
+        if not self.sigmas or any(not (k > 0) for k in self.sigmas):
+            raise ConfigError(f"sigmas must be positive, got {self.sigmas}")
+        if list(self.snr_edges) != sorted(set(self.snr_edges)):
+            raise ConfigError(f"snr_edges must be strictly increasing, got {self.snr_edges}")
+
+
+def passing_sigma(excess: npt.NDArray[np.float64], snr: npt.NDArray[np.float64], *, noise_coeff: float,
+                  floor_frac: float) -> npt.NDArray[np.float64]:
+    """The smallest size-test threshold (in sigmas) at which each source counts as a point source.
+
+    :func:`~singleframe.steps.star_selection.select_stars` accepts a source when
+    ``excess <= max(k * noise_coeff / snr, floor_frac)``: that holds for every ``k`` when the
+    excess is within the floor (``-inf`` here), for ``k >= excess * snr / noise_coeff`` above
+    it, and for no ``k`` when the excess or the S/N is not finite or positive (``+inf``).
+    """
+    excess = np.asarray(excess, float)
+    snr = np.asarray(snr, float)
+    ok = np.isfinite(excess) & np.isfinite(snr) & (snr > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        need = np.where(excess <= floor_frac, -np.inf, excess * snr / noise_coeff)
+    return np.where(ok, need, np.inf)
+
+
+def best_binned_cut(need: npt.NDArray[np.float64], snr: npt.NDArray[np.float64],
+                    is_star: npt.NDArray[np.bool_], is_contaminant: npt.NDArray[np.bool_],
+                    evaluate: Callable[[npt.NDArray[np.bool_]], tuple[float, float]], *,
+                    sigmas: Sequence[float], snr_edges: Sequence[float], min_recovered_pct: float,
+                    n_lambdas: int = 60) -> dict[str, Any]:
+    """The per-S/N-bin size thresholds that minimise contamination at ``min_recovered_pct``, knowing the truth.
+
+    Parameters
+    ----------
+    need
+        :func:`passing_sigma` of each candidate (a candidate is selected at threshold ``k``
+        when ``need <= k``).
+    snr
+        S/N of each candidate (binned at ``snr_edges``).
+    is_star, is_contaminant
+        Truth of each candidate: it matches an eligible true star; it matches no true star.
+        They drive the choice; the totals come from ``evaluate``.
+    evaluate
+        ``selected mask -> (recovered %, contaminant %)``: the evaluator's exact figures.
+    sigmas
+        Thresholds a bin may take.
+    min_recovered_pct
+        The recovery a solution must reach.
+
+    Returns
+    -------
+    dict
+        ``recovered_pct``, ``contaminant_pct`` and ``sigmas`` (one per bin, ``snr_bins`` their
+        lower edges) of the best solution (NaNs and None when none reaches the recovery), and
+        ``frontier``: every distinct ``(recovered %, contaminant %)`` visited.
+
+    For each trade-off ``lam`` (contaminants per recovered star), each bin takes the threshold
+    minimising ``contaminants - lam * stars`` in that bin; sweeping ``lam`` traces the lower
+    envelope of contamination against recovery.
+    """
+    need = np.asarray(need, float)
+    edges = np.concatenate([[-np.inf], np.asarray(snr_edges, float), [np.inf]])
+    bins = np.clip(np.digitize(np.asarray(snr, float), edges) - 1, 0, len(edges) - 2)
+    ks = np.asarray(sorted(sigmas), float)
+    n_bins = len(edges) - 1
+    # Counts per (bin, threshold): stars and contaminants kept.
+    passed = need[:, None] <= ks[None, :]
+    stars = np.zeros((n_bins, ks.size))
+    conts = np.zeros((n_bins, ks.size))
+    np.add.at(stars, bins, passed & np.asarray(is_star, bool)[:, None])
+    np.add.at(conts, bins, passed & np.asarray(is_contaminant, bool)[:, None])
+    best: dict[str, Any] = {"recovered_pct": math.nan, "contaminant_pct": math.nan, "sigmas": None}
+    frontier: dict[tuple[float, float], None] = {}
+    seen: set[tuple[int, ...]] = set()
+    for lam in np.geomspace(1e-3, 1e3, n_lambdas):
+        choice = tuple(int(i) for i in np.argmin(conts - lam * stars, axis=1))
+        if choice in seen:
+            continue
+        seen.add(choice)
+        selected = need <= ks[np.asarray(choice)][bins]
+        rec, con = evaluate(selected)
+        frontier[(round(rec, 3), round(con, 3))] = None
+        if rec >= min_recovered_pct and not (con >= best["contaminant_pct"]):
+            best = {"recovered_pct": rec, "contaminant_pct": con, "sigmas": [float(ks[i]) for i in choice]}
+    best["snr_bins"] = [float(e) for e in edges[:-1]]
+    best["frontier"] = sorted(frontier)
+    return best
+
+
+def run_selection_bench(config: SelectionBenchConfig, *, work_dir: str | Path | None = None,
+                        log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Simulate the frame, calibrate it up to the star pass and score the cuts.
+
+    Raises
+    ------
+    ConfigError
+        If ``config`` is invalid.
+    """
+    config.validate()
+    spec = frame_spec(config.frame)
+    work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="sf-stars-bench-"))
+    try:
+        frame_dir = work / spec.name
+        log(f"simulating {spec.name}" + ("" if config.seed is None else f" (seed {config.seed})"))
+        _prepare(spec, frame_dir, seed=config.seed)
+        candidates, star_config = _star_candidates(frame_dir)
+        truth = _load_truth(frame_dir)
+    finally:
+        if work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    from .sim.evaluation import true_psf_fwhm_pix
+
+    result = score_cuts(candidates, truth.sources, psf_fwhm_pix=true_psf_fwhm_pix(truth),
+                        star_config=star_config, config=config)
+    return {"machine": _machine(), "config": dataclasses.asdict(config), **result}
+
+
+def _star_candidates(frame_dir: Path) -> tuple[Any, Any]:
+    from .io.formats import exposure_from_fits_bytes
+    from .io.refcat import load_refcat
+    from .steps.config import load_calibrate_config
+    from .steps.pipeline import calibrate_astrometry, characterize, correct_apertures, find_stars
+
+    meta = json.loads((frame_dir / "meta.json").read_text())
+    calib = load_calibrate_config(None)
+    snaps = [exposure_from_fits_bytes(p.read_bytes()) for p in sorted(frame_dir.glob("snap*.fits"))]
+    refcat = load_refcat(str(frame_dir / "store"), "refcat", ra_deg=meta["ra_deg"], dec_deg=meta["dec_deg"],
+                         radius_deg=meta["radius_deg"], epoch_year=meta["epoch_year"])
+    ch = characterize(snaps, config=calib)
+    del snaps
+    ap = correct_apertures(ch.exposure, ch.psf_stars, config=calib)
+    ast = calibrate_astrometry(ch.exposure, ap.psf_stars, refcat, config=calib)
+    fs = find_stars(ch.exposure, ast.psf_stars, wcs=ast.wcs, ap_corr=ap.ap_corr, normalization=ap.normalization,
+                    config=calib, scale_err=ap.scale_err, keep_candidates=True)
+    assert fs.candidates is not None
+    return fs.candidates, calib.star_selector
+
+
+def score_cuts(candidates: Any, truth_sources: Any, *, psf_fwhm_pix: float, star_config: Any,
+               config: SelectionBenchConfig) -> dict[str, Any]:
+    """Recovery and contamination of the configured, uniform and oracle cuts on ``candidates``."""
+    from scipy.spatial import cKDTree
+
+    from .sim.evaluation import eligible_stars, star_recovery
+    from .steps.star_selection import select_stars
+
+    def evaluate(selected: npt.NDArray[np.bool_]) -> tuple[float, float]:
+        return star_recovery(candidates[np.asarray(selected, bool)], truth_sources, psf_fwhm_pix=psf_fwhm_pix)
+
+    configured = np.asarray(select_stars(candidates, config=star_config).selected, bool)
+    no_size = np.asarray(select_stars(candidates, config=dataclasses.replace(
+        star_config, max_size_excess_sigma=None)).selected, bool)
+    snr = (np.asarray(candidates[f"{star_config.flux_field}_instFlux"], float)
+           / np.asarray(candidates[f"{star_config.flux_field}_instFluxErr"], float))
+    t_src = (np.asarray(candidates["ext_shapeHSM_HsmSourceMoments_xx"], float)
+             + np.asarray(candidates["ext_shapeHSM_HsmSourceMoments_yy"], float))
+    t_psf = (np.asarray(candidates["ext_shapeHSM_HsmPsfMoments_xx"], float)
+             + np.asarray(candidates["ext_shapeHSM_HsmPsfMoments_yy"], float))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        excess = t_src / t_psf - 1.0
+    need = passing_sigma(excess, snr, noise_coeff=star_config.size_noise_coeff,
+                         floor_frac=star_config.min_size_excess_frac)
+    need = np.where(no_size, need, np.inf)  # flags and the S/N cut stay
+
+    x = np.asarray(candidates["base_SdssCentroid_x"], float)
+    y = np.asarray(candidates["base_SdssCentroid_y"], float)
+    tx, ty = np.asarray(truth_sources["x"], float), np.asarray(truth_sources["y"], float)
+    true_star = np.asarray(truth_sources["is_star"], bool)
+    eligible = eligible_stars(truth_sources, psf_fwhm_pix=psf_fwhm_pix)
+    xy = np.column_stack([x, y])
+    d_star, _ = cKDTree(np.column_stack([tx[true_star], ty[true_star]])).query(xy)
+    d_elig, _ = cKDTree(np.column_stack([tx[eligible], ty[eligible]])).query(xy)
+    d_gal, _ = cKDTree(np.column_stack([tx[~true_star], ty[~true_star]])).query(xy)
+    is_cont = d_star > MATCH_RADIUS_PIX
+    is_star = d_elig <= MATCH_RADIUS_PIX
+
+    rows = [{"cut": "configured", "sigma": star_config.max_size_excess_sigma, **_score(evaluate, configured)},
+            {"cut": "no size test", "sigma": None, **_score(evaluate, no_size)}]
+    for k in sorted(config.sigmas, reverse=True):
+        rows.append({"cut": "uniform", "sigma": float(k), **_score(evaluate, need <= k)})
+    oracle = best_binned_cut(need, snr, is_star, is_cont, evaluate, sigmas=config.sigmas,
+                             snr_edges=config.snr_edges, min_recovered_pct=STAR_RECOVERED_BAR_PCT)
+
+    sel_cont = configured & is_cont
+    z = np.where(np.isfinite(need), need, np.nan)  # excess / its noise where above the floor
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z_all = excess * snr / star_config.size_noise_coeff
+    galaxy = sel_cont & (d_gal <= MATCH_RADIUS_PIX)
+    kinds = {"n_selected": int(configured.sum()), "n_contaminants": int(sel_cont.sum()),
+             "galaxy": int(galaxy.sum()),
+             "blend": int(np.sum(sel_cont & ~galaxy & (d_star <= BLEND_RADIUS_PIX))),
+             "nothing": int(np.sum(sel_cont & ~galaxy & (d_star > BLEND_RADIUS_PIX))),
+             "galaxy_snr_p10_p50_p90": _percentiles(snr[galaxy]),
+             "galaxy_size_excess_sigma_p50_p90": _percentiles(z_all[galaxy], (50, 90)),
+             "star_size_excess_sigma_p50": _percentiles(z_all[configured & is_star], (50,)),
+             "n_size_floor_passes": int(np.sum(configured & ~np.isfinite(z) & np.isfinite(snr)))}
+    return {"rows": rows, "oracle": oracle, "contaminants": kinds,
+            "bars": {"recovered_pct": STAR_RECOVERED_BAR_PCT, "contaminant_pct": STAR_CONTAMINANT_BAR_PCT}}
+
+
+def _score(evaluate: Callable[[npt.NDArray[np.bool_]], tuple[float, float]],
+           selected: npt.NDArray[np.bool_]) -> dict[str, Any]:
+    rec, con = evaluate(selected)
+    return {"recovered_pct": rec, "contaminant_pct": con, "n_selected": int(np.sum(selected))}
+
+
+def _percentiles(values: npt.NDArray[np.float64], q: Sequence[float] = (10, 50, 90)) -> list[float] | None:
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    return [float(p) for p in np.percentile(v, q)] if v.size else None
+
+
+def format_markdown(result: dict[str, Any]) -> str:
+    """The cuts, the oracle and the contaminants as Markdown."""
+    cfg, bars, o, c = result["config"], result["bars"], result["oracle"], result["contaminants"]
+    lines = [f"Star selection on `{cfg['frame']}`" + ("" if cfg["seed"] is None else f" (seed {cfg['seed']})")
+             + f", first-pass catalogue ({result['machine']}); bars: recovered >= {bars['recovered_pct']} %, "
+             f"contaminants <= {bars['contaminant_pct']} %", "",
+             "| cut | size test (sigma) | recovered % | contaminants % | selected |", "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        sigma = "off" if r["sigma"] is None else f"{r['sigma']:g}"
+        lines.append(f"| {r['cut']} | {sigma} | {r['recovered_pct']:.2f} | {r['contaminant_pct']:.2f} | "
+                     f"{r['n_selected']} |")
+    lines.append("")
+    if o["sigmas"] is None:
+        lines.append(f"Oracle (per-S/N-bin thresholds chosen with the truth): no solution reaches "
+                     f"{bars['recovered_pct']} % recovery.")
+    else:
+        per_bin = ", ".join(f"S/N >= {lo:g}: {k:g}" if math.isfinite(lo) else f"below: {k:g}"
+                            for lo, k in zip(o["snr_bins"], o["sigmas"], strict=True))
+        lines.append(f"Oracle (per-S/N-bin thresholds chosen with the truth, the bound of any cut on size "
+                     f"excess and S/N): best contamination at >= {bars['recovered_pct']} % recovery is "
+                     f"**{o['contaminant_pct']:.2f} %** ({o['recovered_pct']:.2f} % recovered; thresholds "
+                     f"{per_bin}).")
+    lines.append("")
+    lines.append("Frontier visited (recovered %, contaminants %): "
+                 + "; ".join(f"({r:.2f}, {k:.2f})" for r, k in o["frontier"]))
+    lines += ["", f"Contaminants of the configured cut: {c['n_contaminants']} of {c['n_selected']} selected; "
+                  f"{c['galaxy']} true galaxies within {MATCH_RADIUS_PIX:g} px, {c['blend']} blends (a true star "
+                  f"{MATCH_RADIUS_PIX:g}-{BLEND_RADIUS_PIX:g} px away), {c['nothing']} with nothing near."]
+    if c["galaxy_snr_p10_p50_p90"] and c["galaxy_size_excess_sigma_p50_p90"] and c["star_size_excess_sigma_p50"]:
+        g, z = c["galaxy_snr_p10_p50_p90"], c["galaxy_size_excess_sigma_p50_p90"]
+        lines.append(f"Galaxy contaminants: S/N {g[0]:.1f} / {g[1]:.1f} / {g[2]:.1f} (10th / 50th / 90th "
+                     f"percentile); size excess {z[0]:.2f} sigma at the median, {z[1]:.2f} at the 90th "
+                     f"percentile, against {c['star_size_excess_sigma_p50'][0]:.2f} for the selected true stars.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m singleframe.selection_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frame", default=SelectionBenchConfig.frame, help="a `make bench` frame name")
+    parser.add_argument("--seed", type=int, default=None, help="another sky and noise (default: make bench's frame)")
+    parser.add_argument("--out", default="benchmarks/results", help="where the Markdown and JSON go")
+    args = parser.parse_args(argv)
+    config = SelectionBenchConfig(args.frame, args.seed)
+    suffix = "" if config.seed is None else f"-seed{config.seed}"
+    run_and_write(lambda: run_selection_bench(config), format_markdown, args.out, f"stars-{config.frame}{suffix}",
+                  "stars-latest")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
