@@ -243,9 +243,13 @@ def score_cuts(candidates: Any, truth_sources: Any, *, psf_fwhm_pix: float, star
     true_star = np.asarray(truth_sources["is_star"], bool)
     eligible = eligible_stars(truth_sources, psf_fwhm_pix=psf_fwhm_pix)
     xy = np.column_stack([x, y])
-    d_star, _ = cKDTree(np.column_stack([tx[true_star], ty[true_star]])).query(xy)
-    d_elig, _ = cKDTree(np.column_stack([tx[eligible], ty[eligible]])).query(xy)
-    d_gal, _ = cKDTree(np.column_stack([tx[~true_star], ty[~true_star]])).query(xy)
+
+    def nearest(keep: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64]:
+        if not keep.any():
+            return np.full(len(xy), np.inf)
+        return np.asarray(cKDTree(np.column_stack([tx[keep], ty[keep]])).query(xy)[0], float)
+
+    d_star, d_elig, d_gal = nearest(true_star), nearest(eligible), nearest(~true_star)
     is_cont = d_star > MATCH_RADIUS_PIX
     is_star = d_elig <= MATCH_RADIUS_PIX
 
@@ -257,7 +261,6 @@ def score_cuts(candidates: Any, truth_sources: Any, *, psf_fwhm_pix: float, star
                              snr_edges=config.snr_edges, min_recovered_pct=STAR_RECOVERED_BAR_PCT)
 
     sel_cont = configured & is_cont
-    z = np.where(np.isfinite(need), need, np.nan)  # excess / its noise where above the floor
     with np.errstate(invalid="ignore", divide="ignore"):
         z_all = excess * snr / star_config.size_noise_coeff
     galaxy = sel_cont & (d_gal <= MATCH_RADIUS_PIX)
@@ -268,7 +271,7 @@ def score_cuts(candidates: Any, truth_sources: Any, *, psf_fwhm_pix: float, star
              "galaxy_snr_p10_p50_p90": _percentiles(snr[galaxy]),
              "galaxy_size_excess_sigma_p50_p90": _percentiles(z_all[galaxy], (50, 90)),
              "star_size_excess_sigma_p50": _percentiles(z_all[configured & is_star], (50,)),
-             "n_size_floor_passes": int(np.sum(configured & ~np.isfinite(z) & np.isfinite(snr)))}
+             "n_within_size_floor": int(np.sum(configured & (need == -np.inf)))}
     return {"rows": rows, "oracle": oracle, "contaminants": kinds,
             "bars": {"recovered_pct": STAR_RECOVERED_BAR_PCT, "contaminant_pct": STAR_CONTAMINANT_BAR_PCT}}
 
