@@ -145,7 +145,7 @@ def best_binned_cut(need: npt.NDArray[np.float64], snr: npt.NDArray[np.float64],
     np.add.at(stars, bins, passed & np.asarray(is_star, bool)[:, None])
     np.add.at(conts, bins, passed & np.asarray(is_contaminant, bool)[:, None])
     best: dict[str, Any] = {"recovered_pct": math.nan, "contaminant_pct": math.nan, "sigmas": None}
-    frontier: dict[tuple[float, float], None] = {}
+    frontier: set[tuple[float, float]] = set()
     seen: set[tuple[int, ...]] = set()
     for lam in np.geomspace(1e-3, 1e3, n_lambdas):
         choice = tuple(int(i) for i in np.argmin(conts - lam * stars, axis=1))
@@ -154,8 +154,8 @@ def best_binned_cut(need: npt.NDArray[np.float64], snr: npt.NDArray[np.float64],
         seen.add(choice)
         selected = need <= ks[np.asarray(choice)][bins]
         rec, con = evaluate(selected)
-        frontier[(round(rec, 3), round(con, 3))] = None
-        if rec >= min_recovered_pct and not (con >= best["contaminant_pct"]):
+        frontier.add((round(rec, 3), round(con, 3)))
+        if rec >= min_recovered_pct and (best["sigmas"] is None or con < best["contaminant_pct"]):
             best = {"recovered_pct": rec, "contaminant_pct": con, "sigmas": [float(ks[i]) for i in choice]}
     best["snr_bins"] = [float(e) for e in edges[:-1]]
     best["frontier"] = sorted(frontier)
@@ -217,7 +217,7 @@ def score_cuts(candidates: Any, truth_sources: Any, *, psf_fwhm_pix: float, star
     from scipy.spatial import cKDTree
 
     from .sim.evaluation import eligible_stars, star_recovery
-    from .steps.star_selection import select_stars
+    from .steps.star_selection import select_stars, size_excess
 
     def evaluate(selected: npt.NDArray[np.bool_]) -> tuple[float, float]:
         return star_recovery(candidates[np.asarray(selected, bool)], truth_sources, psf_fwhm_pix=psf_fwhm_pix)
@@ -227,12 +227,7 @@ def score_cuts(candidates: Any, truth_sources: Any, *, psf_fwhm_pix: float, star
         star_config, max_size_excess_sigma=None)).selected, bool)
     snr = (np.asarray(candidates[f"{star_config.flux_field}_instFlux"], float)
            / np.asarray(candidates[f"{star_config.flux_field}_instFluxErr"], float))
-    t_src = (np.asarray(candidates["ext_shapeHSM_HsmSourceMoments_xx"], float)
-             + np.asarray(candidates["ext_shapeHSM_HsmSourceMoments_yy"], float))
-    t_psf = (np.asarray(candidates["ext_shapeHSM_HsmPsfMoments_xx"], float)
-             + np.asarray(candidates["ext_shapeHSM_HsmPsfMoments_yy"], float))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        excess = t_src / t_psf - 1.0
+    excess = size_excess(candidates)
     need = passing_sigma(excess, snr, noise_coeff=star_config.size_noise_coeff,
                          floor_frac=star_config.min_size_excess_frac)
     need = np.where(no_size, need, np.inf)  # flags and the S/N cut stay

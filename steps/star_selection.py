@@ -166,13 +166,19 @@ _SIZE_COLUMNS = ("ext_shapeHSM_HsmSourceMoments_xx", "ext_shapeHSM_HsmSourceMome
                  "ext_shapeHSM_HsmPsfMoments_xx", "ext_shapeHSM_HsmPsfMoments_yy")
 
 
-def _significantly_extended(catalog: Table, snr: npt.NDArray[np.float64],
-                            config: StarSelectorConfig) -> npt.NDArray[np.bool_]:
-    """Size excess over the PSF larger than its noise allows (NaN sizes count as resolved)."""
+def size_excess(catalog: Table) -> npt.NDArray[np.float64]:
+    """``T / T_psf - 1`` of every source (HSM source and PSF moments; NaN where they failed)."""
     t_src = np.asarray(catalog[_SIZE_COLUMNS[0]], float) + np.asarray(catalog[_SIZE_COLUMNS[1]], float)
     t_psf = np.asarray(catalog[_SIZE_COLUMNS[2]], float) + np.asarray(catalog[_SIZE_COLUMNS[3]], float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        excess = t_src / t_psf - 1.0
+        return np.asarray(t_src / t_psf - 1.0)
+
+
+def _significantly_extended(catalog: Table, snr: npt.NDArray[np.float64],
+                            config: StarSelectorConfig) -> npt.NDArray[np.bool_]:
+    """Size excess over the PSF larger than its noise allows (NaN sizes count as resolved)."""
+    excess = size_excess(catalog)
+    with np.errstate(divide="ignore", invalid="ignore"):
         sigma = config.size_noise_coeff / np.where(snr > 0, snr, np.nan)
     assert config.max_size_excess_sigma is not None
     limit = np.maximum(config.max_size_excess_sigma * sigma, config.min_size_excess_frac)
