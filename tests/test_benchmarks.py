@@ -394,6 +394,9 @@ def test_oracle_cut_finds_the_clean_solution_and_never_beats_the_best_single_cut
     # No threshold reaches an impossible recovery: NaNs, not a wrong answer.
     none = best_binned_cut(need, snr, is_star, is_cont, evaluate, sigmas=(0.1,), snr_edges=(), min_recovered_pct=99.0)
     assert none["sigmas"] is None and math.isnan(none["contaminant_pct"])
+
+
+def test_selection_bench_config_is_validated():
     from singleframe.selection_bench import SelectionBenchConfig
 
     with pytest.raises(ConfigError, match="unknown frame"):
@@ -435,7 +438,7 @@ def test_score_cuts_on_a_synthetic_field_counts_kinds_and_bounds_the_configured_
     assert (configured["recovered_pct"], configured["contaminant_pct"]) == star_recovery(cand[sel], truth,
                                                                                          psf_fwhm_pix=4.0)
     assert rows[("uniform", 3.5)]["contaminant_pct"] == pytest.approx(configured["contaminant_pct"])
-    # Without the size test every galaxy above S/N 8 is kept: contamination is (galaxies + 2) / selected.
+    # Without the size test the galaxies above S/N 8 are kept too.
     assert rows[("no size test", None)]["contaminant_pct"] > configured["contaminant_pct"]
     k = res["contaminants"]
     assert k["blend"] == 1 and k["nothing"] == 1 and k["galaxy"] == k["n_contaminants"] - 2
