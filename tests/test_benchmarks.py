@@ -446,3 +446,86 @@ def test_score_cuts_on_a_synthetic_field_counts_kinds_and_bounds_the_configured_
     o = res["oracle"]
     assert configured["recovered_pct"] >= 98.0
     assert o["contaminant_pct"] <= configured["contaminant_pct"] + 1e-9 and o["recovered_pct"] >= 98.0
+    assert res["template_oracle"] is None
+    # A template score equal to the size excess' significance gives the same oracle (same flags,
+    # S/N cut and size floor); a score that separates the classes exactly gives a clean cut.
+    ex = np.r_[excess, 0.0, 0.0]
+    cand_snr = np.asarray(cand["base_PsfFlux_instFlux"]) / 100.0
+    same = score_cuts(cand, truth, psf_fwhm_pix=4.0, star_config=cfg, config=SelectionBenchConfig(),
+                      template=(ex * cand_snr / cfg.size_noise_coeff, ex))["template_oracle"]
+    assert (same["recovered_pct"], same["contaminant_pct"]) == (o["recovered_pct"], o["contaminant_pct"])
+    # The 30 brightest-looking stars score 100 (a PSF-model size error at high S/N) but stay within the
+    # size floor: they must be kept, as the selector keeps them. The spurious detection in empty sky
+    # scores 0 but is flagged saturated: the selector's flags must still reject it.
+    is_s = np.r_[np.arange(n) < n_star, False, False]
+    z_perfect = np.where(is_s, 0.0, 10.0)
+    z_perfect[:30] = 100.0
+    z_perfect[-1] = 0.0
+    flagged = cand.copy()
+    flagged["base_PixelFlags_flag_saturated"] = np.arange(len(cand)) == len(cand) - 1
+    perfect = score_cuts(flagged, truth, psf_fwhm_pix=4.0, star_config=cfg, config=SelectionBenchConfig(),
+                         template=(z_perfect, np.where(is_s, 0.01, 1.0)))["template_oracle"]
+    assert perfect["contaminant_pct"] == 0.0 and perfect["recovered_pct"] >= 98.0
+
+
+def _template_scene(seed: int, blur_frac: float, snr: float, *, neighbours: bool = False):
+    """A 12x12 grid of Gaussian sources (PSF sigma 1.8 px, blurred: sigma² x (1 + blur_frac)) at PSF
+    S/N ``snr`` in white noise; optionally each with a 10x brighter star 9 px away whose footprint
+    (a 7-px disc, 3.9 sigma) is labelled."""
+    from singleframe.exposure import DetectorInfo, Exposure, VisitInfo
+    from singleframe.psf import GaussianPsf
+
+    sigma, noise, spacing = 1.8, 10.0, 40
+    rng = np.random.default_rng(seed)
+    g = np.arange(12) * spacing + 40
+    shape = (12 * spacing + 40,) * 2
+    gy, gx = np.meshgrid(g, g, indexing="ij")
+    x = gx.ravel() + rng.uniform(-0.5, 0.5, gx.size)
+    y = gy.ravel() + rng.uniform(-0.5, 0.5, gy.size)
+    flux = snr * noise * math.sqrt(4 * math.pi * sigma**2)
+    img = np.zeros(shape)
+    labels = np.zeros(shape, np.int32)
+
+    def paste(stamps, xs, ys):
+        for st, a, b in zip(stamps, np.round(xs).astype(int), np.round(ys).astype(int), strict=True):
+            img[b - 15:b + 16, a - 15:a + 16] += st
+
+    paste(GaussianPsf(sigma * math.sqrt(1 + blur_frac)).images(x, y, size=31, centered=False) * flux, x, y)
+    if neighbours:
+        nx, ny = x + 9.0, y + 0.3
+        paste(GaussianPsf(sigma).images(nx, ny, size=31, centered=False) * 10 * flux, nx, ny)
+        yy, xx = np.mgrid[:shape[0], :shape[1]]
+        for k, (a, b) in enumerate(zip(nx, ny, strict=True)):
+            labels[(xx - a) ** 2 + (yy - b) ** 2 <= 49] = 1000 + k
+    img += rng.normal(0, noise, shape)
+    exposure = Exposure(img.astype(np.float32), np.zeros(shape, np.uint32), np.full(shape, noise**2, np.float32),
+                        VisitInfo(1, 30.0, 60000.0, "r", "r", 10.0, 10.0, 0.0), DetectorInfo(3), psf=GaussianPsf(sigma))
+    return exposure, labels, x, y, np.arange(1, x.size + 1)
+
+
+def test_psf_template_score_is_a_unit_normal_for_point_sources_and_measures_small_blurs():
+    from singleframe.selection_bench import psf_template_score
+
+    # Point sources at S/N 20: the score is the fit coefficient over its error, N(0, 1) when the
+    # model is right; 144 stars give ±0.08 on the mean and ±0.06 on the sd (1 sigma).
+    z, frac = psf_template_score(*_template_scene(1, 0.0, 20.0))
+    assert abs(np.mean(z)) < 0.25 and 0.8 < np.std(z) < 1.2
+    # Noiseless blur of 5 % of the PSF's sigma²: first order in the blur, so the size is exact up to
+    # the second-order term and the 5-point Laplacian's truncation (measured +2.6 %).
+    z, frac = psf_template_score(*_template_scene(1, 0.05, 1e9))
+    assert np.median(frac) == pytest.approx(0.05, rel=0.05)
+    assert np.all(z > 100)
+    # A blur of 30 % at S/N 20 is detected on average (expected score ~2.2).
+    z, _ = psf_template_score(*_template_scene(1, 0.3, 20.0))
+    assert np.mean(z) > 1.5
+
+
+def test_psf_template_score_leaves_out_neighbour_footprints():
+    from singleframe.selection_bench import psf_template_score
+
+    exposure, labels, x, y, own = _template_scene(2, 0.0, 20.0, neighbours=True)
+    z, _ = psf_template_score(exposure, labels, x, y, own)
+    assert abs(np.mean(z)) < 0.25  # as without neighbours (±0.08)
+    # Fitting the neighbour's pixels too reads its light as a blur of every star (measured +3.1).
+    z_all, _ = psf_template_score(exposure, np.zeros_like(labels), x, y, own)
+    assert np.mean(z_all) > 1.5
