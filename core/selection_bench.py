@@ -118,7 +118,7 @@ def psf_template_score(exposure: Any, labels: npt.NDArray[np.integer], x: npt.ND
     stamp are fitted by inverse-variance weighted least squares with the templates ``P``, ``L`` and
     the centroid derivatives ``∂P/∂x``, ``∂P/∂y`` (nuisance), leaving out other sources' footprints
     and ``bad_planes`` pixels. The score ``z`` is the ``L`` coefficient over its error: the score
-    test of ``s² = 0``, the most powerful test against small blurs when the PSF model is right and
+    test of ``s² = 0``, locally most powerful against small blurs when the PSF model is right and
     the noise Gaussian. ``size_frac = 2 s² / T_psf`` (``T_psf = xx + yy`` of the model at the source)
     is comparable with the adaptive size excess ``T / T_psf − 1``.
 
