@@ -141,9 +141,19 @@ def psf_template_score(exposure: Any, labels: npt.NDArray[np.integer], x: npt.ND
     -------
     (z, size_frac)
         NaN where the fit is singular or the position not finite.
+
+    Raises
+    ------
+    ConfigError
+        The exposure has no PSF, or ``labels`` does not match its shape.
     """
     from .masks import MaskPlane
 
+    if exposure.psf is None:
+        raise ConfigError("psf_template_score needs an exposure with a fitted PSF (run characterize first)")
+    if np.shape(labels) != tuple(exposure.shape):
+        raise ConfigError(f"labels shape {np.shape(labels)} does not match the exposure {tuple(exposure.shape)}; "
+                          "pass the footprint labels of this exposure's detections")
     if bad_planes is None:
         bad_planes = MaskPlane.BAD | MaskPlane.SAT | MaskPlane.NO_DATA | MaskPlane.CR
     bad = np.uint32(int(bad_planes))

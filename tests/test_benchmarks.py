@@ -529,3 +529,7 @@ def test_psf_template_score_leaves_out_neighbour_footprints():
     # Fitting the neighbour's pixels too reads its light as a blur of every star (measured +3.1).
     z_all, _ = psf_template_score(exposure, np.zeros_like(labels), x, y, own)
     assert np.mean(z_all) > 1.5
+    with pytest.raises(ConfigError, match="labels shape"):
+        psf_template_score(exposure, labels[:-1], x, y, own)
+    with pytest.raises(ConfigError, match="fitted PSF"):
+        psf_template_score(exposure.replace(psf=None), labels, x, y, own)
