@@ -80,6 +80,9 @@ class ApertureCorrectionConfig:
     #: fitted through this smaller aperture and ``total_aperture`` (``None``: no extrapolation, total =
     #: ``total_aperture`` flux). A Kolmogorov PSF has ``p = 5/3`` (surface brightness ~ r^-11/3): the
     #: 25-px aperture misses 3-7 mmag at 0.6-1.0" and the extrapolation recovers it to 0.1-0.7 mmag.
+    #: At 17-25 px the wing is not yet asymptotic (effective index 1.74 at 0.8", 1.84 at 1.3" on the
+    #: true benchmark PSFs), so 5/3 over-extrapolates by 0.3 and 1.6 mmag there (the mean aperture-
+    #: correction errors of those frames); a larger total aperture would cut this at +75 % aperture time.
     tail_aperture: str | None = "base_CircularApertureFlux_17_0"
     tail_power_index: float = 5.0 / 3.0
     #: Stars for the curve of growth: clean stars with ``reference_aperture`` S/N at least this. The
