@@ -47,7 +47,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -778,6 +779,19 @@ def _cell(column: str, value: Any) -> str:
 
 def _machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.node()}"
+
+
+@contextmanager
+def scratch_dir(work_dir: str | Path | None, prefix: str) -> Iterator[Path]:
+    """``work_dir`` as a Path, or a new temporary directory that is removed on exit."""
+    if work_dir is not None:
+        yield Path(work_dir)
+        return
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def run_and_write(run: Callable[[], dict[str, Any]], render: Callable[[dict[str, Any]], str], out_dir: str | Path,

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import math
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from .benchmarks import (
     _prepare,
     frame_spec,
     run_and_write,
+    scratch_dir,
 )
 from .errors import ConfigError
 
@@ -99,12 +99,8 @@ def run_psf_bench(config: PsfBenchConfig, *, work_dir: str | Path | None = None,
     peers = peer_available("source-extractor") and peer_available("psfex")
     if not peers:
         log("source-extractor/psfex not installed: PSFEx skipped (make bench-setup)")
-    work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="sf-psf-bench-"))
-    try:
+    with scratch_dir(work_dir, "sf-psf-bench-") as work:
         rows = _measure_seeds(spec, config.seeds, work, peers, log)
-    finally:
-        if work_dir is None:
-            shutil.rmtree(work, ignore_errors=True)
     return {"machine": _machine(), "config": dataclasses.asdict(config), "rows": rows, "summary": summarize(rows)}
 
 

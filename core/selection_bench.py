@@ -39,8 +39,6 @@ import argparse
 import dataclasses
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +54,7 @@ from .benchmarks import (
     _prepare,
     frame_spec,
     run_and_write,
+    scratch_dir,
 )
 from .errors import ConfigError
 
@@ -274,16 +273,12 @@ def run_selection_bench(config: SelectionBenchConfig, *, work_dir: str | Path | 
     """
     config.validate()
     spec = frame_spec(config.frame)
-    work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="sf-stars-bench-"))
-    try:
+    with scratch_dir(work_dir, "sf-stars-bench-") as work:
         frame_dir = work / spec.name
         log(f"simulating {spec.name}" + ("" if config.seed is None else f" (seed {config.seed})"))
         _prepare(spec, frame_dir, seed=config.seed)
         candidates, star_config, template = _star_candidates(frame_dir, config)
         truth = _load_truth(frame_dir)
-    finally:
-        if work_dir is None:
-            shutil.rmtree(work, ignore_errors=True)
     from .sim.evaluation import true_psf_fwhm_pix
 
     result = score_cuts(candidates, truth.sources, psf_fwhm_pix=true_psf_fwhm_pix(truth),

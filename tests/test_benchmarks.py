@@ -533,3 +533,17 @@ def test_psf_template_score_leaves_out_neighbour_footprints():
         psf_template_score(exposure, labels[:-1], x, y, own)
     with pytest.raises(ConfigError, match="fitted PSF"):
         psf_template_score(exposure.replace(psf=None), labels, x, y, own)
+
+
+def test_scratch_dir_removes_only_the_directory_it_created(tmp_path):
+    from singleframe.benchmarks import scratch_dir
+
+    with scratch_dir(None, "sf-test-") as work:
+        (work / "f").write_text("x")
+    assert not work.exists()
+    with pytest.raises(RuntimeError), scratch_dir(None, "sf-test-") as failed:
+        raise RuntimeError("a failed benchmark still cleans up")
+    assert not failed.exists()
+    with scratch_dir(tmp_path, "sf-test-") as given:
+        (given / "f").write_text("x")
+    assert given == tmp_path and (tmp_path / "f").exists()
