@@ -282,7 +282,7 @@ def adaptive_moments(stamps: npt.ArrayLike, *, variance: npt.ArrayLike | None = 
                      valid: npt.ArrayLike | None = None, sigma_guess_pix: float | npt.ArrayLike = 2.0,
                      x_guess: npt.ArrayLike | None = None, y_guess: npt.ArrayLike | None = None,
                      max_iterations: int = 40, tolerance: float = 1e-6,
-                     recentre: bool = True) -> AdaptiveMoments:
+                     recentre: bool = True, accelerate: bool = True) -> AdaptiveMoments:
     """HSM-style adaptive moments of every stamp of an ``(n, s, s)`` stack, vectorised.
 
     The weight is an elliptical Gaussian whose covariance ``M`` and centre are
@@ -307,6 +307,9 @@ def adaptive_moments(stamps: npt.ArrayLike, *, variance: npt.ArrayLike | None = 
         centre (pixels) are below ``tolerance``.
     recentre
         If False the centre is held at the guess (fixed-position moments).
+    accelerate
+        Extrapolate the iteration's linear convergence (see Notes); False gives the
+        plain iteration. Both stop at the same fixed point within ``tolerance``.
 
     Notes
     -----
@@ -317,18 +320,26 @@ def adaptive_moments(stamps: npt.ArrayLike, *, variance: npt.ArrayLike | None = 
     ``M ← 2 Mw`` is used. The quadratic forms and all sums are matrix products
     against a fixed polynomial basis of the stamp grid, so the cost per
     iteration is two small GEMMs and one ``exp``.
+
+    Away from Gaussian profiles (faint, noisy or blended sources) the iteration converges
+    only linearly: each step shrinks the distance to the fixed point by a factor ``λ``
+    of 0.5-0.6 (alternating in sign for some sources), so S/N < 20 sources needed
+    10-40 steps. With ``accelerate``, after two plain steps ``Δ₁, Δ₂`` of a row ``λ`` is
+    estimated as ``Δ₂·Δ₁ / Δ₁·Δ₁`` and the row jumps to ``x + λ/(1 - λ) Δ₂`` (Aitken's
+    extrapolation of a geometric sequence) when ``|λ| < 0.9`` and the jump keeps a valid
+    shape. Convergence is still declared on a plain step below ``tolerance``.
     """
     # Failed sources (zero or negative weighted flux, singular moments) produce NaN/inf on
     # the way; they are detected and flagged explicitly, so the floating-point warnings are noise.
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         return _adaptive_moments(stamps, variance, valid, sigma_guess_pix, x_guess, y_guess,
-                                 max_iterations, tolerance, recentre)
+                                 max_iterations, tolerance, recentre, accelerate)
 
 
 def _adaptive_moments(stamps: npt.ArrayLike, variance: npt.ArrayLike | None, valid: npt.ArrayLike | None,
                       sigma_guess_pix: float | npt.ArrayLike, x_guess: npt.ArrayLike | None,
                       y_guess: npt.ArrayLike | None, max_iterations: int, tolerance: float,
-                      recentre: bool) -> AdaptiveMoments:
+                      recentre: bool, accelerate: bool) -> AdaptiveMoments:
     img = np.asarray(stamps)
     n, ny, nx = img.shape
     ok = None if valid is None else np.asarray(valid, bool)
@@ -350,6 +361,9 @@ def _adaptive_moments(stamps: npt.ArrayLike, variance: npt.ArrayLike | None, val
     idx = np.arange(n)
     rows = data
     buf = np.empty((n, ny * nx))
+    # The last plain step of each row (normalised) and whether it may be extrapolated from.
+    last_step = np.zeros((n, 5))
+    has_last = np.zeros(n, bool)
     n_iter = 0
     for it in range(1, max_iterations + 1):
         if idx.size == 0:
@@ -408,6 +422,9 @@ def _adaptive_moments(stamps: npt.ArrayLike, variance: npt.ArrayLike | None, val
         tol_m = tolerance * tr_old
         done = upd & (np.abs(nxx - mxx[idx]) < tol_m) & (np.abs(nyy - myy[idx]) < tol_m) \
             & (np.abs(nxy - mxy[idx]) < tol_m) & (np.abs(ddx) < tolerance) & (np.abs(ddy) < tolerance)
+        if accelerate:
+            nxx, nyy, nxy, ddx, ddy = _extrapolate(idx, upd & ~done, mxx, myy, mxy, tr_old, nxx, nyy, nxy, ddx, ddy,
+                                                   last_step, has_last)
         ui = idx[upd]
         mxx[ui], myy[ui], mxy[ui] = nxx[upd], nyy[upd], nxy[upd]
         cx[ui] += ddx[upd]
@@ -457,6 +474,39 @@ def _adaptive_moments(stamps: npt.ArrayLike, variance: npt.ArrayLike | None, val
         y_err = 2.0 * np.sqrt(syy) / np.where(swi > 0, swi, np.nan)
     converged &= det > 0
     return AdaptiveMoments(cx, cy, mxx, myy, mxy, flux, flux_err, x_err, y_err, converged, n_iter)
+
+
+def _extrapolate(idx: npt.NDArray[np.intp], live: npt.NDArray[np.bool_], mxx: npt.NDArray[np.float64],
+                 myy: npt.NDArray[np.float64], mxy: npt.NDArray[np.float64], tr_old: npt.NDArray[np.float64],
+                 nxx: npt.NDArray[np.float64], nyy: npt.NDArray[np.float64], nxy: npt.NDArray[np.float64],
+                 ddx: npt.NDArray[np.float64], ddy: npt.NDArray[np.float64], last_step: npt.NDArray[np.float64],
+                 has_last: npt.NDArray[np.bool_]) -> tuple[npt.NDArray[np.float64], ...]:
+    """Aitken step of :func:`adaptive_moments` on the rows ``idx`` (``live``: updated, not converged).
+
+    Returns the proposals, extrapolated where allowed; records each row's plain step in
+    ``last_step`` / ``has_last`` (in place; a row that jumped needs two fresh steps again).
+    Moments are scaled by the trace and centre shifts by its square root, so that one
+    ``λ`` describes all five.
+    """
+    scale = np.sqrt(tr_old)
+    step = np.stack([(nxx - mxx[idx]) / tr_old, (nyy - myy[idx]) / tr_old, (nxy - mxy[idx]) / tr_old,
+                     ddx / scale, ddy / scale], axis=1)
+    prev = last_step[idx]
+    den = np.einsum("ij,ij->i", prev, prev)
+    lam = np.einsum("ij,ij->i", step, prev) / np.where(den > 0, den, 1.0)
+    jump = live & has_last[idx] & (den > 0) & (np.abs(lam) < 0.9)
+    f = np.where(jump, lam / (1.0 - lam), 0.0)
+    exx = nxx + f * (nxx - mxx[idx])
+    eyy = nyy + f * (nyy - myy[idx])
+    exy = nxy + f * (nxy - mxy[idx])
+    edx, edy = ddx * (1.0 + f), ddy * (1.0 + f)
+    tr = exx + eyy
+    jump &= (exx > 0) & (eyy > 0) & (exx * eyy - exy * exy > 0) & (tr > 0.25 * tr_old) & (tr < 4.0 * tr_old) \
+        & (np.abs(edx) <= 1.0) & (np.abs(edy) <= 1.0)
+    last_step[idx] = step
+    has_last[idx] = live & ~jump
+    return (np.where(jump, exx, nxx), np.where(jump, eyy, nyy), np.where(jump, exy, nxy),
+            np.where(jump, edx, ddx), np.where(jump, edy, ddy))
 
 
 def chebyshev_terms(order: int) -> list[tuple[int, int]]:

@@ -252,8 +252,8 @@ def test_config_validation():
 
 
 def test_faint_sources_with_failed_adaptive_moments_keep_centroid_and_psf_flux():
-    # Point sources at PSF S/N 8 on a grid: adaptive moments fail on ~30 % of them (noise drives the
-    # size iteration away). The fixed-weight fallback keeps their centroid and PSF flux; the shape
+    # Point sources at PSF S/N 8 on a grid: adaptive moments fail on ~9 % of them (noise drives the
+    # size iteration away; ~30 % before the iteration was accelerated). The fixed-weight fallback keeps their centroid and PSF flux; the shape
     # flag stays set and the size columns hold the fallback estimate (PSF-sized on average).
     rng = np.random.default_rng(5)
     gy, gx = np.mgrid[30:SHAPE[0] - 30:40, 30:SHAPE[1] - 30:40]
@@ -280,7 +280,7 @@ def test_faint_sources_with_failed_adaptive_moments_keep_centroid_and_psf_flux()
         offsets += list(np.hypot(cat["base_SdssCentroid_x"] - xs, cat["base_SdssCentroid_y"] - ys)[fb])
         t = np.asarray(cat["ext_shapeHSM_HsmSourceMoments_xx"]) + np.asarray(cat["ext_shapeHSM_HsmSourceMoments_yy"])
         excess += list((t / (2 * SIGMA**2) - 1)[fb])
-    assert np.mean(failed) > 0.1  # the fallback is exercised
+    assert np.mean(failed) > 0.04  # the fallback is exercised (14 of the 162 sources over the three draws)
     # Centroid noise at S/N 8: ~sqrt(2) sigma / (S/N) x 2 ~ 0.5 px per axis; 2 px would be a failure.
     assert np.sqrt(np.mean(np.square(offsets))) < 1.0 and max(offsets) < 2.0
     # Fallback sizes scatter by ~2.5 / (S/N) ~ 0.3 around the PSF's (median within ~3 sigma / sqrt(60)).
