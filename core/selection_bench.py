@@ -202,7 +202,7 @@ def best_binned_cut(need: npt.NDArray[np.float64], snr: npt.NDArray[np.float64],
                     is_star: npt.NDArray[np.bool_], is_contaminant: npt.NDArray[np.bool_],
                     evaluate: Callable[[npt.NDArray[np.bool_]], tuple[float, float]], *,
                     sigmas: Sequence[float], snr_edges: Sequence[float], min_recovered_pct: float,
-                    n_lambdas: int = 60) -> dict[str, Any]:
+                    n_lambdas: int = 60, completion_window_pct: float = 3.0) -> dict[str, Any]:
     """The per-S/N-bin size thresholds that minimise contamination at ``min_recovered_pct``, knowing the truth.
 
     Parameters
@@ -231,7 +231,10 @@ def best_binned_cut(need: npt.NDArray[np.float64], snr: npt.NDArray[np.float64],
 
     For each trade-off ``lam`` (contaminants per recovered star), each bin takes the threshold
     minimising ``contaminants - lam * stars`` in that bin; sweeping ``lam`` traces the lower
-    envelope of contamination against recovery.
+    convex envelope of contamination against recovery. The envelope can step over the
+    recovery target (one bin's next threshold adds many stars at once), so every envelope
+    point within ``completion_window_pct`` below the target is then completed one bin at a
+    time (:func:`_complete_to_target`) and the best completion counts too.
     """
     need = np.asarray(need, float)
     edges = np.concatenate([[-np.inf], np.asarray(snr_edges, float), [np.inf]])
@@ -246,20 +249,63 @@ def best_binned_cut(need: npt.NDArray[np.float64], snr: npt.NDArray[np.float64],
     np.add.at(conts, bins, passed & np.asarray(is_contaminant, bool)[:, None])
     best: dict[str, Any] = {"recovered_pct": math.nan, "contaminant_pct": math.nan, "sigmas": None}
     frontier: set[tuple[float, float]] = set()
-    seen: set[tuple[int, ...]] = set()
+    scored: dict[tuple[int, ...], tuple[float, float]] = {}
+
+    def score(choice: tuple[int, ...]) -> tuple[float, float]:
+        nonlocal best
+        if choice not in scored:
+            rec, con = evaluate(need <= ks[np.asarray(choice)][bins])
+            scored[choice] = (rec, con)
+            frontier.add((round(rec, 3), round(con, 3)))
+            if rec >= min_recovered_pct and (best["sigmas"] is None or con < best["contaminant_pct"]):
+                best = {"recovered_pct": rec, "contaminant_pct": con, "sigmas": [float(ks[i]) for i in choice]}
+        return scored[choice]
+
+    envelope = []
     for lam in np.geomspace(1e-3, 1e3, n_lambdas):
         choice = tuple(int(i) for i in np.argmin(conts - lam * stars, axis=1))
-        if choice in seen:
-            continue
-        seen.add(choice)
-        selected = need <= ks[np.asarray(choice)][bins]
-        rec, con = evaluate(selected)
-        frontier.add((round(rec, 3), round(con, 3)))
-        if rec >= min_recovered_pct and (best["sigmas"] is None or con < best["contaminant_pct"]):
-            best = {"recovered_pct": rec, "contaminant_pct": con, "sigmas": [float(ks[i]) for i in choice]}
+        if choice not in scored:
+            envelope.append(choice)
+            score(choice)
+    for choice in envelope:
+        rec, _ = scored[choice]
+        if min_recovered_pct - completion_window_pct <= rec < min_recovered_pct:
+            _complete_to_target(choice, stars, conts, score, min_recovered_pct)
     best["snr_bins"] = [float(e) for e in edges[:-1]]
     best["frontier"] = sorted(frontier)
     return best
+
+
+def _complete_to_target(choice: tuple[int, ...], stars: npt.NDArray[np.float64], conts: npt.NDArray[np.float64],
+                        score: Callable[[tuple[int, ...]], tuple[float, float]], target_pct: float) -> None:
+    """Raise one bin's threshold at a time from ``choice`` until ``score`` reaches ``target_pct`` recovery.
+
+    Each step takes, among the moves whose star count (``stars``: per bin and threshold)
+    should reach the target, the one adding the fewest contaminants; when none should, the
+    move adding the fewest contaminants per star. Every step is scored exactly.
+    """
+    current = list(choice)
+    while True:
+        rec, _ = score(tuple(current))
+        bins_now = np.arange(len(current))
+        n_now = float(stars[bins_now, current].sum())
+        if rec >= target_pct or n_now <= 0:
+            return
+        n_needed = n_now * target_pct / rec  # stars at the target, by proportion
+        best_move: tuple[float, float, int, int] | None = None  # (reaches?, cost, bin, threshold)
+        for b, i in enumerate(current):
+            for j in range(i + 1, stars.shape[1]):
+                d_star = stars[b, j] - stars[b, i]
+                if d_star <= 0:
+                    continue
+                d_cont = conts[b, j] - conts[b, i]
+                reaches = n_now + d_star >= n_needed
+                key = (0.0, d_cont) if reaches else (1.0, d_cont / d_star)
+                if best_move is None or key < best_move[:2]:
+                    best_move = (*key, b, j)
+        if best_move is None:
+            return
+        current[best_move[2]] = best_move[3]
 
 
 def run_selection_bench(config: SelectionBenchConfig, *, work_dir: str | Path | None = None,

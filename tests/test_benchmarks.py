@@ -396,6 +396,36 @@ def test_oracle_cut_finds_the_clean_solution_and_never_beats_the_best_single_cut
     assert none["sigmas"] is None and math.isnan(none["contaminant_pct"])
 
 
+
+def test_oracle_cut_completes_a_step_of_the_envelope_over_the_recovery_target():
+    from singleframe.selection_bench import best_binned_cut
+
+    # Two S/N bins whose thresholds 1, 2, 3 keep (stars, contaminants):
+    #   faint:  (480, 0), (485, 30), (500, 32)   bright: (490, 0), (495, 20), (500, 21)
+    # The Lagrangian envelope goes (970, 0) -> (990, 32) -> (1000, 53): it raises the faint bin
+    # first (1.6 contaminants per star against 2.1) and steps over the 98 % target. Raising the
+    # bright bin alone reaches it with 21 contaminants: 980 stars, 2.10 % instead of 3.13 %.
+    def group(n, need_value, snr_value):
+        return np.full(n, need_value), np.full(n, snr_value)
+
+    parts = [(480, 0.5, 12.0, True), (5, 1.5, 12.0, True), (15, 2.5, 12.0, True), (30, 1.5, 12.0, False),
+             (2, 2.5, 12.0, False), (490, 0.5, 40.0, True), (5, 1.5, 40.0, True), (5, 2.5, 40.0, True),
+             (20, 1.5, 40.0, False), (1, 2.5, 40.0, False)]
+    need = np.concatenate([group(n, v, q)[0] for n, v, q, _ in parts])
+    snr = np.concatenate([group(n, v, q)[1] for n, v, q, _ in parts])
+    is_star = np.concatenate([np.full(n, star) for n, _, _, star in parts])
+
+    def evaluate(sel):
+        return 100.0 * np.sum(sel & is_star) / 1000, 100.0 * np.sum(sel & ~is_star) / max(sel.sum(), 1)
+
+    kw = dict(sigmas=(1.0, 2.0, 3.0), snr_edges=(20.0,), min_recovered_pct=98.0)
+    envelope_only = best_binned_cut(need, snr, is_star, ~is_star, evaluate, completion_window_pct=0.0, **kw)
+    assert envelope_only["contaminant_pct"] == pytest.approx(100 * 32 / 1022)
+    best = best_binned_cut(need, snr, is_star, ~is_star, evaluate, **kw)
+    assert best["recovered_pct"] == 98.0 and best["contaminant_pct"] == pytest.approx(100 * 21 / 1001)
+    assert best["sigmas"] == [1.0, 3.0]
+    assert (98.0, round(100 * 21 / 1001, 3)) in best["frontier"]
+
 def test_selection_bench_config_is_validated():
     from singleframe.selection_bench import SelectionBenchConfig
 
