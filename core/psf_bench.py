@@ -13,7 +13,10 @@ the same true star positions with the same code as ``make bench``
 (:func:`~singleframe.sim.evaluation.psf_residuals_at_stars`), and reports
 per frame and over the frames: the rms and mean of the median residuals,
 and on how many frames ours is within the issue's per-frame criterion
-(``|ours| <= |PSFEx| + 5e-5``). Writes ``benchmarks/results/psf-<frame>-<stamp>.{md,json}``
+(``|ours| <= |PSFEx| + 5e-5``). Per frame it also reports the photon floor
+of the fit (:func:`mean_ellipticity_floor`): how well the stars our fit used
+pin down their mean ellipticity; a model at that floor cannot be made less
+noisy with these stars, and a frame-to-frame rms near it says both models are there. Writes ``benchmarks/results/psf-<frame>-<stamp>.{md,json}``
 and ``psf-latest.{md,json}``. Quality only: nothing is timed.
 """
 
@@ -26,6 +29,8 @@ import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .benchmarks import (
     PEER_TIE_FRACTION,
@@ -77,6 +82,42 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["ours_within"] = {comp: sum(abs(r["ours"][comp]) <= abs(r["psfex"][comp]) + tie for r in paired)
                           for comp in ("de1", "de2")}
     out["n_paired"] = len(paired)
+    for comp in ("de1", "de2"):
+        floors = [r["floor"][f"{comp}_floor"] for r in rows if r.get("floor")
+                  and math.isfinite(r["floor"][f"{comp}_floor"])]
+        out.setdefault("floor_rms", {})[comp] = math.sqrt(sum(v * v for v in floors) / len(floors)) if floors else math.nan
+    return out
+
+
+def mean_ellipticity_floor(catalog: Any, psf: Any) -> dict[str, float]:
+    """Statistical floor of the mean PSF ellipticity given the stars a fit used.
+
+    Each ``calib_psf_used`` star's adaptive-moment ellipticity scatters about the model's at
+    its position by ``a / (S/N)`` (PSF-flux S/N); ``a`` is estimated per component from the
+    residuals, robustly (the median of a chi-square with one degree of freedom is 0.455).
+    The inverse-variance mean of the stars is then known to ``a / sqrt(sum (S/N)^2)``:
+    returned as ``de1_floor`` and ``de2_floor`` with ``a`` (``e1_noise_coeff``,
+    ``e2_noise_coeff``) and the number of stars. NaN with fewer than three usable stars.
+    """
+    used = np.asarray(catalog["calib_psf_used"], bool)
+    x = np.asarray(catalog["base_SdssCentroid_x"], float)[used]
+    y = np.asarray(catalog["base_SdssCentroid_y"], float)[used]
+    xx, yy, xy = (np.asarray(catalog[f"ext_shapeHSM_HsmSourceMoments_{c}"], float)[used] for c in ("xx", "yy", "xy"))
+    snr = (np.asarray(catalog["base_PsfFlux_instFlux"], float)
+           / np.asarray(catalog["base_PsfFlux_instFluxErr"], float))[used]
+    out: dict[str, float] = {"n_stars": int(used.sum())}
+    model = np.asarray(psf.moments_many(x, y), float).reshape(-1, 3) if x.size else np.zeros((0, 3))
+    t, tm = xx + yy, model[:, 0] + model[:, 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        resid = {"e1": (xx - yy) / t - (model[:, 0] - model[:, 1]) / tm, "e2": 2 * xy / t - 2 * model[:, 2] / tm}
+    for comp, d in resid.items():
+        ok = np.isfinite(d) & np.isfinite(snr) & (snr > 0)
+        if ok.sum() < 3:
+            out[f"{comp}_noise_coeff"] = out[f"d{comp}_floor"] = math.nan
+            continue
+        a = float(np.sqrt(np.median((d[ok] * snr[ok]) ** 2) / 0.455))
+        out[f"{comp}_noise_coeff"] = a
+        out[f"d{comp}_floor"] = a / float(np.sqrt(np.sum(snr[ok] ** 2)))
     return out
 
 
@@ -119,9 +160,11 @@ def _measure_seeds(spec: Any, seeds: Sequence[int], work: Path, peers: bool,
         _prepare(spec, frame_dir, seed=seed)
         truth = _load_psf_truth(frame_dir)
         snaps = [exposure_from_fits_bytes(p.read_bytes()) for p in sorted(frame_dir.glob("snap*.fits"))]
-        psf = characterize(snaps, config=calib).exposure.psf
-        row: dict[str, Any] = {"seed": seed, "ours": _record(psf_residuals_at_stars(psf, truth)), "psfex": None}
-        del snaps, psf
+        char = characterize(snaps, config=calib)
+        psf = char.exposure.psf
+        row: dict[str, Any] = {"seed": seed, "ours": _record(psf_residuals_at_stars(psf, truth)), "psfex": None,
+                               "floor": mean_ellipticity_floor(char.psf_stars, psf)}
+        del snaps, psf, char
         if peers:
             _, _, psf_path = run_sextractor_psfex(frame_dir / "image.fits", workdir=frame_dir / "psfex")
             if psf_path is not None:
@@ -150,16 +193,22 @@ def format_markdown(result: dict[str, Any]) -> str:
 
     lines = [f"PSF model vs truth over {s['n_frames']} independent `{cfg['frame']}` frames "
              f"(seeds {cfg['seeds'][0]}..{cfg['seeds'][-1]}; {result['machine']})", "",
-             "| seed | ours δe1 | PSFEx δe1 | ours δe2 | PSFEx δe2 | ours size err % | PSFEx size err % |",
-             "|---|---|---|---|---|---|---|"]
+             "| seed | ours δe1 | PSFEx δe1 | ours δe2 | PSFEx δe2 | ours size err % | PSFEx size err % "
+             "| floor δe1 / δe2 (stars) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        fl = r.get("floor")
+        floor = "n/a" if not fl else f"{fl['de1_floor']:.1e} / {fl['de2_floor']:.1e} ({fl['n_stars']})"
         lines.append(f"| {r['seed']} | {cell(r['ours'], 'de1')} | {cell(r['psfex'], 'de1')} | "
                      f"{cell(r['ours'], 'de2')} | {cell(r['psfex'], 'de2')} | "
-                     f"{cell(r['ours'], 'size_err_pct')} | {cell(r['psfex'], 'size_err_pct')} |")
+                     f"{cell(r['ours'], 'size_err_pct')} | {cell(r['psfex'], 'size_err_pct')} | {floor} |")
     lines += ["", "| over the frames | ours | PSFEx |", "|---|---|---|"]
     for comp in COMPONENTS:
         for stat in ("rms", "mean"):
             lines.append(f"| {stat} of median {comp} | {s['ours'][comp][stat]:+.2e} | {s['psfex'][comp][stat]:+.2e} |")
+    if s.get("floor_rms"):
+        lines += ["", "Photon floor of the mean ellipticity of the stars our fit used (`mean_ellipticity_floor`), "
+                      f"rms over the frames: δe1 {s['floor_rms']['de1']:.2e}, δe2 {s['floor_rms']['de2']:.2e}."]
     if s["n_paired"]:
         lines += ["", f"Frames where |ours| <= |PSFEx| + {s['tie']:.0e} (the per-frame criterion of `make bench`): "
                       f"δe1 {s['ours_within']['de1']}/{s['n_paired']}, δe2 {s['ours_within']['de2']}/{s['n_paired']}."]
