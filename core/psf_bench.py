@@ -15,9 +15,10 @@ per frame and over the frames: the rms and mean of the median residuals,
 and on how many frames ours is within the issue's per-frame criterion
 (``|ours| <= |PSFEx| + 5e-5``). Per frame it also reports the photon floor
 of the fit (:func:`mean_ellipticity_floor`): how well the stars our fit used
-pin down their mean ellipticity; a model at that floor cannot be made less
-noisy with these stars, and a frame-to-frame rms near it says both models are there. Writes ``benchmarks/results/psf-<frame>-<stamp>.{md,json}``
-and ``psf-latest.{md,json}``. Quality only: nothing is timed.
+pin down their mean ellipticity. A model at that floor cannot be made less
+noisy with these stars; a frame-to-frame rms near it says a model is there.
+Writes ``benchmarks/results/psf-<frame>-<stamp>.{md,json}`` and
+``psf-latest.{md,json}``. Quality only: nothing is timed.
 """
 
 from __future__ import annotations

@@ -253,8 +253,9 @@ def test_config_validation():
 
 def test_faint_sources_with_failed_adaptive_moments_keep_centroid_and_psf_flux():
     # Point sources at PSF S/N 8 on a grid: adaptive moments fail on ~9 % of them (noise drives the
-    # size iteration away; ~30 % before the iteration was accelerated). The fixed-weight fallback keeps their centroid and PSF flux; the shape
-    # flag stays set and the size columns hold the fallback estimate (PSF-sized on average).
+    # size iteration away; ~30 % before the iteration was accelerated). The fixed-weight fallback
+    # keeps their centroid and PSF flux; the shape flag stays set and the size columns hold the
+    # fallback estimate (PSF-sized on average).
     rng = np.random.default_rng(5)
     gy, gx = np.mgrid[30:SHAPE[0] - 30:40, 30:SHAPE[1] - 30:40]
     xs = gx.ravel() + ORIGIN[0] + rng.uniform(-0.5, 0.5, gx.size)
