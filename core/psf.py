@@ -424,7 +424,7 @@ def _adaptive_moments(stamps: npt.ArrayLike, variance: npt.ArrayLike | None, val
             & (np.abs(nxy - mxy[idx]) < tol_m) & (np.abs(ddx) < tolerance) & (np.abs(ddy) < tolerance)
         if accelerate:
             nxx, nyy, nxy, ddx, ddy = _extrapolate(idx, upd & ~done, mxx, myy, mxy, tr_old, nxx, nyy, nxy, ddx, ddy,
-                                                   last_step, has_last)
+                                                   last_step, has_last, max_m)
         ui = idx[upd]
         mxx[ui], myy[ui], mxy[ui] = nxx[upd], nyy[upd], nxy[upd]
         cx[ui] += ddx[upd]
@@ -480,12 +480,13 @@ def _extrapolate(idx: npt.NDArray[np.intp], live: npt.NDArray[np.bool_], mxx: np
                  myy: npt.NDArray[np.float64], mxy: npt.NDArray[np.float64], tr_old: npt.NDArray[np.float64],
                  nxx: npt.NDArray[np.float64], nyy: npt.NDArray[np.float64], nxy: npt.NDArray[np.float64],
                  ddx: npt.NDArray[np.float64], ddy: npt.NDArray[np.float64], last_step: npt.NDArray[np.float64],
-                 has_last: npt.NDArray[np.bool_]) -> tuple[npt.NDArray[np.float64], ...]:
+                 has_last: npt.NDArray[np.bool_], max_m: float) -> tuple[npt.NDArray[np.float64], ...]:
     """Aitken step of :func:`adaptive_moments` on the rows ``idx`` (``live``: updated, not converged).
 
     Returns the proposals, extrapolated where allowed; records each row's plain step in
     ``last_step`` / ``has_last`` (in place; a row that jumped needs two fresh steps again).
-    Moments are scaled by the trace and centre shifts by its square root, so that one
+    A jump must keep a positive-definite shape no larger than the stamp allows (``max_m``),
+    within a factor 4 of the current size and a centre step of at most 1 px. Moments are scaled by the trace and centre shifts by its square root, so that one
     ``λ`` describes all five.
     """
     scale = np.sqrt(tr_old)
@@ -502,7 +503,7 @@ def _extrapolate(idx: npt.NDArray[np.intp], live: npt.NDArray[np.bool_], mxx: np
     edx, edy = ddx * (1.0 + f), ddy * (1.0 + f)
     tr = exx + eyy
     jump &= (exx > 0) & (eyy > 0) & (exx * eyy - exy * exy > 0) & (tr > 0.25 * tr_old) & (tr < 4.0 * tr_old) \
-        & (np.abs(edx) <= 1.0) & (np.abs(edy) <= 1.0)
+        & (exx <= max_m) & (eyy <= max_m) & (np.abs(edx) <= 1.0) & (np.abs(edy) <= 1.0)
     last_step[idx] = step
     has_last[idx] = live & ~jump
     return (np.where(jump, exx, nxx), np.where(jump, eyy, nyy), np.where(jump, exy, nxy),
