@@ -486,8 +486,9 @@ def _extrapolate(idx: npt.NDArray[np.intp], live: npt.NDArray[np.bool_], mxx: np
     Returns the proposals, extrapolated where allowed; records each row's plain step in
     ``last_step`` / ``has_last`` (in place; a row that jumped needs two fresh steps again).
     A jump must keep a positive-definite shape no larger than the stamp allows (``max_m``),
-    within a factor 4 of the current size and a centre step of at most 1 px. Moments are scaled by the trace and centre shifts by its square root, so that one
-    ``λ`` describes all five.
+    within a factor 4 of the current size and a centre step of at most 1 px. Moments are
+    scaled by the trace and centre shifts by its square root, so that one ``λ`` describes
+    all five.
     """
     scale = np.sqrt(tr_old)
     step = np.stack([(nxx - mxx[idx]) / tr_old, (nyy - myy[idx]) / tr_old, (nxy - mxy[idx]) / tr_old,
