@@ -289,7 +289,7 @@ def _complete_to_target(choice: tuple[int, ...], stars: npt.NDArray[np.float64],
         rec, _ = score(tuple(current))
         bins_now = np.arange(len(current))
         n_now = float(stars[bins_now, current].sum())
-        if rec >= target_pct or n_now <= 0:
+        if rec >= target_pct or n_now <= 0 or rec <= 0:
             return
         n_needed = n_now * target_pct / rec  # stars at the target, by proportion
         best_move: tuple[float, float, int, int] | None = None  # (reaches?, cost, bin, threshold)
