@@ -254,6 +254,22 @@ def _load_psf_truth(frame_dir: Path) -> Any:
         return PsfTruthAtStars(a["psf_x"], a["psf_y"], a["psf_sigma_pix"], a["psf_e1"], a["psf_e2"], a["psf_stamps"])
 
 
+def _load_snaps(frame_dir: Path) -> list[Any]:
+    """The frame's snaps (``snap*.fits`` written by :func:`_prepare`), in order."""
+    from .io.formats import exposure_from_fits_bytes
+
+    return [exposure_from_fits_bytes(p.read_bytes()) for p in sorted(frame_dir.glob("snap*.fits"))]
+
+
+def _load_frame_refcat(frame_dir: Path) -> Any:
+    """The reference catalogue around the frame, as the pipeline loads it (``meta.json``'s cone and epoch)."""
+    from .io.refcat import load_refcat
+
+    meta = json.loads((frame_dir / "meta.json").read_text())
+    return load_refcat(str(frame_dir / "store"), "refcat", ra_deg=meta["ra_deg"], dec_deg=meta["dec_deg"],
+                       radius_deg=meta["radius_deg"], epoch_year=meta["epoch_year"])
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -268,15 +284,12 @@ def _worker_ours(frame_dir: Path, quality: bool = True) -> dict[str, Any]:
 
     from .io.formats import (
         background_to_fits_bytes,
-        exposure_from_fits_bytes,
         exposure_to_fits_bytes,
         table_to_parquet_bytes,
     )
-    from .io.refcat import load_refcat
     from .steps.config import load_calibrate_config
     from .steps.pipeline import calibrate_image, characterize, correct_apertures
 
-    meta = json.loads((frame_dir / "meta.json").read_text())
     config = load_calibrate_config(None)
     # Process start-up, paid once per worker process and reported apart: pyarrow imports pandas
     # (0.2 s) at its first array conversion, which would otherwise land in the refcat load.
@@ -286,11 +299,10 @@ def _worker_ours(frame_dir: Path, quality: bool = True) -> dict[str, Any]:
     pa.array([0.0]).to_numpy()
     t_startup = time.perf_counter() - t0
     t0 = time.perf_counter()
-    snaps = [exposure_from_fits_bytes(p.read_bytes()) for p in sorted(frame_dir.glob("snap*.fits"))]
+    snaps = _load_snaps(frame_dir)
     t_read = time.perf_counter() - t0
     t0 = time.perf_counter()
-    refcat = load_refcat(str(frame_dir / "store"), "refcat", ra_deg=meta["ra_deg"], dec_deg=meta["dec_deg"],
-                         radius_deg=meta["radius_deg"], epoch_year=meta["epoch_year"])
+    refcat = _load_frame_refcat(frame_dir)
     t_refcat = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = calibrate_image(snaps, refcat, config=config)
@@ -393,7 +405,6 @@ def _wcs_floor_mas(matches: Any) -> float | None:
 
 def _worker_cr(frame_dir: Path, repeat: int = 1) -> dict[str, Any]:
     """Our cosmic-ray finder alone on the background-subtracted (snap-summed) image, ``repeat`` times."""
-    from .io.formats import exposure_from_fits_bytes
     from .masks import MaskPlane
     from .sim.evaluation import cr_masked_pct
     from .steps.background import subtract_background
@@ -403,7 +414,7 @@ def _worker_cr(frame_dir: Path, repeat: int = 1) -> dict[str, Any]:
     from .steps.snap_combination import combine_snaps
 
     config = load_calibrate_config(None)
-    snaps = [exposure_from_fits_bytes(p.read_bytes()) for p in sorted(frame_dir.glob("snap*.fits"))]
+    snaps = _load_snaps(frame_dir)
     # No snap-difference repair here: both finders see the same summed pixels.
     comb = combine_snaps(snaps, config=dataclasses.replace(config.snap_combine, repair_cosmic_rays=False)).exposure
     exp = subtract_background(comb, config=config.background).exposure

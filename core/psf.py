@@ -278,6 +278,14 @@ class AdaptiveMoments:
     n_iterations: int
 
 
+def distortion(xx: npt.ArrayLike, yy: npt.ArrayLike,
+               xy: npt.ArrayLike) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Distortion ellipticity ``(e1, e2) = ((xx - yy) / T, 2 xy / T)``, ``T = xx + yy`` (the HSM convention)."""
+    xx, yy, xy = np.asarray(xx, float), np.asarray(yy, float), np.asarray(xy, float)
+    t = xx + yy
+    return (xx - yy) / t, 2 * xy / t
+
+
 def adaptive_moments(stamps: npt.ArrayLike, *, variance: npt.ArrayLike | None = None,
                      valid: npt.ArrayLike | None = None, sigma_guess_pix: float | npt.ArrayLike = 2.0,
                      x_guess: npt.ArrayLike | None = None, y_guess: npt.ArrayLike | None = None,

@@ -37,6 +37,7 @@ from .benchmarks import (
     PEER_TIE_FRACTION,
     PSF_DE_MEDIAN_BAR,
     _load_psf_truth,
+    _load_snaps,
     _load_truth,
     _machine,
     _prepare,
@@ -45,6 +46,7 @@ from .benchmarks import (
     scratch_dir,
 )
 from .errors import ConfigError
+from .psf import distortion
 
 #: The components compared, as keys of a system's record.
 COMPONENTS = ("de1", "de2", "size_err_pct")
@@ -108,9 +110,9 @@ def mean_ellipticity_floor(catalog: Any, psf: Any) -> dict[str, float]:
            / np.asarray(catalog["base_PsfFlux_instFluxErr"], float))[used]
     out: dict[str, float] = {"n_stars": int(used.sum())}
     model = np.asarray(psf.moments_many(x, y), float).reshape(-1, 3) if x.size else np.zeros((0, 3))
-    t, tm = xx + yy, model[:, 0] + model[:, 1]
     with np.errstate(divide="ignore", invalid="ignore"):
-        resid = {"e1": (xx - yy) / t - (model[:, 0] - model[:, 1]) / tm, "e2": 2 * xy / t - 2 * model[:, 2] / tm}
+        (e1, e2), (m1, m2) = distortion(xx, yy, xy), distortion(model[:, 0], model[:, 1], model[:, 2])
+    resid = {"e1": e1 - m1, "e2": e2 - m2}
     for comp, d in resid.items():
         ok = np.isfinite(d) & np.isfinite(snr) & (snr > 0)
         if ok.sum() < 3:
@@ -148,7 +150,6 @@ def run_psf_bench(config: PsfBenchConfig, *, work_dir: str | Path | None = None,
 
 def _measure_seeds(spec: Any, seeds: Sequence[int], work: Path, peers: bool,
                    log: Callable[[str], None]) -> list[dict[str, Any]]:
-    from .io.formats import exposure_from_fits_bytes
     from .peers import PsfexPsf, run_sextractor_psfex
     from .sim.evaluation import psf_residuals_at_stars
     from .steps.config import load_calibrate_config
@@ -160,7 +161,7 @@ def _measure_seeds(spec: Any, seeds: Sequence[int], work: Path, peers: bool,
         frame_dir = work / f"{spec.name}-seed{seed}"
         _prepare(spec, frame_dir, seed=seed)
         truth = _load_psf_truth(frame_dir)
-        snaps = [exposure_from_fits_bytes(p.read_bytes()) for p in sorted(frame_dir.glob("snap*.fits"))]
+        snaps = _load_snaps(frame_dir)
         char = characterize(snaps, config=calib)
         psf = char.exposure.psf
         row: dict[str, Any] = {"seed": seed, "ours": _record(psf_residuals_at_stars(psf, truth)), "psfex": None,

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,6 +48,8 @@ import numpy.typing as npt
 from .benchmarks import (
     STAR_CONTAMINANT_BAR_PCT,
     STAR_RECOVERED_BAR_PCT,
+    _load_frame_refcat,
+    _load_snaps,
     _load_truth,
     _machine,
     _prepare,
@@ -334,16 +335,12 @@ def run_selection_bench(config: SelectionBenchConfig, *, work_dir: str | Path | 
 
 def _star_candidates(frame_dir: Path, config: SelectionBenchConfig) -> tuple[Any, Any, tuple[Any, Any]]:
     """Star-pass candidates, the star selector's config and the candidates' :func:`psf_template_score`."""
-    from .io.formats import exposure_from_fits_bytes
-    from .io.refcat import load_refcat
     from .steps.config import load_calibrate_config
     from .steps.pipeline import calibrate_astrometry, characterize, correct_apertures, find_stars
 
-    meta = json.loads((frame_dir / "meta.json").read_text())
     calib = load_calibrate_config(None)
-    snaps = [exposure_from_fits_bytes(p.read_bytes()) for p in sorted(frame_dir.glob("snap*.fits"))]
-    refcat = load_refcat(str(frame_dir / "store"), "refcat", ra_deg=meta["ra_deg"], dec_deg=meta["dec_deg"],
-                         radius_deg=meta["radius_deg"], epoch_year=meta["epoch_year"])
+    snaps = _load_snaps(frame_dir)
+    refcat = _load_frame_refcat(frame_dir)
     ch = characterize(snaps, config=calib)
     del snaps
     ap = correct_apertures(ch.exposure, ch.psf_stars, config=calib)

@@ -29,6 +29,7 @@ from ..psf import (
     adaptive_moments,
     chebyshev_design,
     chebyshev_terms,
+    distortion,
     shift_stamps,
 )
 
@@ -422,8 +423,8 @@ def _shape_outlier_score(star: AdaptiveMoments, kern: npt.NDArray[np.float64], v
     mod = adaptive_moments(kern[:, core, core], valid=valid, sigma_guess_pix=sigma_pix)
     t_s, t_m = star.xx + star.yy, mod.xx + mod.yy
     with np.errstate(invalid="ignore", divide="ignore"):
-        z = snr[:, None] * np.stack([(star.xx - star.yy) / t_s - (mod.xx - mod.yy) / t_m,
-                                     2.0 * star.xy / t_s - 2.0 * mod.xy / t_m, (t_s - t_m) / t_m], axis=1)
+        (e1_s, e2_s), (e1_m, e2_m) = distortion(star.xx, star.yy, star.xy), distortion(mod.xx, mod.yy, mod.xy)
+        z = snr[:, None] * np.stack([e1_s - e1_m, e2_s - e2_m, (t_s - t_m) / t_m], axis=1)
     ok = star.converged & mod.converged & np.all(np.isfinite(z), axis=1)
     ref = keep & ok
     if ref.sum() < 3:  # too few converged stars for a scale: no shape outliers
@@ -575,7 +576,8 @@ def _gaussian_fallback(catalog: Table, idx: npt.NDArray[np.int64], reserved: npt
         raise PsfFitError(f"the {idx.size} PSF stars have non-finite or non-positive moments; cannot fit even a "
                           "Gaussian PSF", metadata={"n_fit_stars": int(idx.size)})
     sigma = det ** 0.25
-    psf = GaussianPsf(sigma, e1=(xx - yy) / (xx + yy), e2=2 * xy / (xx + yy))
+    e1, e2 = distortion(xx, yy, xy)
+    psf = GaussianPsf(sigma, e1=float(e1), e2=float(e2))
     used = np.zeros(n_rows, bool)
     used[idx] = True
     fwhm = FWHM_PER_SIGMA * sigma

@@ -34,6 +34,7 @@ from ..errors import ConfigError
 from ..exposure import Exposure
 from ..masks import MaskPlane, any_set
 from ..photo_calib import PhotoCalib
+from ..psf import distortion
 
 #: Name → one-line definition (with unit) of every summary field.
 SUMMARY_FIELDS: dict[str, str] = {
@@ -362,7 +363,7 @@ def _psf_star_stats(out: dict[str, Any], exposure: Exposure, stars: Table, psf_s
         return
     xx, yy, xy = xx[good], yy[good], xy[good]
     t = xx + yy
-    e1, e2 = (xx - yy) / t, 2 * xy / t
+    e1, e2 = distortion(xx, yy, xy)
     size = np.sqrt(0.5 * t)
     out["starEMedian"] = float(np.median(np.hypot(e1, e2)))
     out["starUnNormalizedEMedian"] = float(np.median(np.hypot(xx - yy, 2 * xy)))
@@ -373,8 +374,9 @@ def _psf_star_stats(out: dict[str, Any], exposure: Exposure, stars: Table, psf_s
     ok = np.isfinite(pt) & (pt > 0)
     if not ok.any():
         return
-    de1 = (e1 - (pxx - pyy) / pt)[ok]
-    de2 = (e2 - 2 * pxy / pt)[ok]
+    pe1, pe2 = distortion(pxx, pyy, pxy)
+    de1 = (e1 - pe1)[ok]
+    de2 = (e2 - pe2)[ok]
     dsize = (size - np.sqrt(0.5 * pt))[ok]
     out["psfStarDeltaE1Median"] = float(np.median(de1))
     out["psfStarDeltaE2Median"] = float(np.median(de2))

@@ -14,7 +14,7 @@ from singleframe.errors import ConfigError
 from singleframe.fields import ChebyshevField
 from singleframe.footprints import labels_to_spans, spans_to_labels
 from singleframe.photo_calib import PhotoCalib, ab_mag_to_njy, njy_to_ab_mag
-from singleframe.psf import GaussianPsf, psf_from_hdus
+from singleframe.psf import GaussianPsf, distortion, psf_from_hdus
 
 
 def test_camera_wcs_reproduces_radial_distortion_exactly() -> None:
@@ -83,6 +83,17 @@ def test_gaussian_psf_moments_area_and_fits_round_trip() -> None:
     back = psf_from_hdus(psf.to_hdus())
     assert back == psf
 
+
+
+def test_distortion_of_a_sheared_gaussian_is_its_ellipticity() -> None:
+    # A Gaussian built with distortion (e1, e2) has moments xx, yy, xy that give them back
+    # (exactly, up to float rounding); round and degenerate cases follow the formula.
+    xx, yy, xy = GaussianPsf(2.0, e1=0.2, e2=-0.1).moments(0.0, 0.0)
+    e1, e2 = distortion(xx, yy, xy)
+    assert float(e1) == pytest.approx(0.2, abs=1e-12) and float(e2) == pytest.approx(-0.1, abs=1e-12)
+    e1, e2 = distortion([4.0, 3.0], [4.0, 1.0], [0.0, 1.0])
+    np.testing.assert_allclose(e1, [0.0, 0.5])
+    np.testing.assert_allclose(e2, [0.0, 0.5])
 
 def test_chebyshev_field_fit_recovers_plane() -> None:
     rng = np.random.default_rng(1)
