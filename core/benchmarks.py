@@ -127,6 +127,16 @@ def frame_spec(name: str) -> FrameSpec:
     raise ConfigError(f"unknown frame {name!r}; choose one of {sorted(s.name for s in (*FULL_FRAMES, *QUICK_FRAMES))}")
 
 
+def frame_simulation(spec: FrameSpec, *, seed: int | None = None) -> tuple[Any, Any]:
+    """The simulation configuration and visit of a benchmark frame (``seed``: see :func:`_prepare`)."""
+    from .sim import benchmark_config
+
+    cfg = benchmark_config(spec.size, spec.field, spec.seeing_arcsec,
+                           **({} if seed is None else {"seed": int(seed)}))
+    visit = dataclasses.replace(cfg.visits[0], n_snaps=spec.n_snaps)
+    return dataclasses.replace(cfg, visits=(visit,)), visit
+
+
 def _prepare(spec: FrameSpec, frame_dir: Path, *, seed: int | None = None) -> None:
     """Simulate one frame and write everything the systems read: snaps, image, refcats, truth.
 
@@ -138,14 +148,11 @@ def _prepare(spec: FrameSpec, frame_dir: Path, *, seed: int | None = None) -> No
     from .io.formats import exposure_to_fits_bytes
     from .io.refcat import load_refcat, write_refcat
     from .peers import refcat_to_ldac_table, write_ldac
-    from .sim import benchmark_config, make_reference_catalog, simulate_detector
+    from .sim import make_reference_catalog, simulate_detector
     from .sim.evaluation import psf_truth_positions, true_psf_at_stars
     from .steps.pipeline import refcat_search_radius_deg
 
-    cfg = benchmark_config(spec.size, spec.field, spec.seeing_arcsec,
-                           **({} if seed is None else {"seed": int(seed)}))
-    visit = dataclasses.replace(cfg.visits[0], n_snaps=spec.n_snaps)
-    cfg = dataclasses.replace(cfg, visits=(visit,))
+    cfg, visit = frame_simulation(spec, seed=seed)
     refcat = make_reference_catalog(cfg)
     det = simulate_detector(cfg, visit, 0, refcat=refcat)
     frame_dir.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,13 @@ with the evaluator of ``make bench``
   convolved with a small blur" against "it is the PSF", computed from the fitted PSF model and
   the pixels rather than from Gaussian-weighted moments. If both statistics give the same bound,
   the limit is in the pixels, not in the statistic;
+- the information bound (:func:`information_bound`): for each galaxy that passes every
+  cut but the size test, its noise-free distance from the nearest point source in noise
+  sigmas; the most powerful test against that very galaxy (Neyman–Pearson) keeps it with a
+  known probability for a given loss of stars, and the best split of the recovery bar's
+  star budget over the S/N bins gives the fewest galaxies any selection can keep. If that
+  misses the bar, no statistic, size-based or not, will meet it on this frame; if it is
+  close, only a selection near that ideal will;
 - the contaminants of the configured selection by kind (a true galaxy within
   2 px, a true star 2–5 px away: a blend, or nothing), and the size-excess
   significance of the galaxy contaminants against that of the true stars.
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,6 +61,7 @@ from .benchmarks import (
     _load_truth,
     _machine,
     _prepare,
+    frame_simulation,
     frame_spec,
     run_and_write,
     scratch_dir,
@@ -309,6 +318,136 @@ def _complete_to_target(choice: tuple[int, ...], stars: npt.NDArray[np.float64],
         current[best_move[2]] = best_move[3]
 
 
+def neyman_pearson_bound(d_galaxy: npt.NDArray[np.float64], galaxy_bin: npt.NDArray[np.integer],
+                         stars_per_bin: npt.NDArray[np.integer], star_loss_budget: float, *,
+                         thresholds: npt.NDArray[np.float64] | None = None, n_lambdas: int = 400) -> dict[str, Any]:
+    """Fewest galaxies any test can keep while losing at most ``star_loss_budget`` stars (expected).
+
+    A test of "star" against a galaxy ``g`` whose log-likelihood ratio is separated by
+    ``d_g`` noise sigmas (:func:`~singleframe.sim.evaluation.galaxy_point_source_distance`)
+    that rejects a star with probability ``alpha`` keeps ``g`` with probability at least
+    ``Phi(t - d_g)``, ``t = Phi^-1(1 - alpha)``, with equality for the most powerful test,
+    which knows ``g``'s profile (Neyman–Pearson). Each S/N bin ``b`` (``galaxy_bin``; the stars
+    of a bin are alike, so one ``alpha_b`` per bin) pays ``stars_per_bin[b] * alpha_b`` lost
+    stars. Minimising the galaxies kept under the budget, over one threshold per bin and
+    mixtures of two solutions (randomised tests), gives a bound that no selection on these
+    sources can beat.
+
+    Returns
+    -------
+    dict
+        ``galaxies_kept`` and ``stars_lost`` (expected counts) of the optimum, ``thresholds``
+        (one per bin, of the cheaper solution of the mixture), ``n_galaxies``.
+    """
+    from scipy.special import ndtr
+
+    d = np.asarray(d_galaxy, float)
+    gbin = np.asarray(galaxy_bin, np.int64)
+    n_star = np.asarray(stars_per_bin, float)
+    t = np.linspace(-4.0, 10.0, 1401) if thresholds is None else np.asarray(thresholds, float)
+    n_bins = n_star.size
+    if d.size and (gbin.min() < 0 or gbin.max() >= n_bins):
+        raise ValueError("galaxy_bin must index stars_per_bin")
+    lost = n_star[:, None] * ndtr(-t)[None, :]  # stars rejected per bin and threshold
+    kept = np.zeros((n_bins, t.size))
+    for b in range(n_bins):
+        db = d[gbin == b]
+        if db.size:
+            kept[b] = ndtr(t[None, :] - db[:, None]).sum(axis=0)
+    points: dict[tuple[float, float], list[int]] = {}
+    for lam in np.concatenate([[0.0], np.geomspace(1e-4, 1e4, n_lambdas)]):
+        j = np.argmin(kept + lam * lost, axis=1)
+        rows = np.arange(n_bins)
+        points[(float(lost[rows, j].sum()), float(kept[rows, j].sum()))] = [int(i) for i in j]
+    # Every sweep point lies on the lower convex envelope of kept(lost): interpolate there.
+    order = sorted(points)
+    below = [p for p in order if p[0] <= star_loss_budget]
+    above = [p for p in order if p[0] > star_loss_budget]
+    if not below:
+        raise ValueError("no solution loses as few stars as the budget allows")
+    lo = min(below, key=lambda p: p[1])
+    best_lost, best_kept = lo
+    if above:
+        hi = min(above, key=lambda p: p[0])
+        if hi[1] < lo[1] and hi[0] > lo[0]:
+            w = (star_loss_budget - lo[0]) / (hi[0] - lo[0])
+            best_lost, best_kept = star_loss_budget, lo[1] + w * (hi[1] - lo[1])
+    return {"galaxies_kept": best_kept, "stars_lost": best_lost, "n_galaxies": int(d.size),
+            "thresholds": [float(t[i]) for i in points[lo]]}
+
+
+def information_bound(candidates: Any, truth_sources: Any, *, selected_without_size: npt.NDArray[np.bool_],
+                      psf_fwhm_pix: float, snr_edges: Sequence[float], min_recovered_pct: float,
+                      sky_variance: npt.NDArray[np.float64], n_other_contaminants: int,
+                      galaxy_distance: Callable[..., npt.NDArray[np.float64]]) -> dict[str, Any]:
+    """The contamination no size test can beat: :func:`neyman_pearson_bound` on the selection's galaxies.
+
+    The sources that pass every cut but the size test (``selected_without_size``) are the
+    pool. Its galaxies (a true galaxy within the match radius, no true star) get their
+    distance from a point source, ``galaxy_distance(ids, x, y, instflux, sky_variance)``
+    (the true galaxy's, at its local sky variance); its recovered eligible stars, binned by
+    true S/N like the galaxies, carry the loss budget: the pool's recovery minus
+    ``min_recovered_pct`` of the eligible stars. Knowing each source's true S/N and each
+    galaxy's profile only helps the test, so the result bounds every real selection.
+
+    ``contaminant_pct_galaxies`` counts the galaxies alone (every other contaminant
+    rejected, no star lost from the denominator); ``contaminant_pct`` adds
+    ``n_other_contaminants`` (blends and spurious sources, e.g. as many as the configured
+    cut keeps).
+    """
+    from scipy.spatial import cKDTree
+
+    from .sim.evaluation import eligible_stars
+
+    pool = np.asarray(selected_without_size, bool)
+    xy = np.column_stack([np.asarray(candidates["base_SdssCentroid_x"], float),
+                          np.asarray(candidates["base_SdssCentroid_y"], float)])
+    tx, ty = np.asarray(truth_sources["x"], float), np.asarray(truth_sources["y"], float)
+    true_star = np.asarray(truth_sources["is_star"], bool)
+    eligible = eligible_stars(truth_sources, psf_fwhm_pix=psf_fwhm_pix)
+    true_snr = np.asarray(truth_sources["snr"], float)
+
+    def nearest(keep: npt.NDArray[np.bool_]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+        idx = np.flatnonzero(keep)
+        if not idx.size:
+            return np.full(len(xy), np.inf), np.zeros(len(xy), np.int64)
+        dist, i = cKDTree(np.column_stack([tx[idx], ty[idx]])).query(xy)
+        return np.asarray(dist, float), idx[np.asarray(i, np.int64)]
+
+    d_star, _ = nearest(true_star)
+    d_gal, i_gal = nearest(~true_star)
+    d_elig, i_elig = nearest(eligible)
+    gal = pool & (d_star > MATCH_RADIUS_PIX) & (d_gal <= MATCH_RADIUS_PIX)
+    recovered = np.unique(i_elig[pool & (d_elig <= MATCH_RADIUS_PIX)])
+    n_eligible = int(eligible.sum())
+    budget = recovered.size - min_recovered_pct / 100.0 * n_eligible
+    edges = np.concatenate([[-np.inf], np.asarray(snr_edges, float), [np.inf]])
+    n_bins = len(edges) - 1
+
+    def bin_of(snr: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+        return np.clip(np.digitize(snr, edges) - 1, 0, n_bins - 1)
+
+    stars_per_bin = np.bincount(bin_of(true_snr[recovered]), minlength=n_bins)
+    gi = i_gal[gal]
+    d = (galaxy_distance(np.asarray(truth_sources["id"], np.int64)[gi], tx[gi], ty[gi],
+                         np.asarray(truth_sources["instflux"], float)[gi], np.asarray(sky_variance, float)[gal])
+         if gi.size else np.zeros(0))
+    n_pool_stars = int(np.sum(pool & (d_star <= MATCH_RADIUS_PIX)))
+    out: dict[str, Any] = {"n_pool_galaxies": int(gi.size), "n_pool_stars": n_pool_stars,
+                           "star_loss_budget": float(budget), "n_other_contaminants": int(n_other_contaminants),
+                           "distance_p10_p50_p90": _percentiles(d)}
+    if budget < 0:
+        out.update({"galaxies_kept": math.nan, "contaminant_pct_galaxies": math.nan, "contaminant_pct": math.nan})
+        return out
+    np_bound = neyman_pearson_bound(d, bin_of(true_snr[gi]), stars_per_bin, budget)
+    kept = np_bound["galaxies_kept"]
+    out.update({"galaxies_kept": kept, "stars_lost": np_bound["stars_lost"],
+                "contaminant_pct_galaxies": 100.0 * kept / (n_pool_stars + kept),
+                "contaminant_pct": 100.0 * (kept + n_other_contaminants) / (n_pool_stars + kept + n_other_contaminants),
+                "thresholds": np_bound["thresholds"], "snr_bins": [float(e) for e in edges[:-1]]})
+    return out
+
+
 def run_selection_bench(config: SelectionBenchConfig, *, work_dir: str | Path | None = None,
                         log: Callable[[str], None] = print) -> dict[str, Any]:
     """Simulate the frame, calibrate it up to the star pass and score the cuts.
@@ -324,17 +463,28 @@ def run_selection_bench(config: SelectionBenchConfig, *, work_dir: str | Path | 
         frame_dir = work / spec.name
         log(f"simulating {spec.name}" + ("" if config.seed is None else f" (seed {config.seed})"))
         _prepare(spec, frame_dir, seed=config.seed)
-        candidates, star_config, template = _star_candidates(frame_dir, config)
+        candidates, star_config, template, sky_variance = _star_candidates(frame_dir, config)
         truth = _load_truth(frame_dir)
-    from .sim.evaluation import true_psf_fwhm_pix
+    from .sim.evaluation import galaxy_point_source_distance, true_psf_fwhm_pix
+    from .steps.star_selection import select_stars
 
-    result = score_cuts(candidates, truth.sources, psf_fwhm_pix=true_psf_fwhm_pix(truth),
-                        star_config=star_config, config=config, template=template)
-    return {"machine": _machine(), "config": dataclasses.asdict(config), **result}
+    fwhm = true_psf_fwhm_pix(truth)
+    result = score_cuts(candidates, truth.sources, psf_fwhm_pix=fwhm, star_config=star_config, config=config,
+                        template=template)
+    sim_config, visit = frame_simulation(spec, seed=config.seed)
+    no_size = select_stars(candidates, config=dataclasses.replace(star_config, max_size_excess_sigma=None)).selected
+    kinds = result["contaminants"]
+    bound = information_bound(
+        candidates, truth.sources, selected_without_size=np.asarray(no_size, bool), psf_fwhm_pix=fwhm,
+        snr_edges=config.snr_edges, min_recovered_pct=STAR_RECOVERED_BAR_PCT, sky_variance=sky_variance,
+        n_other_contaminants=kinds["blend"] + kinds["nothing"],
+        galaxy_distance=functools.partial(galaxy_point_source_distance, sim_config, visit, 0))
+    return {"machine": _machine(), "config": dataclasses.asdict(config), **result, "information_bound": bound}
 
 
-def _star_candidates(frame_dir: Path, config: SelectionBenchConfig) -> tuple[Any, Any, tuple[Any, Any]]:
-    """Star-pass candidates, the star selector's config and the candidates' :func:`psf_template_score`."""
+def _star_candidates(frame_dir: Path, config: SelectionBenchConfig) -> tuple[Any, Any, tuple[Any, Any], Any]:
+    """Star-pass candidates, the star selector's config, the candidates' :func:`psf_template_score`
+    and the sky variance at each candidate (median of the exposure's variance in its 128-px block)."""
     from .steps.config import load_calibrate_config
     from .steps.pipeline import calibrate_astrometry, characterize, correct_apertures, find_stars
 
@@ -352,7 +502,21 @@ def _star_candidates(frame_dir: Path, config: SelectionBenchConfig) -> tuple[Any
     template = psf_template_score(ch.exposure, fs.detections.labels, np.asarray(cand["base_SdssCentroid_x"], float),
                                   np.asarray(cand["base_SdssCentroid_y"], float), np.asarray(cand["id"], np.int64),
                                   half_size_pix=config.template_half_size_pix)
-    return cand, calib.star_selector, template
+    return cand, calib.star_selector, template, _block_median_at(ch.exposure.variance, cand, ch.exposure.origin)
+
+
+def _block_median_at(values: npt.NDArray[np.floating], catalog: Any, origin: tuple[int, int],
+                     block_pix: int = 128) -> npt.NDArray[np.float64]:
+    """The median of ``values`` over the ``block_pix`` square block holding each source of ``catalog``."""
+    ny, nx = values.shape
+    nby, nbx = -(-ny // block_pix), -(-nx // block_pix)
+    med = np.array([[np.median(values[by * block_pix:(by + 1) * block_pix, bx * block_pix:(bx + 1) * block_pix])
+                     for bx in range(nbx)] for by in range(nby)], float)
+    ix = np.asarray(catalog["base_SdssCentroid_x"], float) - origin[0]
+    iy = np.asarray(catalog["base_SdssCentroid_y"], float) - origin[1]
+    bx = np.clip(np.nan_to_num(ix, nan=0.0).astype(np.int64) // block_pix, 0, nbx - 1)
+    by = np.clip(np.nan_to_num(iy, nan=0.0).astype(np.int64) // block_pix, 0, nby - 1)
+    return med[by, bx]
 
 
 def score_cuts(candidates: Any, truth_sources: Any, *, psf_fwhm_pix: float, star_config: Any,
@@ -479,6 +643,19 @@ def format_markdown(result: dict[str, Any]) -> str:
         lines.append(f"Galaxy contaminants: S/N {g[0]:.1f} / {g[1]:.1f} / {g[2]:.1f} (10th / 50th / 90th "
                      f"percentile); size excess {z[0]:.2f} sigma at the median, {z[1]:.2f} at the 90th "
                      f"percentile, against {c['star_size_excess_sigma_p50'][0]:.2f} for the selected true stars.")
+    b = result.get("information_bound")
+    if b is not None and math.isfinite(b.get("galaxies_kept", math.nan)):
+        dq = b["distance_p10_p50_p90"] or [math.nan] * 3
+        lines += ["", f"Information bound (Neyman–Pearson, `information_bound`): of the {b['n_pool_galaxies']} "
+                      f"galaxies that pass every cut but the size test (their distance from the nearest point "
+                      f"source: {dq[0]:.1f} / {dq[1]:.1f} / {dq[2]:.1f} noise sigmas at the 10th / 50th / 90th "
+                      f"percentile), the most powerful test for each galaxy, knowing its profile and true S/N, "
+                      f"still keeps **{b['galaxies_kept']:.1f}** while losing {b['stars_lost']:.1f} of the "
+                      f"{b['star_loss_budget']:.1f} stars the recovery bar allows: "
+                      f"**{b['contaminant_pct_galaxies']:.2f} %** galaxies among {b['n_pool_stars']} stars. No "
+                      f"selection on these sources can keep fewer galaxies. With as many other contaminants as "
+                      f"the configured cut keeps ({b['n_other_contaminants']} blends and spurious sources, which "
+                      f"a selection might also reject) that is {b['contaminant_pct']:.2f} %."]
     return "\n".join(lines) + "\n"
 
 

@@ -606,3 +606,71 @@ def test_scratch_dir_removes_only_the_directory_it_created(tmp_path):
     with scratch_dir(tmp_path, "sf-test-") as given:
         (given / "f").write_text("x")
     assert given == tmp_path and (tmp_path / "f").exists()
+
+
+def test_neyman_pearson_bound_is_the_analytic_test_in_one_bin_and_beats_every_pure_choice():
+    from scipy.stats import norm
+
+    from singleframe.selection_bench import neyman_pearson_bound
+
+    # One bin, 1000 stars, 20 may be lost: the test has size 2 %, threshold z = 2.054; a galaxy d sigmas
+    # away passes with probability Phi(z - d). Exact up to the threshold grid's 0.01 (mixtures interpolate).
+    d = np.array([0.0, 2.0, 10.0])
+    b = neyman_pearson_bound(d, np.zeros(3, np.int64), np.array([1000]), 20.0)
+    z = norm.isf(0.02)
+    assert b["galaxies_kept"] == pytest.approx(float(np.sum(norm.cdf(z - d))), abs=2e-3)
+    assert b["stars_lost"] == pytest.approx(20.0, abs=1e-9)
+    assert b["n_galaxies"] == 3
+
+    # Two bins: compact galaxies among many stars, extended ones among few. The bound is below every
+    # pure (one threshold per bin) solution within the budget, by at most the mixing gain.
+    rng = np.random.default_rng(5)
+    d2 = np.concatenate([rng.uniform(0.5, 2.0, 40), rng.uniform(3.0, 8.0, 40)])
+    bins = np.repeat([0, 1], 40)
+    stars = np.array([900, 100])
+    b2 = neyman_pearson_bound(d2, bins, stars, 15.0)
+    grid = np.linspace(-2, 8, 201)
+    best = np.inf
+    for t0 in grid:
+        for t1 in grid:
+            lost = stars[0] * norm.sf(t0) + stars[1] * norm.sf(t1)
+            if lost <= 15.0:
+                best = min(best, norm.cdf(t0 - d2[:40]).sum() + norm.cdf(t1 - d2[40:]).sum())
+    assert b2["galaxies_kept"] <= best + 1e-6
+    assert b2["galaxies_kept"] >= best - 0.5
+    assert b2["stars_lost"] <= 15.0 + 1e-9
+    with pytest.raises(ValueError, match="index stars_per_bin"):
+        neyman_pearson_bound(d2, bins + 1, stars, 15.0)
+
+
+def test_information_bound_pools_the_galaxies_and_stars_the_size_test_sees():
+    from singleframe.selection_bench import information_bound
+
+    # 100 isolated stars (S/N 20) and 10 galaxies, all passing every cut but the size test, plus one
+    # galaxy that another cut rejected. The fake distance puts 5 galaxies at d = 0 (star-like) and 5 far.
+    n_star, n_gal = 100, 11
+    n = n_star + n_gal
+    tx, ty = np.arange(n) * 50.0 + 100.0, np.full(n, 500.0)
+    truth = Table({"id": np.arange(n), "x": tx, "y": ty, "instflux": np.full(n, 2000.0),
+                   "is_star": np.arange(n) < n_star, "saturated": np.zeros(n, bool), "snr": np.full(n, 20.0)},
+                  meta={"bbox": (0, 0, 6000, 1000)})
+    cand = Table({"base_SdssCentroid_x": tx + 0.5, "base_SdssCentroid_y": ty})
+    pool = np.ones(n, bool)
+    pool[-1] = False
+    seen = []
+
+    def distance(ids, x, y, flux, var):
+        seen.append((np.asarray(ids), np.asarray(var)))
+        return np.where(np.arange(len(ids)) < 5, 0.0, 20.0)
+
+    res = information_bound(cand, truth, selected_without_size=pool, psf_fwhm_pix=4.0, snr_edges=(10.0,),
+                            min_recovered_pct=98.0, sky_variance=np.full(n, 7.0), n_other_contaminants=3,
+                            galaxy_distance=distance)
+    np.testing.assert_array_equal(seen[0][0], np.arange(n_star, n_star + 10))
+    np.testing.assert_array_equal(seen[0][1], np.full(10, 7.0))
+    assert res["n_pool_galaxies"] == 10 and res["n_pool_stars"] == 100
+    assert res["star_loss_budget"] == pytest.approx(2.0)  # 100 recovered - 98 % of 100
+    # Losing 2 stars of 100 (size 2 %): the 5 star-like galaxies pass with 98 %, the far ones never.
+    assert res["galaxies_kept"] == pytest.approx(5 * 0.98, abs=0.01)
+    assert res["contaminant_pct_galaxies"] == pytest.approx(100 * 4.9 / 104.9, abs=0.02)
+    assert res["contaminant_pct"] == pytest.approx(100 * 7.9 / 107.9, abs=0.02)

@@ -292,3 +292,30 @@ def test_isolation_radius_scales_with_the_seeing():
     only_bright = Table({"x": [112.0], "y": [100.0]})
     assert star_recovery(only_bright, truth, psf_fwhm_pix=4.0)[0] == 50.0
     assert star_recovery(only_bright, truth, psf_fwhm_pix=6.5)[0] == 100.0
+
+
+def test_galaxy_point_source_distance_scales_with_flux_noise_and_size() -> None:
+    from singleframe.sim.evaluation import galaxy_point_source_distance
+    from singleframe.sim.survey import _population
+
+    cfg = dataclasses.replace(SimulationConfig(), n_side=1, nx=300, ny=220, visits=(SimulationConfig().visits[0],),
+                              seed=9)
+    gals = _population(cfg).galaxies
+    hlr = np.asarray(gals["hlr_arcsec"], float)
+    # The most compact round-ish galaxy and the largest one, same place and flux.
+    small, large = int(np.argmin(hlr + np.asarray(gals["ellipticity"]))), int(np.argmax(hlr))
+    ids = np.asarray(gals["id"], np.int64)[[small, small, small, large]]
+    d = galaxy_point_source_distance(cfg, cfg.visits[0], 0, ids, np.full(4, 150.0), np.full(4, 110.0),
+                                     [1000.0, 2000.0, 1000.0, 1000.0], [100.0, 100.0, 400.0, 100.0])
+    # d = ||G - aP|| / sigma is linear in the flux and in 1/sigma (exactly: same drawing).
+    assert d[1] == pytest.approx(2 * d[0], rel=1e-12)
+    assert d[2] == pytest.approx(d[0] / 2, rel=1e-12)
+    # The compact galaxy (hlr ~0.25") at PSF-fit S/N ~17 (flux 1000, sigma 10 per pixel, 0.8" seeing: an
+    # effective area of ~36 px) is separable from a star by ~2 sigma only: its image correlates with the PSF
+    # to rho ~ 0.99, d ~ S/N sqrt(1 - rho^2) / rho ~ 2.2. Bounds at half and twice that.
+    assert 1.1 < d[0] < 4.4
+    # The largest (2") holds the same flux over ~50x the area: its d is small too, but for the opposite
+    # reason (faint per pixel), and it is still farther from a star than the compact one.
+    assert d[3] > d[0]
+    with pytest.raises(ValueError, match="not in the simulated population"):
+        galaxy_point_source_distance(cfg, cfg.visits[0], 0, [-1], [150.0], [110.0], [1000.0], [100.0])
