@@ -384,11 +384,16 @@ def information_bound(candidates: Any, truth_sources: Any, *, selected_without_s
 
     The sources that pass every cut but the size test (``selected_without_size``) are the
     pool. Its galaxies (a true galaxy within the match radius, no true star) get their
-    distance from a point source, ``galaxy_distance(ids, x, y, instflux, sky_variance)``
-    (the true galaxy's, at its local sky variance); its recovered eligible stars, binned by
-    true S/N like the galaxies, carry the loss budget: the pool's recovery minus
-    ``min_recovered_pct`` of the eligible stars. Knowing each source's true S/N and each
-    galaxy's profile only helps the test, so the result bounds every real selection.
+    distance from a point source and that point source's flux, ``galaxy_distance(ids, x, y,
+    instflux, sky_variance) -> (d, point_flux)`` (the true galaxy's, at its local sky
+    variance); its recovered eligible stars carry the loss budget: the pool's recovery minus
+    ``min_recovered_pct`` of the eligible stars. Stars are binned by true S/N at
+    ``snr_edges`` but the first (the faintest bin holds everything below the second edge),
+    each galaxy with the star it must be told from (the true S/N of its fitted point-source
+    flux).
+    Knowing each source's true S/N and each galaxy's profile only helps the test, so the
+    result bounds every selection whose size (rate of rejected stars) is constant within
+    each S/N bin (the oracle's bins; as bins shrink, every selection).
 
     ``contaminant_pct_galaxies`` counts the galaxies alone (every other contaminant
     rejected, no star lost from the denominator); ``contaminant_pct`` adds
@@ -421,7 +426,11 @@ def information_bound(candidates: Any, truth_sources: Any, *, selected_without_s
     recovered = np.unique(i_elig[pool & (d_elig <= MATCH_RADIUS_PIX)])
     n_eligible = int(eligible.sum())
     budget = recovered.size - min_recovered_pct / 100.0 * n_eligible
-    edges = np.concatenate([[-np.inf], np.asarray(snr_edges, float), [np.inf]])
+    # The faintest bin reaches down: a galaxy whose point source is below the first edge (S/N 10, where
+    # the eligible stars start) shares its test with the stars just above it. Measured S/N scatters by
+    # ~1, so no selection can reject S/N 9 sources and keep S/N 10.5 stars; a bin of its own would
+    # reject them for free.
+    edges = np.concatenate([[-np.inf], np.asarray(snr_edges, float)[1:], [np.inf]])
     n_bins = len(edges) - 1
 
     def bin_of(snr: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
@@ -429,9 +438,12 @@ def information_bound(candidates: Any, truth_sources: Any, *, selected_without_s
 
     stars_per_bin = np.bincount(bin_of(true_snr[recovered]), minlength=n_bins)
     gi = i_gal[gal]
-    d = (galaxy_distance(np.asarray(truth_sources["id"], np.int64)[gi], tx[gi], ty[gi],
-                         np.asarray(truth_sources["instflux"], float)[gi], np.asarray(sky_variance, float)[gal])
-         if gi.size else np.zeros(0))
+    flux = np.asarray(truth_sources["instflux"], float)[gi]
+    d, point_flux = (galaxy_distance(np.asarray(truth_sources["id"], np.int64)[gi], tx[gi], ty[gi], flux,
+                                     np.asarray(sky_variance, float)[gal]) if gi.size else (np.zeros(0), np.zeros(0)))
+    # A galaxy is told from the star of its fitted point-source flux: it sits in that star's S/N bin
+    # (the truth's S/N is a point source's, of the galaxy's whole flux).
+    galaxy_snr = true_snr[gi] * np.asarray(point_flux, float) / np.where(flux > 0, flux, 1.0)
     n_pool_stars = int(np.sum(pool & (d_star <= MATCH_RADIUS_PIX)))
     out: dict[str, Any] = {"n_pool_galaxies": int(gi.size), "n_pool_stars": n_pool_stars,
                            "star_loss_budget": float(budget), "n_other_contaminants": int(n_other_contaminants),
@@ -439,7 +451,7 @@ def information_bound(candidates: Any, truth_sources: Any, *, selected_without_s
     if budget < 0:
         out.update({"galaxies_kept": math.nan, "contaminant_pct_galaxies": math.nan, "contaminant_pct": math.nan})
         return out
-    np_bound = neyman_pearson_bound(d, bin_of(true_snr[gi]), stars_per_bin, budget)
+    np_bound = neyman_pearson_bound(d, bin_of(galaxy_snr), stars_per_bin, budget)
     kept = np_bound["galaxies_kept"]
     out.update({"galaxies_kept": kept, "stars_lost": np_bound["stars_lost"],
                 "contaminant_pct_galaxies": 100.0 * kept / (n_pool_stars + kept),

@@ -184,7 +184,8 @@ def true_psf_at_stars(config: SimulationConfig, visit: VisitSpec, detector_id: i
 
 def galaxy_point_source_distance(config: SimulationConfig, visit: VisitSpec, detector_id: int,
                                  galaxy_id: npt.ArrayLike, x: npt.ArrayLike, y: npt.ArrayLike,
-                                 instflux: npt.ArrayLike, pixel_variance: npt.ArrayLike) -> npt.NDArray[np.float64]:
+                                 instflux: npt.ArrayLike, pixel_variance: npt.ArrayLike
+                                 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """How far, in noise sigmas, each true galaxy's image is from the nearest point source.
 
     The galaxy is drawn noise-free as the simulator draws it (profile, half-light radius,
@@ -192,6 +193,8 @@ def galaxy_point_source_distance(config: SimulationConfig, visit: VisitSpec, det
     ``(x, y)``, total ``instflux`` counts); the point source is the true PSF there with the
     flux that fits best. The result is ``d = ||G - a P|| / sigma`` with ``sigma² =
     pixel_variance`` (per galaxy; the sky's: the galaxy's own Poisson noise is left out).
+    Returns ``(d, a)``: the distances and the fitted point-source fluxes (counts; the star a
+    test must tell the galaxy from has flux ``a``, below the galaxy's).
 
     ``d`` is the separation of the two hypotheses in the most powerful test between them
     (Neyman–Pearson: the log-likelihood ratio is Gaussian with unit variance and means 0 and
@@ -217,6 +220,7 @@ def galaxy_point_source_distance(config: SimulationConfig, visit: VisitSpec, det
     angle_offset = 90.0 - visit.rotation_deg - det.rotation_deg  # as simulate_detector
     gsp = galsim.GSParams(folding_threshold=1e-2, maxk_threshold=3e-3)
     out = np.empty(gid.size)
+    point_flux = np.empty(gid.size)
     for k in range(gid.size):
         row = gals[row_of[int(gid[k])]]
         hlr = float(row["hlr_arcsec"]) / scale
@@ -234,7 +238,8 @@ def galaxy_point_source_distance(config: SimulationConfig, visit: VisitSpec, det
         g *= flux[k] / g.sum()
         a = float(np.sum(g * p) / np.sum(p * p))
         out[k] = math.sqrt(float(np.sum((g - a * p) ** 2)) / float(var[k]))
-    return out
+        point_flux[k] = a
+    return out, point_flux
 
 
 @dataclass(frozen=True)

@@ -661,16 +661,22 @@ def test_information_bound_pools_the_galaxies_and_stars_the_size_test_sees():
 
     def distance(ids, x, y, flux, var):
         seen.append((np.asarray(ids), np.asarray(var)))
-        return np.where(np.arange(len(ids)) < 5, 0.0, 20.0)
+        # The point source fitting a galaxy holds 40 % of its flux: S/N 20 x 0.4 = 8, below every star.
+        return np.where(np.arange(len(ids)) < 5, 0.0, 20.0), 0.4 * np.asarray(flux)
 
-    res = information_bound(cand, truth, selected_without_size=pool, psf_fwhm_pix=4.0, snr_edges=(10.0,),
-                            min_recovered_pct=98.0, sky_variance=np.full(n, 7.0), n_other_contaminants=3,
-                            galaxy_distance=distance)
+    kw = {"selected_without_size": pool, "psf_fwhm_pix": 4.0, "min_recovered_pct": 98.0,
+          "sky_variance": np.full(n, 7.0), "n_other_contaminants": 3}
+    res = information_bound(cand, truth, snr_edges=(10.0, 30.0), galaxy_distance=distance, **kw)
     np.testing.assert_array_equal(seen[0][0], np.arange(n_star, n_star + 10))
     np.testing.assert_array_equal(seen[0][1], np.full(10, 7.0))
     assert res["n_pool_galaxies"] == 10 and res["n_pool_stars"] == 100
     assert res["star_loss_budget"] == pytest.approx(2.0)  # 100 recovered - 98 % of 100
-    # Losing 2 stars of 100 (size 2 %): the 5 star-like galaxies pass with 98 %, the far ones never.
+    # The faintest bin reaches below the first edge: the galaxies share the stars' test. Losing 2 stars
+    # of 100 (size 2 %), the 5 star-like galaxies pass with 98 %, the far ones never.
     assert res["galaxies_kept"] == pytest.approx(5 * 0.98, abs=0.01)
     assert res["contaminant_pct_galaxies"] == pytest.approx(100 * 4.9 / 104.9, abs=0.02)
     assert res["contaminant_pct"] == pytest.approx(100 * 7.9 / 107.9, abs=0.02)
+    # A bin of their own (S/N 8 < 15 <= the stars' 20) holds no star: every galaxy goes for free.
+    res = information_bound(cand, truth, snr_edges=(10.0, 15.0), galaxy_distance=distance, **kw)
+    assert res["galaxies_kept"] == pytest.approx(0.0, abs=1e-3)
+    assert res["contaminant_pct"] == pytest.approx(100 * 3 / 103, abs=0.01)

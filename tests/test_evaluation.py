@@ -305,11 +305,15 @@ def test_galaxy_point_source_distance_scales_with_flux_noise_and_size() -> None:
     # The most compact round-ish galaxy and the largest one, same place and flux.
     small, large = int(np.argmin(hlr + np.asarray(gals["ellipticity"]))), int(np.argmax(hlr))
     ids = np.asarray(gals["id"], np.int64)[[small, small, small, large]]
-    d = galaxy_point_source_distance(cfg, cfg.visits[0], 0, ids, np.full(4, 150.0), np.full(4, 110.0),
-                                     [1000.0, 2000.0, 1000.0, 1000.0], [100.0, 100.0, 400.0, 100.0])
-    # d = ||G - aP|| / sigma is linear in the flux and in 1/sigma (exactly: same drawing).
+    d, a = galaxy_point_source_distance(cfg, cfg.visits[0], 0, ids, np.full(4, 150.0), np.full(4, 110.0),
+                                        [1000.0, 2000.0, 1000.0, 1000.0], [100.0, 100.0, 400.0, 100.0])
+    # d = ||G - aP|| / sigma is linear in the flux and in 1/sigma (exactly: same drawing); the fitted
+    # point-source flux a is linear in the flux, blind to the noise, and below the galaxy's.
     assert d[1] == pytest.approx(2 * d[0], rel=1e-12)
     assert d[2] == pytest.approx(d[0] / 2, rel=1e-12)
+    assert a[1] == pytest.approx(2 * a[0], rel=1e-12) and a[2] == pytest.approx(a[0], rel=1e-12)
+    # The compact galaxy keeps most of its flux in the point-source fit (rho ~ 0.99); the 2" one little.
+    assert 800.0 < a[0] < 1000.0 and a[3] < 0.5 * a[0]
     # The compact galaxy (hlr ~0.25") at PSF-fit S/N ~17 (flux 1000, sigma 10 per pixel, 0.8" seeing: an
     # effective area of ~36 px) is separable from a star by ~2 sigma only: its image correlates with the PSF
     # to rho ~ 0.99, d ~ S/N sqrt(1 - rho^2) / rho ~ 2.2. Bounds at half and twice that.
