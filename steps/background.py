@@ -149,11 +149,14 @@ def estimate_background(
     nbx, bx = _axis_bins(nx, config.bin_size_pix, step)
 
     sub = img[::step, ::step].astype(np.float32)
-    good = (np.asarray(mask)[::step, ::step] & MASK_DTYPE(int(config.ignored_planes))) == 0
-    good &= np.isfinite(sub)
+    unmasked = (np.asarray(mask)[::step, ::step] & MASK_DTYPE(int(config.ignored_planes))) == 0
+    finite = np.isfinite(sub)
+    good = unmasked & finite
+    positive_var = None
     if variance is not None:
         v = np.asarray(variance)[::step, ::step]
-        good &= np.isfinite(v) & (v > 0)
+        positive_var = np.isfinite(v) & (v > 0)
+        good &= positive_var
     # Masked samples become +inf so that they sort to the end of each bin.
     sub = np.where(good, sub, np.float32(np.inf))
     sy, sx = by // step, bx // step
@@ -168,9 +171,24 @@ def estimate_background(
     n_in = rows_in[:, None] * cols_in[None, :]
     valid = (n_good >= np.maximum(config.min_good_fraction * n_in, 3)) & (n_in > 0)
     if not valid.any():
+        # Say which test removed the pixels: the fix differs (mask, NaN pixels, variance plane).
+        n_sub = sub.size
+        planes = "|".join(str(p.name) for p in MaskPlane
+                          if p.value & (p.value - 1) == 0 and p & config.ignored_planes)
+        causes = [(int(np.count_nonzero(~unmasked)), f"masked ({planes}, which the background ignores): "
+                   "check the mask"),
+                  (int(np.count_nonzero(~finite)), "not finite (NaN/inf): check the image or mask those pixels")]
+        if positive_var is not None:
+            causes.append((int(np.count_nonzero(~positive_var)),
+                           "with a variance that is not finite and positive: check the variance plane"))
+        detail = "; ".join(f"{100.0 * n / n_sub:.1f} % {why}" for n, why in sorted(causes, reverse=True)
+                           if n >= 0.001 * n_sub)
         raise UnprocessableFrameError(
-            "no background bin has enough unmasked pixels; check the mask (all pixels masked?)",
-            metadata={"n_bins": int(nby * nbx), "min_good_fraction": config.min_good_fraction},
+            f"no background bin has enough usable pixels (at least {config.min_good_fraction:.0%} of a bin); "
+            f"of the sampled pixels {detail or 'none is unusable, but the bins are too small'}",
+            metadata={"n_bins": int(nby * nbx), "min_good_fraction": config.min_good_fraction,
+                      "n_sampled": int(n_sub), "n_masked": causes[0][0], "n_not_finite": causes[1][0],
+                      "n_bad_variance": causes[2][0] if len(causes) > 2 else 0},
         )
     level, sigma = _clipped_levels(blocks, n_good, config)
     values = np.where(valid, level, 0.0)

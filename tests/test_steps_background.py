@@ -57,11 +57,21 @@ def test_masked_region_is_filled_and_detected_pixels_ignored():
     assert np.percentile(np.abs(resid), 99) < 0.2
 
 
-def test_all_masked_raises():
+def test_no_usable_pixels_raises_and_names_the_cause():
     img = np.zeros((64, 80), np.float32)
-    mask = np.full(img.shape, MaskPlane.NO_DATA, np.uint32)
-    with pytest.raises(UnprocessableFrameError, match="all pixels masked"):
-        estimate_background(img, mask)
+    clear = np.zeros(img.shape, np.uint32)
+    # Each cause names itself and its share of the pixels, largest first, so the fix is clear.
+    with pytest.raises(UnprocessableFrameError, match=r"100.0 % masked \(.*NO_DATA.*\).*check the mask"):
+        estimate_background(img, np.full(img.shape, MaskPlane.NO_DATA, np.uint32))
+    with pytest.raises(UnprocessableFrameError, match=r"100.0 % not finite") as err:
+        estimate_background(np.full(img.shape, np.nan, np.float32), clear)
+    assert err.value.metadata["n_not_finite"] == err.value.metadata["n_sampled"]
+    with pytest.raises(UnprocessableFrameError, match=r"100.0 % with a variance .*check the variance plane"):
+        estimate_background(img, clear, variance=np.zeros(img.shape, np.float32))
+    half = clear.copy()
+    half[:, :40] = MaskPlane.BAD
+    with pytest.raises(UnprocessableFrameError, match=r"100.0 % with a variance.*; 50.0 % masked"):
+        estimate_background(img, half, variance=np.full(img.shape, -1.0, np.float32))
 
 
 def test_config_validation():
