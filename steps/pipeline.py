@@ -183,7 +183,10 @@ def characterize(snaps: Sequence[Exposure], *, config: CalibrateImageConfig) -> 
 def _seeing_fallback_sigma(exposure: Exposure, config: CalibrateImageConfig, exc: PsfFitError) -> float:
     """Gaussian sigma (px) of the seeing in the metadata, when ``psf_fallback`` allows it; else re-raise."""
     if config.psf_fallback != "seeing":
-        raise exc
+        raise PsfFitError(
+            f"{exc}. If the frame is usable otherwise, psf_fallback: seeing calibrates it with a Gaussian of "
+            "the header seeing (flagged PSF_FALLBACK)", metadata=dict(exc.metadata),
+        ) from exc
     fwhm = exposure.metadata.get("seeing_fwhm_pix")
     try:
         fwhm = float(fwhm) if fwhm is not None else float("nan")

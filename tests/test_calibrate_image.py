@@ -192,8 +192,9 @@ def test_star_less_frame_fails_or_falls_back_to_the_header_seeing(scene) -> None
     rng = np.random.default_rng(5)
     blank = scene.exposure.replace(image=rng.normal(0.0, 10.0, scene.exposure.shape).astype(np.float32))
     # Default: a typed error, never a guessed PSF.
-    with pytest.raises(PsfFitError, match="too few bright stars"):
+    with pytest.raises(PsfFitError, match="too few bright stars.*psf_fallback: seeing") as err:
         characterize([blank], config=load_calibrate_config(None, SMALL_SCENE))
+    assert err.value.metadata["n_candidates"] == 0  # the step's diagnostics survive the hint
     fallback = load_calibrate_config(None, {**SMALL_SCENE, "psf_fallback": "seeing"})
     # The fallback needs the seeing in the metadata, and says so.
     with pytest.raises(PsfFitError, match="seeing_fwhm_pix"):
