@@ -104,23 +104,58 @@ class BackgroundModel:
 
     def image(self) -> npt.NDArray[np.float32]:
         """The model evaluated at every pixel of the fitted image."""
+        factors = self._factors()
+        if factors is None:
+            return np.full(self.shape, self.values[0, 0], dtype=np.float32)
+        by_c, bx_t = factors
+        return np.asarray(by_c @ bx_t, dtype=np.float32)
+
+    def subtract_from(self, image: npt.ArrayLike, *, out: npt.NDArray[np.float32] | None = None,
+                      band_rows: int = 256) -> npt.NDArray[np.float32]:
+        """``image - self.image()`` in float32, without the model image: one band of rows at a time.
+
+        A 4k x 4k frame saves a 64 MB temporary (a fresh one is page-faulted in every time).
+        Equal to ``np.subtract(image, self.image(), dtype=np.float32)`` up to float32 rounding
+        of the model (the product's summation order may differ between bands). ``out`` (float32,
+        the image's shape) may be ``image`` itself.
+        """
+        img = np.asarray(image)
+        if img.shape != tuple(self.shape):
+            raise ValueError(f"image shape {img.shape} differs from the model's {tuple(self.shape)}")
+        if out is None:
+            out = np.empty(img.shape, np.float32)
+        elif out.shape != img.shape or out.dtype != np.float32:
+            raise ValueError(f"out must be float32 of shape {img.shape}, got {out.dtype} {out.shape}")
+        factors = self._factors()
+        if factors is None:
+            return np.subtract(img, np.float32(self.values[0, 0]), out=out, dtype=np.float32)
+        by_c, bx_t = factors
+        for y0 in range(0, img.shape[0], band_rows):
+            rows = slice(y0, y0 + band_rows)
+            np.subtract(img[rows], by_c[rows] @ bx_t, out=out[rows], dtype=np.float32)
+        return out
+
+    def _factors(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None:
+        """``(B_y C, B_x^T)``, float32, whose product is the model image; None for a constant model.
+
+        The tensor-product spline is ``B_y C B_x^T``: two small dense design matrices and one
+        matrix product are ~10x faster than evaluating the spline on the full grid. float32
+        throughout: a float64 product would be a 128 MB temporary on a 4k² frame, and each pixel
+        sums at most (k + 1)² non-zero terms of the sky level's magnitude.
+        """
         ny, nx = self.shape
         x0, y0 = self.origin
         spl = self._spline()
         if spl is None:
-            return np.full(self.shape, self.values[0, 0], dtype=np.float32)
+            return None
         xs = np.arange(nx, dtype=float) + x0
         ys = np.arange(ny, dtype=float) + y0
-        # The tensor-product spline is B_y C B_x^T: two small dense design matrices and
-        # one matrix product are ~10x faster than evaluating the spline on the full grid.
         ty, tx = spl.get_knots()
         ky, kx = spl.degrees
         coeffs = spl.get_coeffs().reshape(len(ty) - ky - 1, len(tx) - kx - 1)
-        # float32 throughout: a float64 product would be a 128 MB temporary on a 4k² frame, and
-        # each pixel sums at most (k + 1)² non-zero terms of the sky level's magnitude.
         by = _design_matrix(ys, ty, ky).astype(np.float32)
         bx = _design_matrix(xs, tx, kx).astype(np.float32)
-        return np.asarray((by @ coeffs.astype(np.float32)) @ bx.T, dtype=np.float32)
+        return by @ coeffs.astype(np.float32), np.ascontiguousarray(bx.T)
 
     def scaled(self, factor: float) -> BackgroundModel:
         """The same model multiplied by ``factor`` (e.g. counts → nJy)."""

@@ -31,6 +31,7 @@ candidate cut itself runs over blocks of rows that stay in cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -348,6 +349,10 @@ def _count_groups(idx: npt.NDArray[np.intp], nx: int) -> int:
     return int(n_groups)
 
 
+def _writable(a: npt.NDArray[Any], dtype: Any) -> bool:
+    return bool(a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable)
+
+
 def repair_cosmic_rays(
     exposure: Exposure,
     *,
@@ -355,21 +360,28 @@ def repair_cosmic_rays(
     config: CosmicRayConfig = CosmicRayConfig(),
     interpolate: bool = False,
     interpolation: InterpolationConfig = _DEFAULT_INTERPOLATION,
+    overwrite: bool = False,
 ) -> RepairResult:
     """Set the ``CR`` plane of a new exposure and, if ``interpolate``, fill those pixels.
 
     Cosmic rays already in the ``CR`` plane are kept (and interpolated too).
-    Metadata ``cosmic_ray_count`` records the number found in this call.
+    Metadata ``cosmic_ray_count`` records the number found in this call. With ``overwrite``
+    the mask (and, with ``interpolate``, the image) of ``exposure`` are modified in place
+    where they are writable C-contiguous arrays of the exposure's dtypes, and shared by the
+    result (numpy's ``overwrite_input``: for a caller that owns the frame, it saves up to
+    128 MB of copies on a 4k x 4k detector); ``exposure`` must not be used after.
     """
     found = find_cosmic_rays(exposure.image, exposure.variance, exposure.mask,
                              psf_sigma_pix=psf_sigma_pix, config=config)
-    mask = np.array(exposure.mask, dtype=MASK_DTYPE, order="C", copy=True)
+    mask = exposure.mask if overwrite and _writable(exposure.mask, MASK_DTYPE) else \
+        np.array(exposure.mask, dtype=MASK_DTYPE, order="C", copy=True)
     mask.reshape(-1)[np.flatnonzero(found.cr_mask)] |= MASK_DTYPE(int(MaskPlane.CR))
     image = exposure.image
     if interpolate:
         interpolation.validate()
         # The CR plane is read back from the mask: earlier cosmic rays are filled too.
-        image = np.array(image, dtype=np.float32, order="C", copy=True)
+        if not (overwrite and _writable(image, np.float32)):
+            image = np.array(image, dtype=np.float32, order="C", copy=True)
         _fill_masked(image, mask, planes=MaskPlane.CR, psf_sigma_pix=psf_sigma_pix, config=interpolation)
     new = exposure.replace(image=image, mask=mask).with_metadata(cosmic_ray_count=found.n_cosmic_rays)
     return RepairResult(new, found.n_cosmic_rays, found.n_pixels)

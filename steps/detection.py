@@ -29,6 +29,9 @@ from ..footprints import Detections
 from ..masks import MASK_DTYPE, MaskPlane
 from ..psf import GaussianPsf
 
+#: Rows per band of the band-by-band full-frame operations (16 bands of a 4k x 4k frame).
+_BAND_ROWS = 256
+
 SOURCE_COLUMNS = ("label", "parent_label", "x_peak", "y_peak", "peak_value", "peak_snr", "npix",
                   "deblend_nChild", "deblend_nPeaks", "x", "y", "sep_flag")
 
@@ -183,8 +186,14 @@ def detect_sources(
     var = np.asarray(variance, dtype=np.float32)
     msk = np.asarray(mask, dtype=MASK_DTYPE)
     ny, nx = img.shape
-    excluded = (msk & MASK_DTYPE(int(config.excluded_planes))) != 0
-    excluded |= ~np.isfinite(img)
+    # Band by band, here and for DETECTED below: full-frame ``msk & bits`` and ``labels > 0`` are
+    # 64 + 16 MB temporaries on a 4k x 4k frame, each page-faulted in afresh.
+    bands = [slice(y0, y0 + _BAND_ROWS) for y0 in range(0, ny, _BAND_ROWS)]
+    excluded = np.empty((ny, nx), bool)
+    excluded_bits = MASK_DTYPE(int(config.excluded_planes))
+    for rows in bands:
+        np.not_equal(msk[rows] & excluded_bits, 0, out=excluded[rows])
+        excluded[rows] |= ~np.isfinite(img[rows])
 
     kernel = smoothing_kernel(psf_sigma_pix).astype(np.float32)
     k_norm = float(np.sqrt(np.sum(kernel.astype(np.float64) ** 2)))
@@ -208,6 +217,7 @@ def detect_sources(
     xc = np.asarray(objects["xcpeak"], dtype=np.int64)
     yc = np.asarray(objects["ycpeak"], dtype=np.int64)
     snr = _peak_snr(img, var, excluded, kernel, xc, yc)
+    del excluded
     keep = snr >= config.peak_threshold_snr
 
     # Parent footprints: connected sets of sep pixels (children of one parent touch).
@@ -223,18 +233,24 @@ def detect_sources(
     del seg
     labels = grown.astype(np.int32)
     del grown
-    detected = (labels > 0).astype(MASK_DTYPE)
-    detected *= MASK_DTYPE(int(MaskPlane.DETECTED))
-    out_mask = np.bitwise_or(msk, detected, out=detected)
+    out_mask = np.empty_like(msk)
+    detected_bit = MASK_DTYPE(int(MaskPlane.DETECTED))
+    for rows in bands:
+        np.bitwise_or(msk[rows], (labels[rows] > 0).astype(MASK_DTYPE) * detected_bit, out=out_mask[rows])
 
     lut = np.zeros(len(objects) + 1, dtype=np.int32)
     lut[kept_idx + 1] = np.arange(1, n_kept + 1, dtype=np.int32)
     # Footprints cover a small fraction of the frame: remap (in place) and count only their
-    # pixels (a full-frame bincount first converts 16M labels to int64).
-    inside = np.flatnonzero(labels)
-    kept_of_pixel = lut[labels.ravel()[inside]]
-    labels.ravel()[inside] = kept_of_pixel
-    npix = np.bincount(kept_of_pixel, minlength=n_kept + 1)[1:]
+    # pixels (a full-frame bincount first converts 16M labels to int64), a band at a time (the
+    # indices of a frame's footprint pixels are tens of MB on a 4k x 4k frame in poor seeing).
+    counts = np.zeros(n_kept + 1, np.int64)
+    for rows in bands:
+        band = labels[rows].reshape(-1)  # a view: the band's rows are contiguous
+        inside = np.flatnonzero(band)
+        kept_of_pixel = lut[band[inside]]
+        band[inside] = kept_of_pixel
+        counts += np.bincount(kept_of_pixel, minlength=n_kept + 1)
+    npix = counts[1:]
     del inside, kept_of_pixel
 
     # Parents are renumbered 1..n over those that keep a source; isolated sources get 0.

@@ -72,19 +72,24 @@ def interpolate_masked(
     planes: MaskPlane,
     psf_sigma_pix: float,
     config: InterpolationConfig = InterpolationConfig(),
+    overwrite_image: bool = False,
 ) -> InterpolationResult:
     """Replace pixels with any of ``planes`` set by values interpolated from good pixels.
 
     Parameters
     ----------
     image, mask
-        Pixels and mask bits (``[y, x]``); not modified.
+        Pixels and mask bits (``[y, x]``); not modified (but see ``overwrite_image``).
     planes
         Mask planes to interpolate over.
     psf_sigma_pix
         PSF Gaussian sigma (pixels); sets the first-pass window.
     config
         Window and iteration limits.
+    overwrite_image
+        Interpolate in ``image`` itself when it is a writable, C-contiguous float32 array (then
+        ``result.image is image``), as numpy's ``overwrite_input``: for callers that own a fresh
+        frame, it saves a 64 MB copy of a 4k x 4k image. Otherwise a copy is made as usual.
 
     Returns
     -------
@@ -93,7 +98,9 @@ def interpolate_masked(
     config.validate()
     if not (psf_sigma_pix > 0 and math.isfinite(psf_sigma_pix)):
         raise ConfigError(f"psf_sigma_pix must be positive and finite, got {psf_sigma_pix}")
-    img = np.array(image, dtype=np.float32, order="C", copy=True)
+    in_place = (overwrite_image and isinstance(image, np.ndarray) and image.dtype == np.float32
+                and image.flags.c_contiguous and image.flags.writeable)
+    img = image if in_place else np.array(image, dtype=np.float32, order="C", copy=True)
     msk = np.array(mask, dtype=MASK_DTYPE, order="C", copy=True)
     n_bad = _fill_masked(img, msk, planes=planes, psf_sigma_pix=psf_sigma_pix, config=config)
     return InterpolationResult(img, msk, n_bad)

@@ -123,12 +123,12 @@ def characterize(snaps: Sequence[Exposure], *, config: CalibrateImageConfig) -> 
         repaired = repaired.replace(mask=det.mask)
         if config.reestimate_background:
             # Cosmic rays are not interpolated in the passes, so the repaired pixels are the
-            # exposure's: the subtracted image is then shared, not computed (and held) twice.
+            # exposure's: the subtracted image is then shared, not computed (and held) twice. Either
+            # way this stage owns them (the first subtraction's output, or the repair's): in place.
             same_pixels = repaired.image is exposure.image
-            repaired = subtract_background(repaired, config=config.background).exposure
+            repaired = subtract_background(repaired, config=config.background, overwrite_image=True).exposure
             image = (repaired.image if same_pixels
-                     else np.subtract(exposure.image, repaired.background.components[-1].image(),
-                                      dtype=np.float32))
+                     else repaired.background.components[-1].subtract_from(exposure.image))
             exposure = exposure.replace(image=image, background=repaired.background)
             del image
         detections = det.detections
@@ -163,7 +163,9 @@ def characterize(snaps: Sequence[Exposure], *, config: CalibrateImageConfig) -> 
     np.bitwise_or(detected_mask, exposure.mask, out=detected_mask)
     exposure = exposure.replace(psf=psf, mask=detected_mask)  # the mask without DETECTED is released
     del repaired, detected_mask
-    final = repair_cosmic_rays(exposure, psf_sigma_pix=sigma, config=config.cosmic_rays, interpolate=True)
+    # This stage owns the image (subtracted in place above) and the mask just built: repaired in place.
+    final = repair_cosmic_rays(exposure, psf_sigma_pix=sigma, config=config.cosmic_rays, interpolate=True,
+                               overwrite=True)
     exposure = final.exposure.replace(psf=psf)
     diag["n_cosmic_rays"] = int(final.n_cosmic_rays)
     diag["psf_sigma_pix"] = float(sigma)
@@ -213,10 +215,14 @@ def require_good_centroids(catalog: Table) -> None:
 
 
 def _interpolate_defects(exposure: Exposure, *, psf_sigma_pix: float, config: CalibrateImageConfig) -> Exposure:
-    if not np.any(exposure.mask & np.uint32(int(DEFECT_PLANES))):
+    """Interpolate the defects of ``exposure`` **in its image**: only for an image this stage owns
+    (the background-subtracted frame of :func:`characterize`); the mask is copied."""
+    bits = MASK_DTYPE(int(DEFECT_PLANES))
+    # Band by band: a full-frame ``mask & bits`` would be a 64 MB temporary on a 4k x 4k frame.
+    if not any(np.any(exposure.mask[y: y + 256] & bits) for y in range(0, exposure.shape[0], 256)):
         return exposure
     res = interpolate_masked(exposure.image, exposure.mask, planes=DEFECT_PLANES,
-                             psf_sigma_pix=psf_sigma_pix, config=config.interpolation)
+                             psf_sigma_pix=psf_sigma_pix, config=config.interpolation, overwrite_image=True)
     return exposure.replace(image=res.image, mask=res.mask)
 
 

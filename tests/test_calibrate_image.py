@@ -205,3 +205,21 @@ def test_star_less_frame_fails_or_falls_back_to_the_header_seeing(scene) -> None
     # The Gaussian's sigma is FWHM / (2 sqrt(2 ln 2)) exactly; 2.3548 rounds that factor (2e-5).
     assert 2.3548 * res.exposure.psf.sigma(*res.exposure.center_pix) == pytest.approx(4.7, rel=1e-3)
     assert not np.any(np.asarray(res.psf_stars["calib_psf_used"], bool))
+
+
+def test_the_input_snaps_are_never_modified(scene) -> None:
+    # The stage works in place on the frames it creates (background-subtracted image, final mask);
+    # the caller's snaps must come out bit for bit as they went in, with one snap or two, and with a
+    # defect to interpolate.
+    from singleframe.masks import MaskPlane
+
+    bad = scene.exposure.mask.copy()
+    bad[:, 57] |= np.uint32(int(MaskPlane.BAD))
+    one = [scene.exposure.replace(mask=bad)]
+    for snaps in (one, list(two_snap_version(scene))):
+        before = [(s.image.copy(), s.mask.copy(), s.variance.copy()) for s in snaps]
+        calibrate_image(snaps, scene.refcat, config=load_calibrate_config(None, SMALL_SCENE))
+        for s, (img, msk, var) in zip(snaps, before, strict=True):
+            np.testing.assert_array_equal(s.image, img)
+            np.testing.assert_array_equal(s.mask, msk)
+            np.testing.assert_array_equal(s.variance, var)

@@ -108,3 +108,38 @@ def test_model_roundtrip_fits_and_small_grids():
         np.testing.assert_allclose(m2.image(), m.image(), atol=1e-5)
         ys, xs = np.mgrid[0:100:7, 0:150:11]
         np.testing.assert_allclose(m.evaluate(xs + 7, ys + 5), m.image()[ys, xs], atol=1e-5)
+
+
+def test_subtract_from_equals_the_model_image_subtracted_band_by_band():
+    rng = np.random.default_rng(3)
+    img = (1000.0 + rng.normal(0, 10, (300, 170))).astype(np.float32)
+    for nb in ((1, 1), (3, 2), (5, 4)):
+        yc = np.linspace(20.0, 280.0, nb[0])
+        xc = np.linspace(15.0, 155.0, nb[1])
+        m = BackgroundModel(1000.0 + rng.normal(0, 5, nb), xc, yc, img.shape, (0, 0))
+        want = np.subtract(img, m.image(), dtype=np.float32)
+        # Bands of 64 rows (a partial last band): float32 rounding of a ~1000 level (6e-5) at most.
+        got = m.subtract_from(img, band_rows=64)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-4)
+        # In place into the image itself.
+        own = img.copy()
+        assert m.subtract_from(own, out=own, band_rows=64) is own
+        np.testing.assert_allclose(own, want, rtol=0, atol=2e-4)
+    with pytest.raises(ValueError, match="differs from the model"):
+        m.subtract_from(img[:10])
+    with pytest.raises(ValueError, match="out must be float32"):
+        m.subtract_from(img, out=np.zeros(img.shape))
+
+
+def test_subtract_background_in_place_shares_the_callers_frame():
+    img, _ = _scene(seed=6, ny=260, nx=300, n_stars=30)
+    exp = Exposure(img, np.zeros(img.shape, np.uint32), np.full(img.shape, SKY_SIGMA**2, np.float32),
+                   VisitInfo(1, 30.0, 60000.0, "r", "r", 10.0, -5.0, 0.0), DetectorInfo(3), origin=ORIGIN)
+    copied = subtract_background(exp)
+    own = exp.replace(image=exp.image.copy())
+    pixels = own.image
+    inplace = subtract_background(own, overwrite_image=True)
+    assert inplace.exposure.image is pixels
+    np.testing.assert_array_equal(inplace.exposure.image, copied.exposure.image)
+    assert not np.shares_memory(copied.exposure.image, exp.image)  # the default leaves the input alone

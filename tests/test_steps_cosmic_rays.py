@@ -147,6 +147,19 @@ def test_repair_sets_cr_and_interpolates():
     assert np.median(np.abs(resid)) < 2.0
     assert rep.exposure.metadata["cosmic_ray_count"] == rep.n_cosmic_rays
     assert not np.any(exp.mask)  # input untouched
+    # In place: the same pixels and bits, in the caller's arrays.
+    own = Exposure(img.copy(), np.zeros(img.shape, np.uint32), var, vi, DetectorInfo(1), origin=(11, 2000))
+    image_in, mask_in = own.image, own.mask
+    rep2 = repair_cosmic_rays(own, psf_sigma_pix=sigma, interpolate=True, overwrite=True)
+    assert rep2.exposure.image is image_in and rep2.exposure.mask is mask_in
+    np.testing.assert_array_equal(rep2.exposure.image, rep.exposure.image)
+    np.testing.assert_array_equal(rep2.exposure.mask, rep.exposure.mask)
+    # Without interpolation only the mask is written; a read-only array is copied instead.
+    frozen = np.zeros(img.shape, np.uint32)
+    frozen.flags.writeable = False
+    rep3 = repair_cosmic_rays(Exposure(img, frozen, var, vi, DetectorInfo(1)), psf_sigma_pix=sigma, overwrite=True)
+    assert rep3.exposure.mask is not frozen and not np.any(frozen) and rep3.exposure.image is img
+    np.testing.assert_array_equal(rep3.exposure.mask & MaskPlane.CR, rep.exposure.mask & MaskPlane.CR)
 
 
 def test_config_errors():
@@ -176,6 +189,32 @@ def test_interpolate_bad_column_through_star(sigma):
     assert res.n_pixels == ny
     assert np.all(res.mask[:, 51] & MaskPlane.INTRP)
     assert not np.any(mask & MaskPlane.INTRP)  # input untouched
+
+
+def test_interpolate_overwrite_image_gives_the_same_pixels_in_place_and_leaves_the_mask():
+    rng = np.random.default_rng(4)
+    img = (100 + rng.normal(0, 1, (60, 70))).astype(np.float32)
+    mask = np.zeros(img.shape, np.uint32)
+    mask[:, 33] = MaskPlane.BAD
+    copied = interpolate_masked(img, mask, planes=MaskPlane.BAD, psf_sigma_pix=1.5)
+    before = img.copy()
+    own = interpolate_masked(img, mask, planes=MaskPlane.BAD, psf_sigma_pix=1.5, overwrite_image=True)
+    assert own.image is img  # no copy: the caller's frame holds the result
+    np.testing.assert_array_equal(own.image, copied.image)
+    assert not np.array_equal(img, before)
+    assert not np.any(mask & MaskPlane.INTRP) and np.all(own.mask[:, 33] & MaskPlane.INTRP)
+    # An image it cannot write into (float64, read-only or strided) is copied as without the option.
+    wide = np.zeros((60, 140), np.float32)
+    wide[:, ::2] = before
+    for other in (before.astype(np.float64), wide[:, ::2], np.asfortranarray(before)):
+        res = interpolate_masked(other, mask, planes=MaskPlane.BAD, psf_sigma_pix=1.5, overwrite_image=True)
+        np.testing.assert_allclose(res.image, copied.image, rtol=0, atol=1e-4)
+        np.testing.assert_array_equal(other, before)
+    frozen = before.copy()
+    frozen.flags.writeable = False
+    res = interpolate_masked(frozen, mask, planes=MaskPlane.BAD, psf_sigma_pix=1.5, overwrite_image=True)
+    assert res.image is not frozen
+    np.testing.assert_array_equal(frozen, before)
 
 
 def test_interpolate_wide_gap_and_all_finite():
