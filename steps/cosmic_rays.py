@@ -360,27 +360,29 @@ def repair_cosmic_rays(
     config: CosmicRayConfig = CosmicRayConfig(),
     interpolate: bool = False,
     interpolation: InterpolationConfig = _DEFAULT_INTERPOLATION,
-    overwrite: bool = False,
+    overwrite_mask: bool = False,
+    overwrite_image: bool = False,
 ) -> RepairResult:
     """Set the ``CR`` plane of a new exposure and, if ``interpolate``, fill those pixels.
 
     Cosmic rays already in the ``CR`` plane are kept (and interpolated too).
-    Metadata ``cosmic_ray_count`` records the number found in this call. With ``overwrite``
-    the mask (and, with ``interpolate``, the image) of ``exposure`` are modified in place
-    where they are writable C-contiguous arrays of the exposure's dtypes, and shared by the
-    result (numpy's ``overwrite_input``: for a caller that owns the frame, it saves up to
-    128 MB of copies on a 4k x 4k detector); ``exposure`` must not be used after.
+    Metadata ``cosmic_ray_count`` records the number found in this call. With
+    ``overwrite_mask`` (``overwrite_image``, with ``interpolate``) the mask (image) of
+    ``exposure`` is modified in place where it is a writable C-contiguous array of the
+    exposure's dtype, and shared by the result (numpy's ``overwrite_input``: for a caller that
+    owns the frame, it saves a 64 MB copy on a 4k x 4k detector); ``exposure`` must not be
+    used after.
     """
     found = find_cosmic_rays(exposure.image, exposure.variance, exposure.mask,
                              psf_sigma_pix=psf_sigma_pix, config=config)
-    mask = exposure.mask if overwrite and _writable(exposure.mask, MASK_DTYPE) else \
+    mask = exposure.mask if overwrite_mask and _writable(exposure.mask, MASK_DTYPE) else \
         np.array(exposure.mask, dtype=MASK_DTYPE, order="C", copy=True)
     mask.reshape(-1)[np.flatnonzero(found.cr_mask)] |= MASK_DTYPE(int(MaskPlane.CR))
     image = exposure.image
     if interpolate:
         interpolation.validate()
         # The CR plane is read back from the mask: earlier cosmic rays are filled too.
-        if not (overwrite and _writable(image, np.float32)):
+        if not (overwrite_image and _writable(image, np.float32)):
             image = np.array(image, dtype=np.float32, order="C", copy=True)
         _fill_masked(image, mask, planes=MaskPlane.CR, psf_sigma_pix=psf_sigma_pix, config=interpolation)
     new = exposure.replace(image=image, mask=mask).with_metadata(cosmic_ray_count=found.n_cosmic_rays)

@@ -150,14 +150,15 @@ def test_repair_sets_cr_and_interpolates():
     # In place: the same pixels and bits, in the caller's arrays.
     own = Exposure(img.copy(), np.zeros(img.shape, np.uint32), var, vi, DetectorInfo(1), origin=(11, 2000))
     image_in, mask_in = own.image, own.mask
-    rep2 = repair_cosmic_rays(own, psf_sigma_pix=sigma, interpolate=True, overwrite=True)
+    rep2 = repair_cosmic_rays(own, psf_sigma_pix=sigma, interpolate=True, overwrite_mask=True, overwrite_image=True)
     assert rep2.exposure.image is image_in and rep2.exposure.mask is mask_in
     np.testing.assert_array_equal(rep2.exposure.image, rep.exposure.image)
     np.testing.assert_array_equal(rep2.exposure.mask, rep.exposure.mask)
     # Without interpolation only the mask is written; a read-only array is copied instead.
     frozen = np.zeros(img.shape, np.uint32)
     frozen.flags.writeable = False
-    rep3 = repair_cosmic_rays(Exposure(img, frozen, var, vi, DetectorInfo(1)), psf_sigma_pix=sigma, overwrite=True)
+    rep3 = repair_cosmic_rays(Exposure(img, frozen, var, vi, DetectorInfo(1)), psf_sigma_pix=sigma,
+                              overwrite_mask=True, overwrite_image=True)
     assert rep3.exposure.mask is not frozen and not np.any(frozen) and rep3.exposure.image is img
     np.testing.assert_array_equal(rep3.exposure.mask & MaskPlane.CR, rep.exposure.mask & MaskPlane.CR)
 
