@@ -796,7 +796,27 @@ def _cell(column: str, value: Any) -> str:
 
 
 def _machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.node()}"
+    return (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.node()}"
+            f"{_code_version()}")
+
+
+def _code_version() -> str:
+    """``, commit <sha>`` (``+`` when the tree has changes) of the checkout the package runs from, or ``""``."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent  # the repository root of an editable install
+    try:
+        top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        if Path(top).resolve() != root:  # e.g. a wheel in a virtualenv inside some checkout
+            return ""
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""  # an installed wheel, or no git: the results say nothing rather than guess
+    return f", commit {sha}{'+' if dirty else ''}" if sha else ""
 
 
 @contextmanager

@@ -680,3 +680,14 @@ def test_information_bound_pools_the_galaxies_and_stars_the_size_test_sees():
     res = information_bound(cand, truth, snr_edges=(10.0, 15.0), galaxy_distance=distance, **kw)
     assert res["galaxies_kept"] == pytest.approx(0.0, abs=1e-3)
     assert res["contaminant_pct"] == pytest.approx(100 * 3 / 103, abs=0.01)
+
+
+def test_results_name_the_commit_they_were_measured_on():
+    import re
+
+    from singleframe.benchmarks import _code_version, _machine
+
+    version = _code_version()
+    # An editable checkout (tests, CI) reports its commit, "+" when files changed; anything else nothing.
+    assert re.fullmatch(r"(, commit [0-9a-f]{4,40}\+?)?", version), version
+    assert _machine().endswith(version)
