@@ -21,9 +21,13 @@ not need, that was most of what remained: interleaved fresh processes, whole
 calibration of a first / next detector, 4096² typical 3.56 / 3.38 s →
 3.48 / 3.14 s, poor seeing 4.11 / 3.68 → 3.64 / 3.26 s, 2048² crowded
 2.79 / 2.67 → 2.54 / 2.32 s. (Measured before that change, the same setting
-had made the calibration 0.3–0.6 s slower; measured after it, it is faster on
-every frame tried.) A worker's resident memory stays at its peak between
-detectors, which the peak-memory bar already counts.
+had made the calibration 0.3–0.6 s slower; measured after it, the calibration
+is faster on every frame tried. Not everything around it is: the first Parquet
+write of a process, through pyarrow's own allocator, went from 0.05 to 0.10 s
+on a 2048² frame, and the 4096² crowded frame of ``make bench``, whose worker
+also writes and runs between the peers, took 11.2 s instead of 10.1 s; see the
+README.) A worker's resident memory stays at its peak between detectors, which
+the peak-memory bar already counts.
 
 The arena limit only binds threads that have not allocated yet: a thread keeps
 the arena it got on its first ``malloc``. :func:`tune_memory_allocator` is

@@ -379,8 +379,9 @@ def neyman_pearson_bound(d_galaxy: npt.NDArray[np.float64], galaxy_bin: npt.NDAr
 def information_bound(candidates: Any, truth_sources: Any, *, selected_without_size: npt.NDArray[np.bool_],
                       psf_fwhm_pix: float, snr_edges: Sequence[float], min_recovered_pct: float,
                       sky_variance: npt.NDArray[np.float64], n_other_contaminants: int,
-                      galaxy_distance: Callable[..., npt.NDArray[np.float64]]) -> dict[str, Any]:
-    """The contamination no size test can beat: :func:`neyman_pearson_bound` on the selection's galaxies.
+                      galaxy_distance: Callable[..., tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]]
+                      ) -> dict[str, Any]:
+    """The contamination no selection can beat: :func:`neyman_pearson_bound` on the selection's galaxies.
 
     The sources that pass every cut but the size test (``selected_without_size``) are the
     pool. Its galaxies (a true galaxy within the match radius, no true star) get their
