@@ -74,6 +74,12 @@ class DetectorInfo:
         return cls(**dict(d))
 
 
+def writable_in_place(a: Any, dtype: Any) -> bool:
+    """Whether a step asked to overwrite its input (``overwrite_image`` / ``overwrite_mask``) may write
+    into ``a``: a writable, C-contiguous numpy array of ``dtype``. Anything else is copied."""
+    return bool(isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable)
+
+
 def _frozen_mapping(m: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return MappingProxyType(dict(m or {}))
 

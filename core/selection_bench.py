@@ -401,8 +401,6 @@ def information_bound(candidates: Any, truth_sources: Any, *, selected_without_s
     ``n_other_contaminants`` (blends and spurious sources, e.g. as many as the configured
     cut keeps).
     """
-    from scipy.spatial import cKDTree
-
     from .sim.evaluation import eligible_stars
 
     pool = np.asarray(selected_without_size, bool)
@@ -413,16 +411,9 @@ def information_bound(candidates: Any, truth_sources: Any, *, selected_without_s
     eligible = eligible_stars(truth_sources, psf_fwhm_pix=psf_fwhm_pix)
     true_snr = np.asarray(truth_sources["snr"], float)
 
-    def nearest(keep: npt.NDArray[np.bool_]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
-        idx = np.flatnonzero(keep)
-        if not idx.size:
-            return np.full(len(xy), np.inf), np.zeros(len(xy), np.int64)
-        dist, i = cKDTree(np.column_stack([tx[idx], ty[idx]])).query(xy)
-        return np.asarray(dist, float), idx[np.asarray(i, np.int64)]
-
-    d_star, _ = nearest(true_star)
-    d_gal, i_gal = nearest(~true_star)
-    d_elig, i_elig = nearest(eligible)
+    d_star, _ = _nearest(xy, tx, ty, true_star)
+    d_gal, i_gal = _nearest(xy, tx, ty, ~true_star)
+    d_elig, i_elig = _nearest(xy, tx, ty, eligible)
     gal = pool & (d_star > MATCH_RADIUS_PIX) & (d_gal <= MATCH_RADIUS_PIX)
     recovered = np.unique(i_elig[pool & (d_elig <= MATCH_RADIUS_PIX)])
     n_eligible = int(eligible.sum())
@@ -539,7 +530,6 @@ def score_cuts(candidates: Any, truth_sources: Any, *, psf_fwhm_pix: float, star
     ``template`` is the candidates' :func:`psf_template_score` ``(z, size_frac)``: when given, the
     oracle is also run on it (same flags, S/N cut and size floor as the selector).
     """
-    from scipy.spatial import cKDTree
 
     from .sim.evaluation import eligible_stars, star_recovery
     from .steps.star_selection import select_stars, size_excess
@@ -564,12 +554,7 @@ def score_cuts(candidates: Any, truth_sources: Any, *, psf_fwhm_pix: float, star
     eligible = eligible_stars(truth_sources, psf_fwhm_pix=psf_fwhm_pix)
     xy = np.column_stack([x, y])
 
-    def nearest(keep: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64]:
-        if not keep.any():
-            return np.full(len(xy), np.inf)
-        return np.asarray(cKDTree(np.column_stack([tx[keep], ty[keep]])).query(xy)[0], float)
-
-    d_star, d_elig, d_gal = nearest(true_star), nearest(eligible), nearest(~true_star)
+    (d_star, _), (d_elig, _), (d_gal, _) = (_nearest(xy, tx, ty, k) for k in (true_star, eligible, ~true_star))
     is_cont = d_star > MATCH_RADIUS_PIX
     is_star = d_elig <= MATCH_RADIUS_PIX
 
@@ -601,6 +586,19 @@ def score_cuts(candidates: Any, truth_sources: Any, *, psf_fwhm_pix: float, star
              "n_within_size_floor": int(np.sum(configured & (need == -np.inf)))}
     return {"rows": rows, "oracle": oracle, "template_oracle": template_oracle, "contaminants": kinds,
             "bars": {"recovered_pct": STAR_RECOVERED_BAR_PCT, "contaminant_pct": STAR_CONTAMINANT_BAR_PCT}}
+
+
+def _nearest(xy: npt.NDArray[np.float64], tx: npt.NDArray[np.float64], ty: npt.NDArray[np.float64],
+             keep: npt.NDArray[np.bool_]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """Distance from each of ``xy`` to the nearest truth position with ``keep``, and that source's index
+    (``inf`` and 0 when none is kept)."""
+    idx = np.flatnonzero(keep)
+    if not idx.size:
+        return np.full(len(xy), np.inf), np.zeros(len(xy), np.int64)
+    from scipy.spatial import cKDTree
+
+    dist, i = cKDTree(np.column_stack([tx[idx], ty[idx]])).query(xy)
+    return np.asarray(dist, float), idx[np.asarray(i, np.int64)]
 
 
 def _score(evaluate: Callable[[npt.NDArray[np.bool_]], tuple[float, float]],

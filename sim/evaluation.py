@@ -202,7 +202,7 @@ def galaxy_point_source_distance(config: SimulationConfig, visit: VisitSpec, det
     knows its exact profile, position and flux. Leaving out the galaxy's Poisson noise and a
     shift of the point source only makes ``d`` larger: a bound built on it stays a bound.
     """
-    from .survey import _population, _psf_field, make_camera
+    from .survey import GALAXY_GSPARAMS, _population, _psf_field, galaxy_profile, make_camera
 
     gid = np.atleast_1d(np.asarray(galaxy_id, np.int64))
     xs, ys = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
@@ -217,23 +217,14 @@ def galaxy_point_source_distance(config: SimulationConfig, visit: VisitSpec, det
     if missing:
         raise ValueError(f"galaxy ids {missing[:5]} are not in the simulated population")
     scale = camera.pixel_scale_arcsec(detector_id)
-    angle_offset = 90.0 - visit.rotation_deg - det.rotation_deg  # as simulate_detector
-    gsp = galsim.GSParams(folding_threshold=1e-2, maxk_threshold=3e-3)
     out = np.empty(gid.size)
     point_flux = np.empty(gid.size)
     for k in range(gid.size):
-        row = gals[row_of[int(gid[k])]]
-        hlr = float(row["hlr_arcsec"]) / scale
-        if row["is_dev"]:
-            prof = galsim.DeVaucouleurs(half_light_radius=hlr, trunc=8 * hlr, gsparams=gsp)
-        else:
-            prof = galsim.Exponential(half_light_radius=hlr, gsparams=gsp)
-        prof = prof.shear(e=float(row["ellipticity"]), beta=(float(row["pa_deg"]) + angle_offset) * galsim.degrees)
-        # The simulator's stamp, at least 20 px: the point source's wings are in it too.
-        half = int(min(max(math.ceil((8 if row["is_dev"] else 5) * hlr), 20), 50))
+        # The simulator's profile and stamp, at least 20 px: the point source's wings are in it too.
+        prof, half = galaxy_profile(gals[row_of[int(gid[k])]], visit, det.rotation_deg, scale, min_half_pix=20)
         psf = field.galsim_psf(float(xs[k]), float(ys[k]))
         draw = {"nx": 2 * half + 1, "ny": 2 * half + 1, "scale": 1.0, "method": "no_pixel"}
-        g = galsim.Convolve(prof, psf, gsparams=gsp).drawImage(**draw).array.astype(np.float64)
+        g = galsim.Convolve(prof, psf, gsparams=GALAXY_GSPARAMS).drawImage(**draw).array.astype(np.float64)
         p = psf.drawImage(**draw).array.astype(np.float64)
         g *= flux[k] / g.sum()
         a = float(np.sum(g * p) / np.sum(p * p))

@@ -31,6 +31,7 @@ import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import galsim
 import numpy as np
@@ -398,6 +399,29 @@ class _PsfField:
         return self.base.dilate(dil).shear(galsim.Shear(e1=e1, e2=e2))
 
 
+#: GalSim accuracy of the galaxy drawings.
+GALAXY_GSPARAMS = galsim.GSParams(folding_threshold=1e-2, maxk_threshold=3e-3)
+
+
+def galaxy_profile(row: Any, visit: VisitSpec, detector_rotation_deg: float, pixel_scale_arcsec: float, *,
+                   flux: float = 1.0, min_half_pix: int = 15) -> tuple[galsim.GSObject, int]:
+    """A population galaxy (``_population(...).galaxies`` row) on a detector, in pixels, before the PSF.
+
+    Returns the sheared profile of total ``flux`` and the half-width (pixels) of the stamp it is
+    drawn on: 5 (exponential) or 8 (de Vaucouleurs) half-light radii, within
+    ``[min_half_pix, 50]``.
+    """
+    hlr = float(row["hlr_arcsec"]) / pixel_scale_arcsec
+    if row["is_dev"]:
+        prof = galsim.DeVaucouleurs(half_light_radius=hlr, flux=flux, trunc=8 * hlr, gsparams=GALAXY_GSPARAMS)
+    else:
+        prof = galsim.Exponential(half_light_radius=hlr, flux=flux, gsparams=GALAXY_GSPARAMS)
+    angle_offset = 90.0 - visit.rotation_deg - detector_rotation_deg
+    prof = prof.shear(e=float(row["ellipticity"]), beta=(float(row["pa_deg"]) + angle_offset) * galsim.degrees)
+    half = int(min(max(math.ceil((8 if row["is_dev"] else 5) * hlr), min_half_pix), 50))
+    return prof, half
+
+
 def _psf_field(config: SimulationConfig, camera: Camera, detector_id: int, visit: VisitSpec) -> _PsfField:
     det = camera.detector(detector_id)
     fwhm_pix = visit.seeing_fwhm_arcsec / (camera.plate_scale_arcsec_per_mm * det.pixel_size_mm)
@@ -598,19 +622,10 @@ def simulate_detector(config: SimulationConfig, visit: VisitSpec, detector_id: i
     g_mag = _system_mag(config, gals[gi], visit.band)
     g_flux_njy = ab_mag_to_njy(g_mag)
     g_inst = np.empty(gi.size)
-    gsp = galsim.GSParams(folding_threshold=1e-2, maxk_threshold=3e-3)
-    angle_offset = 90.0 - visit.rotation_deg - det.rotation_deg
     for k, row in enumerate(gals[gi]):
-        hlr = float(row["hlr_arcsec"]) / scale
-        flux = float(g_flux_njy[k] / calib)
-        if row["is_dev"]:
-            prof = galsim.DeVaucouleurs(half_light_radius=hlr, flux=flux, trunc=8 * hlr, gsparams=gsp)
-        else:
-            prof = galsim.Exponential(half_light_radius=hlr, flux=flux, gsparams=gsp)
-        prof = prof.shear(e=float(row["ellipticity"]), beta=(float(row["pa_deg"]) + angle_offset) * galsim.degrees)
-        half = int(min(max(math.ceil((8 if row["is_dev"] else 5) * hlr), 15), 50))
+        prof, half = galaxy_profile(row, visit, det.rotation_deg, scale, flux=float(g_flux_njy[k] / calib))
         ix, iy = int(round(gx[k])), int(round(gy[k]))
-        img = galsim.Convolve(prof, psf.galsim_psf(gx[k], gy[k]), gsparams=gsp).drawImage(
+        img = galsim.Convolve(prof, psf.galsim_psf(gx[k], gy[k]), gsparams=GALAXY_GSPARAMS).drawImage(
             nx=2 * half + 1, ny=2 * half + 1, scale=1.0, offset=(gx[k] - ix, gy[k] - iy), method="no_pixel")
         arr = img.array.astype(np.float32)
         g_inst[k] = float(arr.sum(dtype=np.float64))

@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from ..background import BackgroundList, BackgroundModel
 from ..errors import ConfigError, UnprocessableFrameError
-from ..exposure import Exposure
+from ..exposure import Exposure, writable_in_place
 from ..masks import BACKGROUND_IGNORED, MASK_DTYPE, MaskPlane
 
 
@@ -322,7 +322,6 @@ def subtract_background(exposure: Exposure, *, config: BackgroundConfig = Backgr
                               variance=exposure.variance)
     bkg = (exposure.background or BackgroundList()).append(res.model)
     img = exposure.image
-    writable = img.dtype == np.float32 and img.flags.c_contiguous and img.flags.writeable
-    out = img if overwrite_image and writable else None
+    out = img if overwrite_image and writable_in_place(img, np.float32) else None
     new = exposure.replace(image=res.model.subtract_from(img, out=out), background=bkg)
     return BackgroundSubtraction(new, bkg, res)

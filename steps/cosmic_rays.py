@@ -31,7 +31,6 @@ candidate cut itself runs over blocks of rows that stay in cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -39,7 +38,7 @@ from scipy import sparse
 from scipy.sparse import csgraph
 
 from ..errors import ConfigError, StepFailedError
-from ..exposure import Exposure
+from ..exposure import Exposure, writable_in_place
 from ..masks import MASK_DTYPE, MaskPlane
 from ..psf import GaussianPsf
 from .interpolation import InterpolationConfig, _fill_masked  # in place: one 64 MB copy fewer
@@ -349,10 +348,6 @@ def _count_groups(idx: npt.NDArray[np.intp], nx: int) -> int:
     return int(n_groups)
 
 
-def _writable(a: npt.NDArray[Any], dtype: Any) -> bool:
-    return bool(a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable)
-
-
 def repair_cosmic_rays(
     exposure: Exposure,
     *,
@@ -375,14 +370,14 @@ def repair_cosmic_rays(
     """
     found = find_cosmic_rays(exposure.image, exposure.variance, exposure.mask,
                              psf_sigma_pix=psf_sigma_pix, config=config)
-    mask = exposure.mask if overwrite_mask and _writable(exposure.mask, MASK_DTYPE) else \
+    mask = exposure.mask if overwrite_mask and writable_in_place(exposure.mask, MASK_DTYPE) else \
         np.array(exposure.mask, dtype=MASK_DTYPE, order="C", copy=True)
     mask.reshape(-1)[np.flatnonzero(found.cr_mask)] |= MASK_DTYPE(int(MaskPlane.CR))
     image = exposure.image
     if interpolate:
         interpolation.validate()
         # The CR plane is read back from the mask: earlier cosmic rays are filled too.
-        if not (overwrite_image and _writable(image, np.float32)):
+        if not (overwrite_image and writable_in_place(image, np.float32)):
             image = np.array(image, dtype=np.float32, order="C", copy=True)
         _fill_masked(image, mask, planes=MaskPlane.CR, psf_sigma_pix=psf_sigma_pix, config=interpolation)
     new = exposure.replace(image=image, mask=mask).with_metadata(cosmic_ray_count=found.n_cosmic_rays)

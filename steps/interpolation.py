@@ -23,6 +23,7 @@ from scipy import ndimage
 from scipy.special import erf as _erf
 
 from ..errors import ConfigError
+from ..exposure import writable_in_place
 from ..masks import MASK_DTYPE, MaskPlane
 
 
@@ -98,8 +99,7 @@ def interpolate_masked(
     config.validate()
     if not (psf_sigma_pix > 0 and math.isfinite(psf_sigma_pix)):
         raise ConfigError(f"psf_sigma_pix must be positive and finite, got {psf_sigma_pix}")
-    in_place = (overwrite_image and isinstance(image, np.ndarray) and image.dtype == np.float32
-                and image.flags.c_contiguous and image.flags.writeable)
+    in_place = overwrite_image and writable_in_place(image, np.float32)
     img = image if in_place else np.array(image, dtype=np.float32, order="C", copy=True)
     msk = np.array(mask, dtype=MASK_DTYPE, order="C", copy=True)
     n_bad = _fill_masked(img, msk, planes=planes, psf_sigma_pix=psf_sigma_pix, config=config)
