@@ -130,11 +130,13 @@ def _render(store: ArtifactStore, where: Mapping[str, Any], data_id: DataId) -> 
     astrom = store.get("initial_astrometry_match_detector", **where)
     photom = store.get("initial_photometry_match_detector", **where)
     calib = store.get("initial_photoCalib_detector", **where)
-    background = store.get("preliminary_visit_image_background", **where).image()
+    background = store.get("preliminary_visit_image_background", **where)
     band = _band(store, where)
 
-    # Figure (not pyplot): no global state, safe in worker threads.
-    fig = Figure(figsize=(15, 9), layout="constrained")
+    # Figure (not pyplot): no global state, safe in worker threads. Fixed margins: the constrained
+    # layout took 0.5 of the figure's 1.5 s per detector.
+    fig = Figure(figsize=(15, 9))
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.07, top=0.91, wspace=0.4, hspace=0.35)
     axes = fig.subplots(2, 3)
     fig.suptitle(f"{data_id.label}: {data_id.instrument} visit {data_id.visit} detector {data_id.detector}")
 
@@ -181,13 +183,16 @@ def _render(store: ArtifactStore, where: Mapping[str, Any], data_id: DataId) -> 
     fig.colorbar(sc, ax=ax, label="PSF - reference [mmag]")
     ax.set(title="photometric residuals vs position", xlabel="x [pix]", ylabel="y [pix]")
 
-    # Background: the model subtracted from the image (full resolution is not needed for a look).
+    # Background: the model subtracted from the image, evaluated on a grid of at most ~512² pixels
+    # (a look needs no more; the full-resolution image took 0.23 s on a 4096² detector).
     ax = axes[1, 1]
-    step = max(1, max(background.shape) // 512)
-    shown = background[::step, ::step]
+    if not len(background):
+        raise ValueError("empty background list has no image")
+    (ny, nx), (x0, y0) = background.components[0].shape, background.components[0].origin
+    step = max(1, max(ny, nx) // 512)
+    shown = background.evaluate(x0 + np.arange(0, nx, step)[None, :], y0 + np.arange(0, ny, step)[:, None])
     lo, hi = np.nanpercentile(shown, [1, 99]) if np.isfinite(shown).any() else (0.0, 1.0)
-    im = ax.imshow(shown, origin="lower", cmap="viridis", vmin=lo, vmax=hi,
-                   extent=(0, background.shape[1], 0, background.shape[0]))
+    im = ax.imshow(shown, origin="lower", cmap="viridis", vmin=lo, vmax=hi, extent=(0, nx, 0, ny))
     fig.colorbar(im, ax=ax, label="background [nJy/pix]")
     ax.set(title="background model", xlabel="x [pix]", ylabel="y [pix]")
     axes[1, 2].axis("off")
@@ -199,5 +204,6 @@ def _render(store: ArtifactStore, where: Mapping[str, Any], data_id: DataId) -> 
     ]), va="top", family="monospace")
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=72)
+    # zlib level 1: 0.05 s instead of 0.4 s to encode, for a somewhat larger file.
+    fig.savefig(buf, format="png", dpi=72, pil_kwargs={"compress_level": 1})
     return buf.getvalue()
