@@ -224,6 +224,38 @@ def test_catalog_round_trip_keeps_units_meta_bools_and_masks(catalog: Table) -> 
         np.testing.assert_array_equal(np.asarray(back[name]), np.asarray(catalog[name]))
 
 
+def _header_yaml(table: Table) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    md = pq.ParquetFile(pa.BufferReader(formats.table_to_parquet_bytes(table))).schema_arrow.metadata
+    return md[b"table_meta_yaml"].decode()
+
+
+def test_table_header_parsed_by_libyaml_equals_astropys_parser(catalog: Table) -> None:
+    # The fast path must give exactly astropy's header: units, descriptions, masked and 2-D
+    # columns, nested meta, and the serialized-columns record of a Quantity mixin.
+    from astropy.table import QTable
+    from astropy.table import meta as table_meta
+
+    if formats._libyaml_table_loader() is None:
+        pytest.skip("PyYAML without libyaml: astropy's parser is used directly")
+    mixed = QTable(catalog)
+    mixed["flux_njy"] = np.linspace(1.0, 2.0, len(catalog)) * u.nJy
+    mixed.meta["nested"] = {"a": [1, 2.5, "x"], "b": {"c": None, "d": True}}
+    for table in (catalog, mixed):
+        text = _header_yaml(table)
+        assert formats._table_header_from_yaml(text) == dict(table_meta.get_header_from_yaml(text.split("\n")))
+    back = formats.table_from_parquet_bytes(formats.table_to_parquet_bytes(mixed))
+    assert back["flux_njy"].unit == u.nJy and back.meta["nested"] == mixed.meta["nested"]
+
+
+def test_table_header_without_libyaml_uses_astropys_parser(catalog: Table, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(formats, "_libyaml_table_loader", lambda: None)
+    back = formats.table_from_parquet_bytes(formats.table_to_parquet_bytes(catalog))
+    assert back.meta == catalog.meta and back["masked_mag"].unit == u.mag
+
+
 def test_catalog_file_uses_astropy_parquet_layout(catalog: Table, tmp_path) -> None:
     import pyarrow.parquet as pq
 
