@@ -134,7 +134,8 @@ def _render(store: ArtifactStore, where: Mapping[str, Any], data_id: DataId) -> 
     band = _band(store, where)
 
     # Figure (not pyplot): no global state, safe in worker threads. Fixed margins: the constrained
-    # layout took 0.5 of the figure's 1.5 s per detector.
+    # layout measures every artist before drawing (with the two changes below, the figure of a
+    # 4096² detector takes 0.47 s instead of 0.75 s).
     fig = Figure(figsize=(15, 9))
     fig.subplots_adjust(left=0.05, right=0.98, bottom=0.07, top=0.91, wspace=0.4, hspace=0.35)
     axes = fig.subplots(2, 3)
@@ -184,7 +185,7 @@ def _render(store: ArtifactStore, where: Mapping[str, Any], data_id: DataId) -> 
     ax.set(title="photometric residuals vs position", xlabel="x [pix]", ylabel="y [pix]")
 
     # Background: the model subtracted from the image, evaluated on a grid of at most ~512² pixels
-    # (a look needs no more; the full-resolution image took 0.23 s on a 4096² detector).
+    # (a look needs no more than the former full-resolution image, subsampled).
     ax = axes[1, 1]
     if not len(background):
         raise ValueError("empty background list has no image")
@@ -204,6 +205,6 @@ def _render(store: ArtifactStore, where: Mapping[str, Any], data_id: DataId) -> 
     ]), va="top", family="monospace")
 
     buf = io.BytesIO()
-    # zlib level 1: 0.05 s instead of 0.4 s to encode, for a somewhat larger file.
+    # zlib level 1: about half the encoding time of the default level, for a ~10 % larger file.
     fig.savefig(buf, format="png", dpi=72, pil_kwargs={"compress_level": 1})
     return buf.getvalue()

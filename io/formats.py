@@ -247,7 +247,7 @@ def _libyaml_table_loader() -> Any:
             key_node, value_node = sub.value[0]
             omap[loader.construct_object(key_node)] = loader.construct_object(value_node)
 
-    class TableCLoader(yaml.CSafeLoader):  # type: ignore[misc,name-defined]
+    class TableCLoader(yaml.CSafeLoader):
         yaml_constructors = {**yaml.CSafeLoader.yaml_constructors, **AstropyLoader.yaml_constructors}
         yaml_multi_constructors = {**yaml.CSafeLoader.yaml_multi_constructors,
                                    **AstropyLoader.yaml_multi_constructors}
