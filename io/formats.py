@@ -222,30 +222,20 @@ def _arrow_column_to_numpy(chunked: pa.ChunkedArray, strlen: int | None) -> npt.
 
 @functools.cache
 def _libyaml_table_loader() -> Any:
-    """astropy's table-header YAML loader on libyaml's parser, or None without libyaml.
+    """astropy's table-header YAML loader on libyaml's parser, or None (then astropy's own parser is used).
 
     astropy parses the header with PyYAML's pure-Python scanner: 0.2 s for the header of a
     148-column catalogue, twenty times the Parquet read itself. The constructors (units,
-    arrays, ``!!omap`` as an ordered dict) are astropy's; only the parsing moves to C.
+    arrays, ``!!omap`` as an ordered dict) are astropy's; only the parsing moves to C. None
+    without libyaml, or if astropy no longer has its ``!!omap`` constructor.
     """
     import yaml
     from astropy.io.misc.yaml import AstropyLoader
+    from astropy.table import meta as table_meta
 
-    if not getattr(yaml, "__with_libyaml__", False):
+    construct_omap = getattr(table_meta, "_construct_odict", None)
+    if not getattr(yaml, "__with_libyaml__", False) or construct_omap is None:
         return None
-
-    def construct_omap(loader: Any, node: Any) -> Any:  # astropy's ``!!omap``: a dict, in order
-        omap: dict[Any, Any] = {}
-        yield omap
-        if not isinstance(node, yaml.SequenceNode):
-            raise yaml.constructor.ConstructorError("while constructing an ordered map", node.start_mark,
-                                                    f"expected a sequence, but found {node.id}", node.start_mark)
-        for sub in node.value:
-            if not isinstance(sub, yaml.MappingNode) or len(sub.value) != 1:
-                raise yaml.constructor.ConstructorError("while constructing an ordered map", node.start_mark,
-                                                        "expected a mapping of one item", sub.start_mark)
-            key_node, value_node = sub.value[0]
-            omap[loader.construct_object(key_node)] = loader.construct_object(value_node)
 
     class TableCLoader(yaml.CSafeLoader):
         yaml_constructors = {**yaml.CSafeLoader.yaml_constructors, **AstropyLoader.yaml_constructors}
