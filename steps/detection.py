@@ -28,6 +28,7 @@ from ..errors import ConfigError, StepFailedError
 from ..footprints import Detections
 from ..masks import MASK_DTYPE, MaskPlane
 from ..psf import GaussianPsf
+from ..stamps import Stamps
 
 #: Rows per band of the band-by-band full-frame operations (16 bands of a 4k x 4k frame).
 _BAND_ROWS = 256
@@ -388,16 +389,10 @@ def _peak_snr(img: npt.NDArray[np.float32], var: npt.NDArray[np.float32], exclud
               kernel: npt.NDArray[np.float32], xc: npt.NDArray[np.int64],
               yc: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
     """Matched-filter S/N ``sum(K I) / sqrt(sum(K^2 V))`` at each peak, per-pixel variance."""
-    ny, nx = img.shape
-    h = kernel.shape[0] // 2
-    offs = np.arange(-h, h + 1)
-    sy = yc[:, None, None] + offs[None, :, None]
-    sx = xc[:, None, None] + offs[None, None, :]
-    inside = (sy >= 0) & (sy < ny) & (sx >= 0) & (sx < nx)
-    sy, sx = np.clip(sy, 0, ny - 1), np.clip(sx, 0, nx - 1)
-    k = np.where(inside & ~excluded[sy, sx], kernel[None].astype(np.float64), 0.0)
-    num = np.sum(k * img[sy, sx], axis=(1, 2))
-    den = np.sum(k * k * np.maximum(var[sy, sx], 0.0), axis=(1, 2))
+    st = Stamps(img.shape, xc, yc, kernel.shape[0] // 2)
+    k = np.where(st.inside & ~st.cut(excluded), kernel[None].astype(np.float64), 0.0)
+    num = np.sum(k * st.cut(img), axis=(1, 2))
+    den = np.sum(k * k * np.maximum(st.cut(var), 0.0), axis=(1, 2))
     return np.where(den > 0, num / np.sqrt(np.where(den > 0, den, 1.0)), 0.0)
 
 

@@ -20,7 +20,6 @@ import numpy as np
 import numpy.typing as npt
 import sep
 from astropy.table import Table, vstack
-from numpy.lib.stride_tricks import sliding_window_view
 
 from ..errors import ConfigError
 from ..exposure import Exposure
@@ -28,6 +27,7 @@ from ..fields import ChebyshevField
 from ..footprints import Detections
 from ..masks import MaskPlane
 from ..psf import adaptive_moments
+from ..stamps import Stamps
 
 #: Fluxes that receive aperture corrections (Rubin's registered ap-corr plugins).
 AP_CORR_FIELDS = ("base_PsfFlux", "base_GaussianFlux")
@@ -294,40 +294,6 @@ def _column_order(names: list[str]) -> list[str]:
     return [c for c in head if c in names] + [c for c in names if c not in head]
 
 
-class _Stamps:
-    """Cut ``(n, 2 half + 1, 2 half + 1)`` stamps centred on array indices, for several planes.
-
-    Stamps fully inside the image are copied from a sliding-window view (fast
-    block copies); the few that overlap an edge are gathered pixel by pixel
-    with clipped indices (``inside`` tells which of their pixels are real).
-    """
-
-    def __init__(self, shape: tuple[int, int], ix: npt.NDArray[np.int64], iy: npt.NDArray[np.int64],
-                 half: int) -> None:
-        ny, nx = shape
-        self.half = half
-        self.size = 2 * half + 1
-        self.ix, self.iy = ix, iy
-        off = np.arange(-half, half + 1)
-        rows = iy[:, None] + off[None, :]
-        cols = ix[:, None] + off[None, :]
-        self.inside = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
-        self.interior = (iy - half >= 0) & (iy + half < ny) & (ix - half >= 0) & (ix + half < nx)
-        self.iy0 = iy[self.interior] - half
-        self.ix0 = ix[self.interior] - half
-        edge = ~self.interior
-        self.edge_flat = (np.clip(rows[edge], 0, ny - 1)[:, :, None] * nx
-                          + np.clip(cols[edge], 0, nx - 1)[:, None, :])
-
-    def cut(self, arr: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
-        out = np.empty((self.interior.size, self.size, self.size), dtype=arr.dtype)
-        if self.iy0.size:
-            out[self.interior] = sliding_window_view(arr, (self.size, self.size))[self.iy0, self.ix0]
-        if self.edge_flat.size:
-            out[~self.interior] = np.take(arr.reshape(-1), self.edge_flat)
-        return out
-
-
 def _bad_bits(config: MeasurementConfig) -> np.uint32:
     bits = 0
     for p in config.bad_mask_planes:
@@ -335,7 +301,7 @@ def _bad_bits(config: MeasurementConfig) -> np.uint32:
     return np.uint32(bits)
 
 
-def _cut_usable(st: _Stamps, exposure: Exposure, bad_bits: np.uint32, labels: npt.NDArray[np.int32] | None,
+def _cut_usable(st: Stamps, exposure: Exposure, bad_bits: np.uint32, labels: npt.NDArray[np.int32] | None,
                 own_label: npt.NDArray[np.integer], config: MeasurementConfig
                 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.uint32],
                            npt.NDArray[np.bool_], npt.NDArray[np.bool_], npt.NDArray[np.int32] | None]:
@@ -371,7 +337,7 @@ def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.
     half = config.stamp_size_pix // 2
     ix = np.round(x_start - ox).astype(np.int64)
     iy = np.round(y_start - oy).astype(np.int64)
-    st = _Stamps(exposure.shape, ix, iy, half)
+    st = Stamps(exposure.shape, ix, iy, half)
     inside = st.inside
     img_st, var_st, msk_st, valid, neighbour, lab_st = _cut_usable(st, exposure, bad_bits, labels, own_label,
                                                                    config)
@@ -452,11 +418,11 @@ def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.
             use, p_inside = valid[:, sp, sp].copy(), inside[:, sp, sp].copy()
             moved = np.flatnonzero((jx != ix) | (jy != iy))
             if moved.size:
-                pst = _Stamps(exposure.shape, jx[moved], jy[moved], ph)
+                pst = Stamps(exposure.shape, jx[moved], jy[moved], ph)
                 md, mv, _, mu, _, _ = _cut_usable(pst, exposure, bad_bits, labels, own_label[moved], config)
                 d_st[moved], v_st[moved], use[moved], p_inside[moved] = md, mv, mu, pst.inside
         else:
-            pst = _Stamps(exposure.shape, jx, jy, ph)
+            pst = Stamps(exposure.shape, jx, jy, ph)
             p_inside = pst.inside
             d_st, v_st, _, use, _, _ = _cut_usable(pst, exposure, bad_bits, labels, own_label, config)
         wgt = np.where(use, 1.0 / np.where(v_st > 0, v_st, 1.0), 0.0)
@@ -562,7 +528,7 @@ def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.
         {k: np.zeros(0, bool) for k in _FOOTPRINT_FLAGS}
     kx = np.round(xl).astype(np.int64)
     ky = np.round(yl).astype(np.int64)
-    cst = _Stamps(exposure.shape, kx, ky, 1)
+    cst = Stamps(exposure.shape, kx, ky, 1)
     c_st, c_inside = cst.cut(mask), cst.inside
     off_image = (kx < 0) | (kx >= nx) | (ky < 0) | (ky >= ny)
     for key in _FOOTPRINT_FLAGS:
@@ -680,7 +646,7 @@ def _fixed_weight_moments(img: npt.NDArray[np.floating], var: npt.NDArray[np.flo
 
 def _footprint_flags(mask: npt.NDArray[np.uint32], labels: npt.NDArray[np.int32] | None,
                      own_label: npt.NDArray[np.int64], msk_st: npt.NDArray[np.uint32],
-                     inside: npt.NDArray[np.bool_], st: _Stamps, lab_st: npt.NDArray[np.int32] | None,
+                     inside: npt.NDArray[np.bool_], st: Stamps, lab_st: npt.NDArray[np.int32] | None,
                      footprint_npix: npt.NDArray[np.int64] | None) -> dict[str, npt.NDArray[np.bool_]]:
     """Planes set anywhere in each footprint (label pixels; the stamp when there are no labels).
 
@@ -706,7 +672,7 @@ def _footprint_flags(mask: npt.NDArray[np.uint32], labels: npt.NDArray[np.int32]
             half = 2 * half + 1
             if not todo.size or half > _MAX_FOOTPRINT_HALF_PIX:
                 break
-            grown = _Stamps(mask.shape, ix[todo], iy[todo], half)
+            grown = Stamps(mask.shape, ix[todo], iy[todo], half)
             lab, msk, ins = grown.cut(labels), grown.cut(mask), grown.inside
     if todo.size:
         # Pixels carrying none of the planes cannot set a flag: one pass over the mask finds the others.

@@ -122,3 +122,23 @@ def test_config_rejects_unknown_keys_and_wrong_types() -> None:
     with pytest.raises(ConfigError, match="n_iter must be an integer"):
         config_from_dict(Outer, {"n_iter": "two"})
     assert config_hash(Outer()) != config_hash(Outer(n_iter=3))
+
+
+def test_stamps_equal_clipped_fancy_indexing_inside_and_across_edges() -> None:
+    from singleframe.stamps import Stamps
+
+    rng = np.random.default_rng(3)
+    ny, nx, half = 40, 57, 4
+    plane = rng.normal(size=(ny, nx)).astype(np.float32)
+    strided = np.asfortranarray(plane)  # any layout of the same plane cuts the same stamps
+    ix = np.array([20, 0, nx - 1, 2, 30, -3, nx + 2, 10], np.int64)  # interior, edges, centres off the image
+    iy = np.array([15, 20, 5, ny - 1, 0, -2, ny + 1, 3], np.int64)
+    st = Stamps((ny, nx), ix, iy, half)
+    off = np.arange(-half, half + 1)
+    rows, cols = iy[:, None, None] + off[None, :, None], ix[:, None, None] + off[None, None, :]
+    ref = plane[np.clip(rows, 0, ny - 1), np.clip(cols, 0, nx - 1)]
+    assert np.array_equal(st.cut(plane), ref) and np.array_equal(st.cut(strided), ref)
+    assert np.array_equal(st.inside, (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx))
+    assert st.interior.tolist() == [True, False, False, False, False, False, False, False]
+    empty = Stamps((ny, nx), ix[:0], iy[:0], half)
+    assert empty.cut(plane).shape == (0, 2 * half + 1, 2 * half + 1)

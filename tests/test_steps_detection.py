@@ -1,5 +1,7 @@
 """Detection (PSF-matched, sep deblending) and the data-driven initial PSF."""
 
+import math
+
 import numpy as np
 import pytest
 from scenes import add_gaussian_star
@@ -226,3 +228,30 @@ def test_separable_filter_equals_scipy_correlation(shape, in_place):
     assert (got is work) == in_place
     with pytest.raises(ValueError, match="symmetric"):
         _correlate_separable(data, np.arange(3.0), np.arange(3.0))
+
+
+def test_peak_snr_equals_a_per_peak_sum_with_edges_and_excluded_pixels():
+    from singleframe.steps.detection import _peak_snr, smoothing_kernel
+
+    rng = np.random.default_rng(5)
+    ny, nx = 90, 120
+    img = rng.normal(5.0, 3.0, (ny, nx)).astype(np.float32)
+    var = rng.uniform(-1.0, 20.0, (ny, nx)).astype(np.float32)  # some negative variances: clipped at 0
+    excluded = rng.uniform(size=(ny, nx)) < 0.05
+    kernel = smoothing_kernel(1.5).astype(np.float32)
+    h = kernel.shape[0] // 2
+    # Interior peaks, peaks whose kernel leaves the image on every side, corners.
+    xc = np.concatenate([rng.integers(h, nx - h, 40), [0, nx - 1, 3, nx - 2, 60, 60, 0, nx - 1]]).astype(np.int64)
+    yc = np.concatenate([rng.integers(h, ny - h, 40), [40, 40, 0, ny - 1, 1, ny - 3, 0, ny - 1]]).astype(np.int64)
+    got = _peak_snr(img, var, excluded, kernel, xc, yc)
+    for i, (x, y) in enumerate(zip(xc, yc, strict=True)):
+        num = den = 0.0
+        for dy in range(-h, h + 1):
+            for dx in range(-h, h + 1):
+                yy, xx = y + dy, x + dx
+                if 0 <= yy < ny and 0 <= xx < nx and not excluded[yy, xx]:
+                    k = float(kernel[dy + h, dx + h])
+                    num += k * float(img[yy, xx])
+                    den += k * k * max(float(var[yy, xx]), 0.0)
+        # float64 sums of float32 pixels in another order: rounding only.
+        assert got[i] == pytest.approx(num / math.sqrt(den) if den > 0 else 0.0, rel=1e-12, abs=1e-12)
