@@ -187,11 +187,8 @@ def _render(store: ArtifactStore, where: Mapping[str, Any], data_id: DataId) -> 
     # Background: the model subtracted from the image, evaluated on a grid of at most ~512² pixels
     # (a look needs no more than the former full-resolution image, subsampled).
     ax = axes[1, 1]
-    if not len(background):
-        raise ValueError("empty background list has no image")
-    (ny, nx), (x0, y0) = background.components[0].shape, background.components[0].origin
-    step = max(1, max(ny, nx) // 512)
-    shown = background.evaluate(x0 + np.arange(0, nx, step)[None, :], y0 + np.arange(0, ny, step)[:, None])
+    ny, nx = background.shape
+    shown = background.image_subsampled(max(1, max(ny, nx) // 512))
     lo, hi = np.nanpercentile(shown, [1, 99]) if np.isfinite(shown).any() else (0.0, 1.0)
     im = ax.imshow(shown, origin="lower", cmap="viridis", vmin=lo, vmax=hi, extent=(0, nx, 0, ny))
     fig.colorbar(im, ax=ax, label="background [nJy/pix]")

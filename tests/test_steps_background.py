@@ -143,3 +143,18 @@ def test_subtract_background_in_place_shares_the_callers_frame():
     assert inplace.exposure.image is pixels
     np.testing.assert_array_equal(inplace.exposure.image, copied.exposure.image)
     assert not np.shares_memory(copied.exposure.image, exp.image)  # the default leaves the input alone
+
+
+def test_background_list_subsampled_image_is_the_image_at_those_pixels():
+    rng = np.random.default_rng(4)
+    shape, origin = (130, 171), (7, 5)
+    parts = tuple(BackgroundModel(rng.normal(size=nb), np.linspace(10.0, 160.0, nb[1]) + origin[0],
+                                  np.linspace(10.0, 120.0, nb[0]) + origin[1], shape, origin)
+                  for nb in ((3, 4), (1, 1)))
+    back = BackgroundList(parts)
+    assert back.shape == shape
+    for step in (1, 4, 50):
+        # image() is float32: its rounding of O(1) values is ~1e-7.
+        np.testing.assert_allclose(back.image_subsampled(step), back.image()[::step, ::step], atol=1e-5)
+    with pytest.raises(ValueError, match="empty background list"):
+        BackgroundList().image_subsampled(2)
