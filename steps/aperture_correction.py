@@ -143,7 +143,7 @@ class ApertureCorrectionConfig:
         if not self.tail_power_index > 0:
             raise ConfigError(f"aperture_correction.tail_power_index must be > 0, got {self.tail_power_index}")
         if self.tail_aperture is not None and self.total_aperture is not None:
-            if not _aperture_radius(self.tail_aperture) < _aperture_radius(self.total_aperture):
+            if not aperture_radius(self.tail_aperture) < aperture_radius(self.total_aperture):
                 raise ConfigError("aperture_correction.tail_aperture must be smaller than total_aperture, got "
                                   f"{self.tail_aperture!r} and {self.total_aperture!r}")
 
@@ -377,7 +377,7 @@ def measure_normalization(catalog: Table, stars: npt.ArrayLike, *,
                                norm_snr, cog, cog_err, n_cog, cog_fallback)
 
 
-def _aperture_radius(stem: str) -> float:
+def aperture_radius(stem: str) -> float:
     """Radius (pixels) of ``base_CircularApertureFlux_<whole>_<tenths>``."""
     parts = stem.rsplit("_", 2)
     try:
@@ -438,7 +438,7 @@ def _curve_of_growth(catalog: Table, clean: npt.NDArray[np.bool_],
         f_mid = np.asarray(catalog[f"{tail_stem}_instFlux"], float)
         e_mid = np.asarray(catalog[f"{tail_stem}_instFluxErr"], float)
         # F(r) = F_inf - A r^-p through (r_mid, F_mid) and (r_tot, F_tot): F_inf = F_tot + t (F_tot - F_mid).
-        t = 1.0 / ((_aperture_radius(tot_stem) / _aperture_radius(tail_stem)) ** config.tail_power_index - 1.0)
+        t = 1.0 / ((aperture_radius(tot_stem) / aperture_radius(tail_stem)) ** config.tail_power_index - 1.0)
         var_in = np.maximum(e_mid**2 - e_ref**2, 0.0)  # ref -> mid annulus
         var_out = np.maximum(e_tot**2 - e_mid**2, 0.0)  # mid -> tot annulus, weighted (1 + t)
         f_tot = f_tot + t * (f_tot - f_mid)

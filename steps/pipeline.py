@@ -169,7 +169,7 @@ def characterize(snaps: Sequence[Exposure], *, config: CalibrateImageConfig) -> 
     exposure = final.exposure.replace(psf=psf)
     diag["n_cosmic_rays"] = int(final.n_cosmic_rays)
     diag["psf_sigma_pix"] = float(sigma)
-    catalog = measure_sources(exposure, detections, config=config.measurement).catalog
+    catalog = measure_sources(exposure, detections, config=config.psf_measurement).catalog
     catalog["calib_psf_candidate"] = np.asarray(candidates.candidate, bool)
     catalog["calib_psf_used"] = np.asarray(used, bool)
     catalog["calib_psf_reserved"] = np.asarray(reserved, bool)
@@ -242,7 +242,7 @@ class ApertureCorrectionStage:
 def correct_apertures(exposure: Exposure, psf_stars: Table, *, config: CalibrateImageConfig) -> ApertureCorrectionStage:
     """Brief step 3: calibration-flux normalisation and aperture-correction fields."""
     bbox = tuple(float(v) for v in exposure.bbox)
-    res = measure_aperture_correction(psf_stars, bbox=bbox, config=config.aperture_correction)  # type: ignore[arg-type]
+    res = measure_aperture_correction(psf_stars, bbox=bbox, config=config.psf_aperture_correction)  # type: ignore[arg-type]
     return ApertureCorrectionStage(res.catalog, dict(res.ap_corr), float(res.normalization), bool(res.fallback),
                                    dict(res.scale_err))
 

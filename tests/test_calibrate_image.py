@@ -165,6 +165,35 @@ def test_optional_outputs_switched_off(scene) -> None:
     assert int(np.sum(res.single_visit_star_unstandardized["calib_psf_used"])) == 3
 
 
+def test_psf_pass_measures_the_calibration_aperture_only_and_the_stars_do_not_depend_on_it(result, scene) -> None:
+    # As Rubin's PSF pass, the PSF stars carry the 12-px calibration aperture only; the star pass
+    # measures every radius and its curve of growth sets the calibration flux, to which the PSF
+    # pass's fields are rescaled. Measuring all radii on the PSF pass (and so its own curve of
+    # growth) must leave the stars and the zero point the same to rounding (1e-12: a few float
+    # operations on each flux, versus ~1e-16 precision), and only the PSF pass richer.
+    psf = result.single_visit_psf_star
+    assert "base_CircularApertureFlux_12_0_instFlux" in psf.colnames
+    assert not any(c.startswith(("base_CircularApertureFlux_3_0", "base_CircularApertureFlux_25_0")) for c in psf.colnames)
+    assert "base_CircularApertureFlux_25_0_instFlux" in result.single_visit_star_unstandardized.colnames
+    radii = list(load_calibrate_config(None).measurement.aperture_radii_pix)
+    full = calibrate_image([scene.exposure], scene.refcat,
+                           config=load_calibrate_config(None, {**SMALL_SCENE, "psf_aperture_radii_pix": radii}))
+    assert "base_CircularApertureFlux_25_0_instFlux" in full.single_visit_psf_star.colnames
+    assert full.initial_photoCalib_detector.calibration_njy_per_count == pytest.approx(
+        result.initial_photoCalib_detector.calibration_njy_per_count, rel=1e-12)
+    ours, theirs = result.single_visit_star_unstandardized, full.single_visit_star_unstandardized
+    for col in ("base_PsfFlux_flux", "base_GaussianFlux_flux", "base_NormalizedCompensatedTophatFlux_flux",
+                "base_PsfFlux_apCorr"):
+        np.testing.assert_allclose(np.asarray(theirs[col]), np.asarray(ours[col]), rtol=1e-12)
+
+
+def test_psf_pass_apertures_must_hold_the_reference_aperture() -> None:
+    from singleframe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="psf_aperture_radii_pix .* lacks 12"):
+        load_calibrate_config(None, {"psf_aperture_radii_pix": [6.0, 25.0]}).validate()
+
+
 def test_unknown_optional_output_is_a_config_error() -> None:
     from singleframe.errors import ConfigError
 
