@@ -31,8 +31,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .benchmarks import (
     PEER_TIE_FRACTION,
     PSF_DE_MEDIAN_BAR,
@@ -46,7 +44,7 @@ from .benchmarks import (
     scratch_dir,
 )
 from .errors import ConfigError
-from .psf import distortion
+from .sim.evaluation import mean_ellipticity_floor
 
 #: The components compared, as keys of a system's record.
 COMPONENTS = ("de1", "de2", "size_err_pct")
@@ -89,38 +87,6 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         floors = [r["floor"][f"{comp}_floor"] for r in rows if r.get("floor")
                   and math.isfinite(r["floor"][f"{comp}_floor"])]
         out.setdefault("floor_rms", {})[comp] = math.sqrt(sum(v * v for v in floors) / len(floors)) if floors else math.nan
-    return out
-
-
-def mean_ellipticity_floor(catalog: Any, psf: Any) -> dict[str, float]:
-    """Statistical floor of the mean PSF ellipticity given the stars a fit used.
-
-    Each ``calib_psf_used`` star's adaptive-moment ellipticity scatters about the model's at
-    its position by ``a / (S/N)`` (PSF-flux S/N); ``a`` is estimated per component from the
-    residuals, robustly (the median of a chi-square with one degree of freedom is 0.455).
-    The inverse-variance mean of the stars is then known to ``a / sqrt(sum (S/N)^2)``:
-    returned as ``de1_floor`` and ``de2_floor`` with ``a`` (``e1_noise_coeff``,
-    ``e2_noise_coeff``) and the number of stars. NaN with fewer than three usable stars.
-    """
-    used = np.asarray(catalog["calib_psf_used"], bool)
-    x = np.asarray(catalog["base_SdssCentroid_x"], float)[used]
-    y = np.asarray(catalog["base_SdssCentroid_y"], float)[used]
-    xx, yy, xy = (np.asarray(catalog[f"ext_shapeHSM_HsmSourceMoments_{c}"], float)[used] for c in ("xx", "yy", "xy"))
-    snr = (np.asarray(catalog["base_PsfFlux_instFlux"], float)
-           / np.asarray(catalog["base_PsfFlux_instFluxErr"], float))[used]
-    out: dict[str, float] = {"n_stars": int(used.sum())}
-    model = np.asarray(psf.moments_many(x, y), float).reshape(-1, 3) if x.size else np.zeros((0, 3))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        (e1, e2), (m1, m2) = distortion(xx, yy, xy), distortion(model[:, 0], model[:, 1], model[:, 2])
-    resid = {"e1": e1 - m1, "e2": e2 - m2}
-    for comp, d in resid.items():
-        ok = np.isfinite(d) & np.isfinite(snr) & (snr > 0)
-        if ok.sum() < 3:
-            out[f"{comp}_noise_coeff"] = out[f"d{comp}_floor"] = math.nan
-            continue
-        a = float(np.sqrt(np.median((d[ok] * snr[ok]) ** 2) / 0.455))
-        out[f"{comp}_noise_coeff"] = a
-        out[f"d{comp}_floor"] = a / float(np.sqrt(np.sum(snr[ok] ** 2)))
     return out
 
 
