@@ -31,8 +31,11 @@ from .summary import SummaryConfig
 
 
 def _psf_detection() -> DetectionConfig:
-    # Rubin legacy path: footprints at 10 sigma, peaks at 50 sigma (S/N >= 50 PSF stars).
-    return DetectionConfig(threshold_snr=10.0, peak_threshold_snr=50.0)
+    # Rubin legacy path: footprints at 10 sigma, peaks at 50 sigma (S/N >= 50 PSF stars). In a
+    # crowded field both rise so that about the 3000 brightest peaks are kept (Rubin's adaptive
+    # detection caps the PSF pass at 3000 peaks per detector in u, g, r, y): the PSF fit uses at
+    # most 300 stars and the brightest carry nearly all its information.
+    return DetectionConfig(threshold_snr=10.0, peak_threshold_snr=50.0, max_peaks=3000)
 
 
 def _star_detection() -> DetectionConfig:

@@ -147,6 +147,9 @@ def characterize(snaps: Sequence[Exposure], *, config: CalibrateImageConfig) -> 
             fitted, used, reserved = psf, np.zeros(len(catalog), bool), np.zeros(len(catalog), bool)
             diag["psf_fallback_reason"] = str(exc)
         diag[f"pass{pass_index + 1}_n_detections"] = len(detections)
+        # The thresholds used: above the configured ones when psf_detection.max_peaks raised them.
+        diag[f"pass{pass_index + 1}_threshold_snr"] = float(detections.threshold_snr)
+        diag[f"pass{pass_index + 1}_peak_threshold_snr"] = float(detections.peak_threshold_snr)
         diag[f"pass{pass_index + 1}_n_psf_candidates"] = int(candidates.n_candidates)
         diag[f"pass{pass_index + 1}_n_psf_used"] = int(np.sum(used))
         if pass_index + 1 < config.n_psf_passes:

@@ -109,6 +109,52 @@ def test_bad_column_is_not_detected_and_blend_is_deblended():
 def test_detection_config_validation():
     with pytest.raises(ConfigError):
         DetectionConfig(threshold_snr=10, peak_threshold_snr=5).validate()
+    with pytest.raises(ConfigError, match="max_peaks"):
+        DetectionConfig(max_peaks=0).validate()
+
+
+def test_peak_budget_keeps_the_brightest_and_detected_stays_at_the_configured_threshold():
+    img, var, *_, sigma = _scene(3.0, seed=21, n_stars=400)
+    mask = np.zeros(img.shape, np.uint32)
+    mask[300:340, 500] = MaskPlane.BAD  # excluded pixels stay out of DETECTED on both paths
+    config = DetectionConfig(threshold_snr=10, peak_threshold_snr=50)
+    full = detect_sources(img, var, mask, psf_sigma_pix=sigma, config=config, origin=ORIGIN)
+    n_full = len(full.detections)
+    assert n_full > 150
+    # A budget above the count changes nothing.
+    same = detect_sources(img, var, mask, psf_sigma_pix=sigma, origin=ORIGIN,
+                          config=DetectionConfig(threshold_snr=10, peak_threshold_snr=50, max_peaks=n_full + 50))
+    assert np.array_equal(same.detections.labels, full.detections.labels) and np.array_equal(same.mask, full.mask)
+    assert same.detections.threshold_snr == 10 and same.detections.peak_threshold_snr == 50
+
+    budget = 60
+    res = detect_sources(img, var, mask, psf_sigma_pix=sigma, origin=ORIGIN,
+                         config=DetectionConfig(threshold_snr=10, peak_threshold_snr=50, max_peaks=budget))
+    src, ref = res.detections.sources, full.detections.sources
+    t_peak = res.detections.peak_threshold_snr
+    # The raised threshold is the budget-th brightest peak; sep merges a few close maxima the count
+    # sees twice, so a few fewer may be kept. Footprints are cut at the raised peak threshold.
+    assert 0.9 * budget <= len(src) <= budget and t_peak > 50
+    assert res.detections.threshold_snr == pytest.approx(t_peak)
+    assert np.all(src["peak_snr"] >= t_peak)
+    # They are the brightest sources of the full run, at the same peaks with the same peak S/N
+    # (the S/N of a peak does not depend on the thresholds); every source the full run finds above
+    # the raised threshold is kept unless it shares its peak pixel's footprint with a brighter one.
+    key = {(int(x), int(y)): s for x, y, s in zip(ref["x_peak"], ref["y_peak"], ref["peak_snr"], strict=True)}
+    np.testing.assert_allclose([key[(int(x), int(y))] for x, y in zip(src["x_peak"], src["y_peak"], strict=True)],
+                               src["peak_snr"], rtol=1e-12)
+    assert np.sum(ref["peak_snr"] >= t_peak) - len(src) <= 0.1 * budget
+    # DETECTED is the full run's (every pixel above the configured 10 sigma, grown); the kept
+    # footprints lie inside it and hold their own peaks.
+    detected = MaskPlane.DETECTED
+    assert np.array_equal(res.mask & detected, full.mask & detected)
+    assert np.array_equal(res.mask & ~np.uint32(detected), mask)
+    labels = res.detections.labels
+    assert np.all((res.mask[labels > 0] & detected) != 0)
+    y_pk = (src["y_peak"] - ORIGIN[1]).astype(int)
+    x_pk = (src["x_peak"] - ORIGIN[0]).astype(int)
+    assert np.array_equal(labels[y_pk, x_pk], src["label"])
+    assert np.count_nonzero(labels) < 0.5 * np.count_nonzero(full.detections.labels)
 
 
 @pytest.mark.parametrize("fwhm", [2.5, 12.0])
