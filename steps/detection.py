@@ -10,6 +10,12 @@ source's own Poisson noise, as ``sum(K I) / sqrt(sum(K^2 V))`` at the filtered
 peak; children below ``peak_threshold_snr`` are dropped (their pixels stay in
 ``DETECTED`` so later background estimates ignore them). Footprints are
 grown by ``grow_sigma * psf_sigma_pix`` (Rubin ``nSigmaToGrow``).
+
+With ``max_peaks`` (the PSF pass), a crowded frame whose filtered image has more
+local maxima above the peak threshold than the budget gets its peak threshold
+raised, before sep runs, to the peak S/N of the budget-th brightest, and its
+footprint threshold to ``raised_footprint_fraction`` of that; ``DETECTED`` still
+marks every pixel above the configured footprint threshold.
 """
 
 from __future__ import annotations
@@ -68,13 +74,15 @@ class DetectionConfig:
     #: sep limit on sub-objects during deblending.
     sub_object_limit: int = 20_000
     #: Budget of kept peaks (``None``: no budget). When more local maxima of the filtered image
-    #: than this reach ``peak_threshold_snr``, both thresholds are raised by the same factor, before
-    #: sep runs, so that about this many (the brightest) are kept, as Rubin's adaptive PSF-pass
-    #: detection does (``maxNumPeakPerBand``, 3000 in u, g, r, y and 5000 in i, z per detector). The
-    #: thresholds used are in :class:`~singleframe.footprints.Detections`.
+    #: than this reach ``peak_threshold_snr``, the peak threshold is raised, before sep runs, so
+    #: that about this many (the brightest) are kept, as Rubin's adaptive PSF-pass detection does
+    #: (``maxNumPeakPerBand``, 3000 in u, g, r, y and 5000 in i, z per detector). The thresholds
+    #: used are in :class:`~singleframe.footprints.Detections`.
     max_peaks: int | None = None
     #: When ``max_peaks`` raises the peak threshold, footprints are cut at this fraction of it (at
-    #: least ``threshold_snr``); DETECTED still marks every pixel above ``threshold_snr``.
+    #: least ``threshold_snr``; 1 as Rubin, which folds the multiplier into the raised threshold:
+    #: sep's time goes with its number of objects); DETECTED still marks every pixel above
+    #: ``threshold_snr``.
     raised_footprint_fraction: float = 1.0
 
     def validate(self) -> None:

@@ -187,6 +187,15 @@ def test_psf_pass_measures_the_calibration_aperture_only_and_the_stars_do_not_de
         np.testing.assert_allclose(np.asarray(theirs[col]), np.asarray(ours[col]), rtol=1e-12)
 
 
+def test_psf_pass_records_its_detection_thresholds(scene) -> None:
+    # Four S/N >= 50 sources, far below the peak budget: the configured thresholds are used and recorded
+    # (a budget below the count raises them: tests/test_steps_detection.py).
+    ch = characterize([scene.exposure], config=load_calibrate_config(None, SMALL_SCENE))
+    assert len(ch.psf_stars) == 4
+    assert ch.diagnostics["pass1_threshold_snr"] == 10.0
+    assert ch.diagnostics["pass1_peak_threshold_snr"] == 50.0
+
+
 def test_psf_pass_apertures_must_hold_the_reference_aperture() -> None:
     from singleframe.errors import ConfigError
 

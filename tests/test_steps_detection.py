@@ -111,6 +111,8 @@ def test_detection_config_validation():
         DetectionConfig(threshold_snr=10, peak_threshold_snr=5).validate()
     with pytest.raises(ConfigError, match="max_peaks"):
         DetectionConfig(max_peaks=0).validate()
+    with pytest.raises(ConfigError, match="raised_footprint_fraction"):
+        DetectionConfig(max_peaks=10, raised_footprint_fraction=1.5).validate()
 
 
 def test_peak_budget_keeps_the_brightest_and_detected_stays_at_the_configured_threshold():
