@@ -232,13 +232,14 @@ def detect_sources(
     if config.max_peaks is not None:
         bright = _bright_peak_snr(filtered, img, var, excluded, kernel, k_norm, peak_threshold_snr)
         if bright.size > config.max_peaks:
-            # Both thresholds scale together: footprints shrink with the peaks they must hold.
+            # The footprint threshold rises with the peaks its footprints must hold.
             factor = float(np.partition(bright, bright.size - config.max_peaks)[bright.size - config.max_peaks]) \
                 / peak_threshold_snr
             peak_threshold_snr *= factor
             threshold_snr = max(threshold_snr, config.raised_footprint_fraction * peak_threshold_snr)
-    # With raised thresholds, DETECTED still marks every pixel above the configured one (sep
-    # footprints are exactly its connected pixels), so later background estimates mask as much.
+    # With raised thresholds, DETECTED still marks every pixel above the configured one (sep's
+    # footprints with min_pixels 1 are exactly its connected pixels), so later background
+    # estimates mask as much.
     detected_px = None
     if threshold_snr > config.threshold_snr:
         detected_px = np.empty((ny, nx), np.uint8)
