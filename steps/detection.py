@@ -446,20 +446,26 @@ def _bright_peak_snr(filtered: npt.NDArray[np.float32], img: npt.NDArray[np.floa
     twice here). ``filtered / k_norm`` is the S/N against the sky noise alone, at least the
     peak S/N, which adds the source's own noise; the 0.8 margin covers a pixel variance below
     its block's median sky. The threshold is compared first and the 3x3 maximum test runs on
-    the few pixels above it.
+    the pixels above it, a band of rows at a time (a nebula or a large galaxy can put millions
+    of pixels above it: their indices stay band-sized).
     """
     ny, nx = filtered.shape
     flat = filtered.reshape(-1)
-    idx = np.flatnonzero(flat >= np.float32(0.8 * peak_threshold_snr * k_norm))
-    y, x = np.divmod(idx, nx)
-    idx = idx[(y > 0) & (y < ny - 1) & (x > 0) & (x < nx - 1)]
-    v = flat[idx]
-    is_max = np.ones(idx.size, bool)
-    for off in (-nx - 1, -nx, -nx + 1, -1):  # ties go to the later pixel: one maximum per plateau
-        is_max &= v > flat[idx + off]
-    for off in (1, nx - 1, nx, nx + 1):
-        is_max &= v >= flat[idx + off]
-    y, x = np.divmod(idx[is_max], nx)
+    thr = np.float32(0.8 * peak_threshold_snr * k_norm)
+    maxima = []
+    for y0 in range(1, ny - 1, _BAND_ROWS):  # the first and last rows and columns hold no maximum
+        y1 = min(y0 + _BAND_ROWS, ny - 1)
+        idx = np.flatnonzero(filtered[y0:y1] >= thr)
+        x = idx % nx
+        idx = idx[(x > 0) & (x < nx - 1)] + y0 * nx
+        v = flat[idx]
+        is_max = np.ones(idx.size, bool)
+        for off in (-nx - 1, -nx, -nx + 1, -1):  # ties go to the later pixel: one maximum per plateau
+            is_max &= v > flat[idx + off]
+        for off in (1, nx - 1, nx, nx + 1):
+            is_max &= v >= flat[idx + off]
+        maxima.append(idx[is_max])
+    y, x = np.divmod(np.concatenate(maxima) if maxima else np.zeros(0, np.int64), nx)
     snr = _peak_snr(img, var, excluded, kernel, x.astype(np.int64), y.astype(np.int64))
     return snr[snr >= peak_threshold_snr]
 
