@@ -254,7 +254,7 @@ def detect_sources(
     if detected_px is not None and grow > 0:
         detected_px = _grow_labels(detected_px, grow, 1)
     if len(objects) == 0:
-        out_mask = msk.copy()  # no footprint: nothing is DETECTED
+        out_mask = msk.copy()  # no footprint: nothing is DETECTED, unless above a threshold the budget raised
         if detected_px is not None:
             _set_detected(out_mask, msk, detected_px, bands)
         dets = Detections(np.zeros((ny, nx), np.int32), _empty_sources(), (int(origin[0]), int(origin[1])),
