@@ -450,24 +450,34 @@ def _bright_peak_snr(filtered: npt.NDArray[np.float32], img: npt.NDArray[np.floa
     of pixels above it: their indices stay band-sized).
     """
     ny, nx = filtered.shape
-    flat = filtered.reshape(-1)
     thr = np.float32(0.8 * peak_threshold_snr * k_norm)
-    maxima = []
+    ys, xs = [], []
     for y0 in range(1, ny - 1, _BAND_ROWS):  # the first and last rows and columns hold no maximum
         y1 = min(y0 + _BAND_ROWS, ny - 1)
-        idx = np.flatnonzero(filtered[y0:y1] >= thr)
-        x = idx % nx
-        idx = idx[(x > 0) & (x < nx - 1)] + y0 * nx
-        v = flat[idx]
-        is_max = np.ones(idx.size, bool)
-        for off in (-nx - 1, -nx, -nx + 1, -1):  # ties go to the later pixel: one maximum per plateau
-            is_max &= v > flat[idx + off]
-        for off in (1, nx - 1, nx, nx + 1):
-            is_max &= v >= flat[idx + off]
-        maxima.append(idx[is_max])
-    y, x = np.divmod(np.concatenate(maxima) if maxima else np.zeros(0, np.int64), nx)
+        y, x = np.divmod(np.flatnonzero(filtered[y0:y1] >= thr), nx)
+        inner = (x > 0) & (x < nx - 1)
+        y, x = y[inner] + y0, x[inner]
+        is_max = is_local_maximum(filtered, y, x)
+        ys.append(y[is_max])
+        xs.append(x[is_max])
+    y, x = (np.concatenate(a) if a else np.zeros(0, np.int64) for a in (ys, xs))
     snr = _peak_snr(img, var, excluded, kernel, x.astype(np.int64), y.astype(np.int64))
     return snr[snr >= peak_threshold_snr]
+
+
+def is_local_maximum(image: npt.NDArray[np.floating], ys: npt.NDArray[np.integer],
+                     xs: npt.NDArray[np.integer]) -> npt.NDArray[np.bool_]:
+    """Whether each pixel ``(ys, xs)`` (none on the image border) is a maximum of its 3x3 neighbourhood.
+
+    Ties go to the earlier pixel in raster order (strictly above the four neighbours before it, at
+    least the four after it), so a plateau of equal values holds one maximum.
+    """
+    v = image[ys, xs]
+    out = np.ones(v.shape, bool)
+    for dy, dx in ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)):
+        n = image[ys + dy, xs + dx]
+        out &= (v > n) if (dy, dx) < (0, 0) else (v >= n)
+    return out
 
 
 def _peak_snr(img: npt.NDArray[np.float32], var: npt.NDArray[np.float32], excluded: npt.NDArray[np.bool_],

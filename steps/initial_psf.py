@@ -19,11 +19,11 @@ import numpy.typing as npt
 from ..errors import ConfigError, PsfFitError
 from ..masks import MASK_DTYPE, MaskPlane
 from ..psf import GaussianPsf, adaptive_moments
+from .detection import is_local_maximum
 
 #: Adaptive-moment iterations and tolerance (relative size / px); a few iterations suffice for stars.
 _MAX_ITERATIONS = 40
 _TOLERANCE = 1e-9
-_NEIGHBOURS_8 = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
 
 @dataclass(frozen=True)
@@ -153,12 +153,9 @@ def _estimate(img: npt.NDArray[np.float32], var: npt.NDArray[np.float32], mask: 
     ys, xs = ys[keep], xs[keep]
     meta = {"n_peaks": 0, "n_candidates": 0, "n_measured": 0, "n_stars": 0, "min_stars": config.min_stars}
     if ys.size:
+        is_max = is_local_maximum(det_img, ys, xs)
+        ys, xs = ys[is_max], xs[is_max]
         v = det_img[ys, xs]
-        is_max = np.ones(ys.size, dtype=bool)
-        for dy, dx in _NEIGHBOURS_8:
-            n = det_img[ys + dy, xs + dx]
-            is_max &= (v > n) if (dy, dx) < (0, 0) else (v >= n)
-        ys, xs, v = ys[is_max], xs[is_max], v[is_max]
     meta["n_peaks"] = int(ys.size)
     if ys.size:
         ys, xs, v = _isolated(ys, xs, v, config.isolation_radius_pix)

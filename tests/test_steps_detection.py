@@ -303,3 +303,15 @@ def test_peak_snr_equals_a_per_peak_sum_with_edges_and_excluded_pixels():
                     den += k * k * max(float(var[yy, xx]), 0.0)
         # float64 sums of float32 pixels in another order: rounding only.
         assert got[i] == pytest.approx(num / math.sqrt(den) if den > 0 else 0.0, rel=1e-12, abs=1e-12)
+
+
+def test_local_maximum_keeps_one_pixel_of_a_plateau_and_rejects_slopes():
+    from singleframe.steps.detection import is_local_maximum
+
+    img = np.zeros((6, 7), np.float32)
+    img[2, 2] = img[2, 3] = 5.0  # a two-pixel plateau: the earlier pixel in raster order is the maximum
+    img[4, 5] = 3.0
+    img[3, 5] = 2.0  # a slope up to (4, 5)
+    ys, xs = np.mgrid[1:5, 1:6]
+    found = is_local_maximum(img, ys.ravel(), xs.ravel())
+    assert sorted(zip(ys.ravel()[found].tolist(), xs.ravel()[found].tolist(), strict=True)) == [(2, 2), (4, 5)]
