@@ -95,6 +95,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .flows.evaluation import evaluate_run
 
     rows = evaluate_run(args.store, run=args.output_run, truth_run=args.input_run)
+    if not rows:
+        print(f"no calibrated detectors with simulator truth in run {args.output_run!r} of {args.store} "
+              f"(truth run {args.input_run!r}); run `singleframe run --store {args.store}` first, or check "
+              "--store, --output-run and --input-run", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(rows, indent=1, default=lambda v: None))
     else:

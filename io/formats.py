@@ -482,6 +482,10 @@ def _primary_header(exposure: Exposure) -> fits.Header:
         _set(hdr, "HIERARCH PHOTCALIB", float(exposure.photo_calib.calibration_njy_per_count),
              "[nJy/count] calibration")
         _set(hdr, "PHOTCERR", float(exposure.photo_calib.calibration_err_njy_per_count), "[nJy/count] its error")
+    if "PSF_FALLBACK" in exposure.metadata:
+        # Also in METADATA; a header card so that a plain FITS reader sees the PSF is not fitted.
+        _set(hdr, "HIERARCH PSF_FALLBACK", str(exposure.metadata["PSF_FALLBACK"]),
+             "PSF is a Gaussian fallback (seeing/moments)")
     _origin_keys(hdr, exposure.origin)
     hdr["SFVERS"] = (__version__, "singleframe version that wrote the file")
     return hdr

@@ -359,6 +359,9 @@ def _read_hdul(hdul: fits.HDUList, path: str, data: bytes, instrument: str | Non
     snap_key = _long_key(snap_keyword.upper())
     if layered and "METADATA" in names:
         exposure = _apply_overrides_to_exposure(exposure_from_hdulist(hdul), overrides, instrument, path)
+        if exposure.wcs is None:  # calibration needs one to load reference stars: refuse it here
+            raise IngestError(path, "no celestial WCS in the IMAGE header (CTYPE1/2, CRVAL1/2, CRPIX1/2, CD or PC)",
+                              "solve the field (e.g. astrometry.net) and add its WCS keywords to the IMAGE header")
         h = _Header(hdul[0].header, overrides, path)
         return RawFile(path, exposure, _snap(h, snap_key), sha)
     if layered:
@@ -478,6 +481,28 @@ def _assign_snaps(group: Sequence[RawFile]) -> list[tuple[RawFile, int]]:
     return [(r, i) for i, r in enumerate(ordered)]
 
 
+def _check_stored_snaps(store: ArtifactStore, assigned: list[tuple[RawFile, int]], *, run: str, instrument: str,
+                        visit: int, detector: int) -> None:
+    """Refuse to replace a stored snap with another file (snap numbers are 0 and 1 only, checked on reading).
+
+    Re-ingesting the same file (same SHA-256) is allowed and rewrites it. Snaps are numbered by
+    time only among the files of one call, so a visit's second snap ingested in a later call
+    without a SNAP keyword would otherwise become snap 0 again and silently replace the first.
+    """
+    stored = {int(r.snap or 0) for r in store.query("post_isr_image", run=run, instrument=instrument, visit=visit,
+                                                    detector=detector)}
+    label = f"visit {visit} detector {detector} of {instrument} (run {run!r})"
+    for raw, snap in assigned:
+        if snap not in stored:
+            continue
+        prov = store.provenance("post_isr_image", run=run, instrument=instrument, visit=visit, detector=detector,
+                                snap=snap)
+        if prov.get("source_sha256") != raw.sha256:
+            raise IngestError(raw.path, f"{label} already has snap {snap}, from {prov.get('ingested_from', 'another file')}",
+                              "ingest a visit's snaps in one call (they are numbered by time), set their SNAP "
+                              "keywords, or delete the stored snap first")
+
+
 def ingest_files(store: ArtifactStore, paths: Iterable[str], *, run: str = "raw", instrument: str | None = None,
                  overrides: Mapping[str, Any] | None = None, snap_keyword: str = "SNAP") -> IngestReport:
     """Read FITS files and store them as ``post_isr_image`` datasets.
@@ -520,6 +545,11 @@ def ingest_files(store: ArtifactStore, paths: Iterable[str], *, run: str = "raw"
             assigned = _assign_snaps(group)
         except IngestError as exc:
             failures.extend((r.path, f"{r.path}: {exc.problem}. {exc.fix}") for r in group)
+            continue
+        try:
+            _check_stored_snaps(store, assigned, run=run, instrument=inst, visit=visit, detector=det)
+        except IngestError as exc:
+            failures.extend((r.path, str(exc)) for r, _ in assigned)
             continue
         for raw, snap in assigned:
             try:

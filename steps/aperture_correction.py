@@ -92,8 +92,13 @@ class ApertureCorrectionConfig:
     #: pull std of 1.32 (c poorly constrained), 20 gives 1.01.
     cog_min_snr: float = 20.0
     #: Fewer curve-of-growth stars: the factor is the weighted mean ratio (no extrapolation);
-    #: fewer than 2: no factor (1.0) and ``cog_fallback`` is set.
+    #: fewer than 2: no factor (1.0 ± ``cog_fallback_err``) and ``cog_fallback`` is set.
     cog_min_stars: int = 10
+    #: Relative error of the factor when no star measures it: the light beyond the reference
+    #: aperture that the calibration then leaves out (1-2 % for a 12-px aperture at 0.6-1.3"
+    #: seeing on the simulated Kolmogorov PSF, more in bad seeing). It enters the flux-scale and
+    #: zero-point errors, which a missing factor must widen, never narrow.
+    cog_fallback_err: float = 0.02
     #: When fewer than ``cog_min_stars`` stars have a reference aperture free of zeroed neighbour
     #: pixels (the stars used first, see :func:`_curve_of_growth`), use those whose nearest other
     #: catalogue source is farther than this (pixels) instead of all (0: use all).
@@ -138,6 +143,8 @@ class ApertureCorrectionConfig:
             raise ConfigError("need clip_sigma > 0, n_clip_iterations >= 0 and min_snr >= 0")
         if self.cog_min_snr < 0 or self.cog_min_stars < 3 or self.cog_isolation_pix < 0:
             raise ConfigError("need cog_min_snr >= 0, cog_min_stars >= 3 and cog_isolation_pix >= 0")
+        if not self.cog_fallback_err >= 0:
+            raise ConfigError(f"cog_fallback_err must be >= 0, got {self.cog_fallback_err}")
         if not self.normalization_snr_thresholds:
             raise ConfigError("normalization_snr_thresholds must not be empty")
         if not self.tail_power_index > 0:
@@ -465,7 +472,7 @@ def _curve_of_growth(catalog: Table, clean: npt.NDArray[np.bool_],
                 ok = isolated
     idx = np.flatnonzero(ok)
     if idx.size < 2:
-        return 1.0, 0.0, int(idx.size), True
+        return 1.0, float(config.cog_fallback_err), int(idx.size), True
     g = f_tot[idx] / f_ref[idx] - 1.0
     sg = e_ann[idx] / f_ref[idx]
     inv = 1.0 / f_ref[idx]

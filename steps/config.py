@@ -84,7 +84,8 @@ class CalibrateImageConfig:
     #: A frame with too few stars for a PSF: ``error`` raises PsfFitError (the default: never a
     #: guessed PSF unannounced); ``seeing`` installs a Gaussian of the seeing FWHM in the exposure
     #: metadata ``seeing_fwhm_pix`` (ingest fills it from the header's FWHM/SEEING keywords), sets
-    #: ``PSF_FALLBACK`` in the image metadata, no ``calib_psf_used`` star, and goes on.
+    #: ``PSF_FALLBACK`` in the image metadata, no ``calib_psf_used`` star, and goes on. (With 2 to
+    #: ``psf_fit.min_stars - 1`` stars the PSF is a Gaussian of their moments, ``PSF_FALLBACK = moments``.)
     psf_fallback: Literal["error", "seeing"] = "error"
     aperture_correction: ApertureCorrectionConfig = field(default_factory=ApertureCorrectionConfig)
     astrometry: AstrometryConfig = field(default_factory=AstrometryConfig)

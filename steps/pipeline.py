@@ -5,8 +5,9 @@ stage's products as datasets and the in-memory :func:`calibrate_image` runs
 them back to back (used by benchmarks and tests).
 
 1. :func:`characterize` — combine snaps; subtract background; estimate the
-   initial PSF from the data; two passes of repair / detect (S/N ≥ 50) /
-   measure / fit PSF; final repair with interpolation and re-measurement.
+   initial PSF from the data; one pass (two with ``n_psf_passes: 2``) of
+   repair / detect (S/N ≥ 50) / measure / fit PSF; final repair with
+   interpolation and re-measurement.
 2. :func:`correct_apertures` — normalise the calibration flux and fit
    aperture corrections.
 3. :func:`calibrate_astrometry` — fit the WCS to the reference catalogue
@@ -34,7 +35,7 @@ from astropy.table import Table, vstack
 from astropy.wcs import WCS
 
 from ..background import BackgroundList
-from ..errors import AllCentroidsFlaggedError, PsfFitError
+from ..errors import AllCentroidsFlaggedError, AstrometryError, PsfFitError
 from ..exposure import Exposure
 from ..fields import ChebyshevField
 from ..footprints import Detections, labels_to_spans
@@ -104,7 +105,7 @@ def characterize(snaps: Sequence[Exposure], *, config: CalibrateImageConfig) -> 
     except PsfFitError as exc:
         initial_sigma = _seeing_fallback_sigma(exposure, config, exc)
         diag["initial_psf_n_stars"] = 0
-        diag["psf_fallback"] = "seeing"
+        diag["initial_psf_fallback"] = "seeing"  # the final PSF may still be fitted (then not flagged)
     diag["initial_psf_sigma_pix"] = initial_sigma
     psf: PsfModel = GaussianPsf(initial_sigma)
     exposure = _interpolate_defects(exposure, psf_sigma_pix=initial_sigma, config=config)
@@ -140,11 +141,18 @@ def characterize(snaps: Sequence[Exposure], *, config: CalibrateImageConfig) -> 
         try:
             fit = fit_psf(repaired, catalog, candidates.candidate, config=config.psf_fit)
             fitted, used, reserved = fit.psf, fit.used, fit.reserved
+            # What the final PSF is goes into the flags below: the last pass decides.
+            diag.pop("psf_fallback", None)
+            diag.pop("psf_fallback_reason", None)
+            diag.pop("psf_fit_fallback", None)
+            if fit.fallback:  # 2 to min_stars - 1 stars: a Gaussian of their moments
+                diag["psf_fit_fallback"] = f"gaussian of the moments of {fit.n_used} star(s)"
         except PsfFitError as exc:
-            if config.psf_fallback != "seeing" or "psf_fallback" not in diag:
+            if config.psf_fallback != "seeing" or "initial_psf_fallback" not in diag:
                 raise
             # Too few stars even for the Gaussian fallback of fit_psf: keep the seeing Gaussian.
             fitted, used, reserved = psf, np.zeros(len(catalog), bool), np.zeros(len(catalog), bool)
+            diag["psf_fallback"] = "seeing"
             diag["psf_fallback_reason"] = str(exc)
         diag[f"pass{pass_index + 1}_n_detections"] = len(detections)
         # The thresholds used: above the configured ones when psf_detection.max_peaks raised them.
@@ -178,6 +186,8 @@ def characterize(snaps: Sequence[Exposure], *, config: CalibrateImageConfig) -> 
     catalog["calib_psf_reserved"] = np.asarray(reserved, bool)
     if "psf_fallback" in diag:
         exposure = exposure.with_metadata(PSF_FALLBACK="seeing")
+    elif "psf_fit_fallback" in diag:
+        exposure = exposure.with_metadata(PSF_FALLBACK="moments")
     require_good_centroids(catalog)
     ids = packed_source_ids(exposure.visit_info.visit, exposure.detector.id, len(catalog), catalog=PSF_CATALOG)
     catalog["id"] = ids
@@ -240,6 +250,8 @@ class ApertureCorrectionStage:
     fallback: bool
     #: Relative flux-scale error of each corrected flux (to total flux), for the zero-point error.
     scale_err: Mapping[str, float]
+    #: No star measured the curve of growth: the normalisation omits it (flagged, error widened).
+    cog_fallback: bool = False
 
 
 def correct_apertures(exposure: Exposure, psf_stars: Table, *, config: CalibrateImageConfig) -> ApertureCorrectionStage:
@@ -247,7 +259,7 @@ def correct_apertures(exposure: Exposure, psf_stars: Table, *, config: Calibrate
     bbox = tuple(float(v) for v in exposure.bbox)
     res = measure_aperture_correction(psf_stars, bbox=bbox, config=config.psf_aperture_correction)  # type: ignore[arg-type]
     return ApertureCorrectionStage(res.catalog, dict(res.ap_corr), float(res.normalization), bool(res.fallback),
-                                   dict(res.scale_err))
+                                   dict(res.scale_err), bool(res.cog_fallback))
 
 
 # --------------------------------------------------------------------------------------
@@ -265,8 +277,6 @@ def calibrate_astrometry(exposure: Exposure, psf_stars: Table, refcat: Table, *,
                          config: CalibrateImageConfig) -> AstrometryStage:
     """Brief step 4: fit the WCS on the PSF-star catalogue."""
     if exposure.wcs is None:
-        from ..errors import AstrometryError
-
         raise AstrometryError("the exposure has no initial WCS; ingest it with a header WCS or a camera model")
     res = fit_astrometry(psf_stars, refcat, initial_wcs=exposure.wcs, origin=exposure.origin,
                          shape=exposure.shape, config=config.astrometry)
@@ -378,6 +388,7 @@ def find_stars(exposure: Exposure, psf_stars: Table, *, wcs: WCS, ap_corr: Mappi
             "n_psf_matched_multiple": int(prop.n_multiple), "normalization": float(norm.normalization),
             "normalization_err": float(norm.normalization_err), "normalization_n_stars": int(norm.n_stars),
             "curve_of_growth": float(norm.curve_of_growth), "curve_of_growth_n_stars": int(norm.curve_of_growth_n_stars),
+            "curve_of_growth_fallback": bool(norm.cog_fallback),
             "normalization_ratio_to_psf_pass": float(rescale)}
     diag.update({f"scale_err.{k}": float(v) for k, v in star_scale_err.items()})
     return FindStarsStage(stars, det.detections, diag, float(norm.normalization), star_ap_corr, star_scale_err,
@@ -556,7 +567,8 @@ def calibrate_image(snaps: Sequence[Exposure], refcat: Table, *, config: Calibra
 def refcat_search_radius_deg(exposure: Exposure, margin_arcsec: float) -> tuple[float, float, float]:
     """(ra, dec, radius) in degrees of a circle covering the detector plus a margin."""
     if exposure.wcs is None:
-        raise ValueError("exposure has no WCS")
+        raise AstrometryError("the exposure has no WCS, so no reference stars can be loaded for it; give its "
+                              "FITS file a celestial WCS (CTYPE/CRVAL/CD keywords) and ingest it again")
     x0, y0, x1, y1 = exposure.bbox
     cx, cy = exposure.center_pix
     ra_c, dec_c = exposure.pixel_to_sky(cx, cy)

@@ -245,6 +245,33 @@ def test_star_less_frame_fails_or_falls_back_to_the_header_seeing(scene) -> None
     assert not np.any(np.asarray(res.psf_stars["calib_psf_used"], bool))
 
 
+def test_the_few_stars_gaussian_psf_is_flagged(scene) -> None:
+    # The scene has three S/N >= 50 stars; with the default psf_fit.min_stars (5) fit_psf falls back
+    # to a Gaussian of their moments. That PSF is usable but not a fitted model: it must say so in
+    # the image metadata (PSF_FALLBACK) and the persisted diagnostics, never pass as a pixel model.
+    from singleframe.psf import GaussianPsf
+
+    cfg = load_calibrate_config(None, {**SMALL_SCENE, "psf_fit": {}})
+    assert cfg.psf_fit.min_stars == 5
+    res = characterize([scene.exposure], config=cfg)
+    assert isinstance(res.exposure.psf, GaussianPsf)
+    assert res.exposure.metadata["PSF_FALLBACK"] == "moments"
+    assert res.diagnostics["psf_fit_fallback"] == "gaussian of the moments of 3 star(s)"
+    # The Gaussian has the stars' size: sigma 2 px in the scene, measured to the moments' noise.
+    assert res.exposure.psf.sigma(*res.exposure.center_pix) == pytest.approx(2.0, rel=0.03)
+    # With enough stars allowed (SMALL_SCENE: 3) the pixel model is fitted and nothing is flagged.
+    fitted = characterize([scene.exposure], config=load_calibrate_config(None, SMALL_SCENE))
+    assert "PSF_FALLBACK" not in fitted.exposure.metadata and "psf_fit_fallback" not in fitted.diagnostics
+
+
+def test_an_exposure_without_a_wcs_is_an_astrometry_failure_with_the_fix(scene) -> None:
+    from singleframe.errors import AstrometryError
+    from singleframe.steps.pipeline import refcat_search_radius_deg
+
+    with pytest.raises(AstrometryError, match="no WCS.*ingest it again"):
+        refcat_search_radius_deg(scene.exposure.replace(wcs=None), 10.0)
+
+
 def test_the_input_snaps_are_never_modified(scene) -> None:
     # The stage works in place on the frames it creates (background-subtracted image, final mask);
     # the caller's snaps must come out bit for bit as they went in, with one snap or two, and with a

@@ -29,3 +29,11 @@ def test_run_with_missing_config_file_is_a_config_error(tmp_path, capsys: pytest
 
     with pytest.raises(ConfigError, match="does not exist"):
         load_calibrate_config(tmp_path / "nope.yaml")
+
+
+def test_evaluate_of_a_store_without_outputs_fails_and_says_what_to_run(
+        tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    # An empty table with exit status 0 would read as "evaluated, nothing wrong".
+    assert main(["evaluate", "--store", str(tmp_path / "empty")]) == 1
+    err = capsys.readouterr().err
+    assert "no calibrated detectors" in err and "singleframe run --store" in err

@@ -117,6 +117,12 @@ def test_exposure_file_opens_with_plain_astropy(exposure: Exposure) -> None:
         np.testing.assert_allclose(ra, ra0, rtol=0, atol=1e-10)  # same header precision as above
         np.testing.assert_allclose(dec, dec0, rtol=0, atol=1e-10)
         np.testing.assert_array_equal(hdul["IMAGE"].data, exposure.image)
+        assert "PSF_FALLBACK" not in primary  # a fitted PSF: no card
+    # A fallback PSF is announced in the primary header too, where a plain FITS reader looks.
+    data = formats.exposure_to_fits_bytes(exposure.with_metadata(PSF_FALLBACK="moments"))
+    with fits.open(io.BytesIO(data)) as hdul:
+        assert hdul[0].header["PSF_FALLBACK"] == "moments"
+    assert formats.exposure_from_fits_bytes(bytes(data)).metadata["PSF_FALLBACK"] == "moments"
 
 
 def _astropy_file(hdul: fits.HDUList) -> bytes:

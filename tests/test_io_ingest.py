@@ -137,6 +137,27 @@ def test_two_files_of_one_visit_are_snaps_ordered_by_time_or_by_snap_keyword(tmp
     np.testing.assert_array_equal(snap1.variance, read_raw_file(a).exposure.variance)
 
 
+def test_a_later_call_never_replaces_a_stored_snap_with_another_file(tmp_path: Path, store: ArtifactStore) -> None:
+    first = _write(tmp_path / "first.fits", seed=2, VISIT=11)
+    second = _write(tmp_path / "second.fits", seed=3, VISIT=11, **{"DATE-OBS": "2024-01-31T03:05:00.0"})
+    assert ingest_files(store, [first], run="split").ok
+    # Without SNAP keywords the second file of the visit would be numbered snap 0 again: refused,
+    # with the fix, and the stored snap is untouched.
+    report = ingest_files(store, [second], run="split")
+    assert not report.refs and [p for p, _ in report.failures] == [second]
+    assert "already has snap 0, from" in report.failures[0][1] and "in one call" in report.failures[0][1]
+    stored = store.get("post_isr_image", run="split", instrument="My_Cam", visit=11, detector=3, snap=0)
+    np.testing.assert_array_equal(stored.variance, read_raw_file(first).exposure.variance)
+    # Re-ingesting the same file is idempotent; a second snap with its SNAP keyword is added.
+    assert ingest_files(store, [first], run="split").ok
+    with_keyword = _write(tmp_path / "second_kw.fits", seed=3, VISIT=11, SNAP=1)
+    assert ingest_files(store, [with_keyword], run="split").ok
+    # A stored snap is not replaced by a file that claims its number either.
+    other = _write(tmp_path / "other.fits", seed=4, VISIT=11, SNAP=1)
+    report = ingest_files(store, [other], run="split")
+    assert not report.ok and "already has snap 1, from" in report.failures[0][1]
+
+
 def test_third_snap_and_mismatched_shapes_fail_the_group_only(tmp_path: Path, store: ArtifactStore) -> None:
     trio = [_write(tmp_path / f"t{i}.fits", seed=i, VISIT=5) for i in range(3)]
     other = _write(tmp_path / "other.fits", VISIT=6)
@@ -178,6 +199,11 @@ def test_multi_extension_layout_is_ingested_losslessly(tmp_path: Path, store: Ar
     np.testing.assert_array_equal(back.mask, mask)
     np.testing.assert_array_equal(back.variance, e.variance)
     assert back.origin == (16, 24) and back.detector.name == "S04" and back.visit_info.mjd_tai == 60340.2
+    # Our layout without a WCS is refused at ingest (calibration could not load reference stars).
+    nowcs = tmp_path / "nowcs_ours.fits"
+    nowcs.write_bytes(exposure_to_fits_bytes(e.replace(wcs=None)))
+    with pytest.raises(IngestError, match="no celestial WCS in the IMAGE header"):
+        read_raw_file(str(nowcs))
 
 
 def test_placeholder_values_count_as_missing(tmp_path: Path) -> None:

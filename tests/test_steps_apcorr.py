@@ -104,6 +104,20 @@ def test_curve_of_growth_extrapolates_away_annulus_contamination():
     assert rubin.curve_of_growth == 1.0 and rubin.normalization == pytest.approx(NORM, rel=1e-3)
 
 
+def test_a_curve_of_growth_no_star_measures_is_flagged_and_widens_the_errors():
+    cat = catalog(80, seed=11)
+    # No star reaches the curve-of-growth S/N: the factor is left out (1.0) and flagged, and its
+    # configured error (2 %) enters the normalisation and flux-scale errors instead of nothing.
+    res = measure_aperture_correction(cat, bbox=BBOX, config=ApertureCorrectionConfig(cog_min_snr=1e9))
+    assert res.cog_fallback and res.curve_of_growth == 1.0 and res.curve_of_growth_n_stars == 0
+    assert res.curve_of_growth_err == 0.02
+    assert res.normalization_err >= 0.02 and res.scale_err["base_PsfFlux"] >= 0.02
+    measured = measure_aperture_correction(cat, bbox=BBOX, config=ApertureCorrectionConfig())
+    assert measured.normalization_err < 0.005  # so the fallback's error is the configured one
+    with pytest.raises(ConfigError, match="cog_fallback_err"):
+        ApertureCorrectionConfig(cog_fallback_err=-1.0).validate()
+
+
 def test_missing_total_aperture_is_a_config_error():
     cat = catalog(20, seed=12)
     cat.remove_column("base_CircularApertureFlux_25_0_instFlux")
