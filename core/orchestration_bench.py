@@ -308,7 +308,7 @@ def _peak_rss_mb() -> float:
 
 def _worker_direct(spec: dict[str, Any]) -> dict[str, Any]:
     """The flow's work without Prefect: every stage via ``run_stage``, then the plot, detector by detector."""
-    from .flows.calibrate import CalibrateParams, RunContext, discover_data_ids, run_stage
+    from .flows.calibrate import CalibrateParams, discover_data_ids, run_context, run_stage
     from .flows.diagnostics import plot_detector_diagnostics
     from .flows.stages import STAGES
     from .io.store import ArtifactStore
@@ -323,8 +323,7 @@ def _worker_direct(spec: dict[str, Any]) -> dict[str, Any]:
         config = load_calibrate_config(None)
         store = ArtifactStore(spec["store"])
         params = CalibrateParams(store=spec["store"], output_run=spec["output_run"], detectors=spec["detectors"])
-        ctx = RunContext(store=params.store, input_run=params.input_run, output_run=params.output_run,
-                         refcat=params.refcat, config=config.to_dict(), config_hash=config.hash)
+        ctx = run_context(params, config, store)
         for data_id in discover_data_ids(store, params):
             try:
                 for stage in STAGES:

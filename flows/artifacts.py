@@ -30,7 +30,8 @@ def summary_rows(outcomes: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for o in sorted(outcomes, key=lambda o: (o["data_id"]["visit"], o["data_id"]["detector"])):
         row: dict[str, Any] = {"visit": o["data_id"]["visit"], "detector": o["data_id"]["detector"],
-                               "status": o["status"], "wall_s": round(float(o.get("wall_s", 0.0)), 2)}
+                               "status": o["status"],
+                               "wall_s": None if o.get("wall_s") is None else round(float(o["wall_s"]), 2)}
         if o["status"] == "ok":
             row.update({k: (None if v is None else round(float(v), 4)) for k, v in o["summary"].items()})
         else:

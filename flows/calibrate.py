@@ -45,6 +45,7 @@ from pydantic import BaseModel, Field
 from .. import __version__
 from ..errors import (
     ConfigError,
+    DatasetNotFoundError,
     SingleframeError,
     StepFailedError,
     TransientIOError,
@@ -52,8 +53,10 @@ from ..errors import (
 )
 from ..exposure import Exposure
 from ..ids import DataId
+from ..io.refcat import refcat_version
 from ..io.refs import DatasetRef
 from ..io.store import ArtifactStore
+from ..provenance import code_fingerprint
 from ..steps.config import CalibrateImageConfig, calibrate_config_from_dict, load_calibrate_config
 from .artifacts import SUMMARY_KEYS, VisitProgress, publish_visit_artifacts
 from .diagnostics import plot_detector_diagnostics
@@ -94,6 +97,28 @@ class RunContext(BaseModel):
     config: dict[str, Any]
     config_hash: str
     rerun: bool = False
+    #: :func:`~singleframe.io.refcat.refcat_version` of ``refcat``: in the cache key of the stages
+    #: that read it, so a re-ingested catalogue recomputes them (and everything downstream).
+    refcat_version: str = ""
+
+
+def run_context(params: CalibrateParams, config: CalibrateImageConfig, store: ArtifactStore) -> RunContext:
+    """The context of a run; raises :class:`ConfigError` before any pixel is read if the refcat is missing."""
+    try:
+        version = refcat_version(store, params.refcat)
+    except DatasetNotFoundError:
+        raise ConfigError(
+            f"reference catalogue {params.refcat!r} is not in the store {store.root} (no "
+            f"refcats/{params.refcat}/manifest.json); ingest one with `singleframe ingest-refcat --name "
+            f"{params.refcat}`, or name an existing one with refcat=...") from None
+    return RunContext(store=params.store, input_run=params.input_run, output_run=params.output_run,
+                      refcat=params.refcat, config=config.to_dict(), config_hash=config.hash, rerun=params.rerun,
+                      refcat_version=version)
+
+
+def code_version() -> str:
+    """The release and the fingerprint of the calibration code (changes with any edit of it)."""
+    return f"{__version__}+{code_fingerprint()}"
 
 
 def _only_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -125,8 +150,10 @@ def _cache_key(stage: Stage, data_id: DataId, input_refs: dict[str, list[Dataset
         "data_id": data_id.to_dict(),
         "inputs": {k: sorted(_input_version(store, r) for r in v) for k, v in sorted(input_refs.items())},
         "config_hash": ctx.config_hash,
-        "code_version": __version__,
+        "code_version": code_version(),
     }
+    if stage.uses_refcat:
+        payload["refcat"] = {"name": ctx.refcat, "version": ctx.refcat_version}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -261,19 +288,53 @@ def calibrate_one_detector(ctx: RunContext, data_id: DataId) -> dict[str, Any]:
         }
         if not isinstance(exc, StepFailedError):
             record["traceback"] = traceback.format_exc(limit=8)
-        store.put("detector_failure", record, **where)
-        return {"data_id": data_id.to_dict(), "status": "failed", "stage": current,
-                "error": record["failure.type"], "message": str(exc), "wall_s": time.perf_counter() - t0}
-    if store.exists("detector_failure", **where):
-        store.delete("detector_failure", **where)
+        outcome = {"data_id": data_id.to_dict(), "status": "failed", "stage": current,
+                   "error": record["failure.type"], "message": str(exc), "wall_s": time.perf_counter() - t0}
+        try:
+            _record_failure(store, ctx, data_id, current, record)
+        except Exception as book_exc:  # the store itself failed: the outcome still says what happened
+            get_run_logger().error("%s: could not record the failure in the store: %s: %s", data_id.label,
+                                   type(book_exc).__name__, book_exc)
+            outcome["record_error"] = f"{type(book_exc).__name__}: {book_exc}"
+        return outcome
+    try:
+        if store.exists("detector_failure", **where):
+            store.delete("detector_failure", **where)
+        summary = store.get("detector_summary", **where)
+    except Exception as exc:  # calibrated and stored, but the bookkeeping read failed: say so, go on
+        get_run_logger().error("%s: outputs written but the summary could not be read: %s: %s", data_id.label,
+                               type(exc).__name__, exc)
+        return {"data_id": data_id.to_dict(), "status": "ok", "wall_s": time.perf_counter() - t0, "plot": None,
+                "summary": {}, "record_error": f"{type(exc).__name__}: {exc}"}
     try:
         plot_uri: str | None = plot_diagnostics(ctx, data_id)
     except Exception as exc:  # a missing plot is not a failed calibration; say so and go on
         get_run_logger().warning("%s: diagnostic plot failed: %s: %s", data_id.label, type(exc).__name__, exc)
         plot_uri = None
-    summary = store.get("detector_summary", **where)
     return {"data_id": data_id.to_dict(), "status": "ok", "wall_s": time.perf_counter() - t0, "plot": plot_uri,
             "summary": {k: summary.get(k) for k in SUMMARY_KEYS}}
+
+
+def _record_failure(store: ArtifactStore, ctx: RunContext, data_id: DataId, failed_stage: str,
+                    record: dict[str, Any]) -> None:
+    """Write the failure record, and remove what the failed stage and every later one wrote before.
+
+    Outputs of an earlier run of this detector (another config with ``rerun``) that the failed
+    stage would have replaced are stale: left next to the failure record, a reader globbing
+    ``preliminary_visit_image`` would take them for this run's. The outputs of the stages that
+    succeeded stay (the characterized image, the PSF-star footprints, ...). The record is written
+    first, so an interrupted clean-up never leaves stale outputs without it.
+    """
+    where = {"run": ctx.output_run, "instrument": data_id.instrument, "visit": data_id.visit,
+             "detector": data_id.detector}
+    store.put("detector_failure", record, **where)
+    names = [stage.name for stage in STAGES]
+    if failed_stage not in names:  # failed before the first stage: nothing of this run to keep
+        failed_stage = names[0]
+    for stage in STAGES[names.index(failed_stage):]:
+        for name in stage.outputs:
+            if store.exists(name, **where):
+                store.delete(name, **where)
 
 
 # The task wraps a module-level function so that Dask pickles it by reference (workers import
@@ -301,19 +362,24 @@ def calibrate_visits(params: CalibrateParams = CalibrateParams()) -> Any:  # noq
     data_ids = discover_data_ids(store, params)
     if not data_ids:
         return Failed(message=f"no post_isr_image datasets in run {params.input_run!r} of {params.store}")
-    ctx = RunContext(store=params.store, input_run=params.input_run, output_run=params.output_run,
-                     refcat=params.refcat, config=config.to_dict(), config_hash=config.hash, rerun=params.rerun)
+    ctx = run_context(params, config, store)
     for instrument in sorted({d.instrument for d in data_ids}):
         _record_config(store, ctx, instrument)
     logger.info("calibrating %d detectors of %d visits with config %s", len(data_ids),
                 len({d.visit for d in data_ids}), ctx.config_hash)
-    futures = [calibrate_detector.submit(ctx, d) for d in data_ids]
+    futures = {calibrate_detector.submit(ctx, d): d for d in data_ids}
     visits = sorted({d.visit for d in data_ids})
     progress = VisitProgress(params.output_run, {v: sum(d.visit == v for d in data_ids) for v in visits})
     report = current_progress_callback()
     outcomes: list[dict[str, Any]] = []
-    for future in as_completed(futures):
-        outcome = future.result()
+    for future in as_completed(list(futures)):
+        try:
+            outcome = future.result()
+        except Exception as exc:  # the detector's task itself died (e.g. a Dask worker lost): not the visit
+            data_id = futures[future]
+            logger.error("%s: the detector's task failed: %s: %s", data_id.label, type(exc).__name__, exc)
+            outcome = {"data_id": data_id.to_dict(), "status": "failed", "stage": "orchestration",
+                       "error": type(exc).__name__, "message": str(exc), "wall_s": None}
         outcomes.append(outcome)
         visit = int(outcome["data_id"]["visit"])
         progress.update(visit, outcome["status"] == "ok")
@@ -342,7 +408,7 @@ def _record_config(store: ArtifactStore, ctx: RunContext, instrument: str) -> No
                 f"{ctx.config_hash}; write to a new output run, or pass rerun to recompute it with this config"
             )
     store.put("calibrate_config", {"config": ctx.config, "config_hash": ctx.config_hash,
-                                   "code_version": __version__}, **where)
+                                   "code_version": code_version()}, **where)
 
 
 #: Set in Dask worker processes that a LocalCluster of ours starts (see :mod:`singleframe.runtime`).

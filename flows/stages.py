@@ -48,6 +48,8 @@ class Stage:
     outputs: tuple[str, ...]
     compute: Callable[[Mapping[str, Any], StageContext], dict[str, Any]]
     doc: str
+    #: Reads the reference catalogue (``StageContext.load_refcat``): its version is in the cache key.
+    uses_refcat: bool = False
 
 
 def wcs_to_record(wcs: WCS, quality: Mapping[str, Any]) -> dict[str, Any]:
@@ -59,9 +61,9 @@ def wcs_from_record(record: Mapping[str, Any]) -> WCS:
 
 
 def ap_corr_to_record(ap_corr: Mapping[str, ChebyshevField], normalization: float, fallback: bool,
-                      scale_err: Mapping[str, float]) -> dict[str, Any]:
+                      scale_err: Mapping[str, float], cog_fallback: bool = False) -> dict[str, Any]:
     return {"fields": {k: v.to_dict() for k, v in ap_corr.items()}, "normalization": normalization,
-            "fallback": fallback, "scale_err": dict(scale_err)}
+            "fallback": fallback, "scale_err": dict(scale_err), "curve_of_growth_fallback": cog_fallback}
 
 
 def ap_corr_from_record(record: Mapping[str, Any]) -> tuple[dict[str, ChebyshevField], float]:
@@ -83,7 +85,8 @@ def _characterize(d: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:
 def _correct_apertures(d: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:
     res = pipeline.correct_apertures(d["characterized_image"], d["characterized_psf_stars"], config=ctx.config)
     return {
-        "aperture_correction": ap_corr_to_record(res.ap_corr, res.normalization, res.fallback, res.scale_err),
+        "aperture_correction": ap_corr_to_record(res.ap_corr, res.normalization, res.fallback, res.scale_err,
+                                                 res.cog_fallback),
         "apcorr_psf_stars": res.psf_stars,
     }
 
@@ -163,13 +166,13 @@ STAGES: tuple[Stage, ...] = (
           "normalise the calibration flux; fit aperture-correction fields"),
     Stage("calibrate_astrometry", ("characterized_image", "apcorr_psf_stars"),
           ("astrometric_solution", "single_visit_psf_star", "initial_astrometry_match_detector"),
-          _calibrate_astrometry, "match PSF stars to the refcat; affine fit on the camera model"),
+          _calibrate_astrometry, "match PSF stars to the refcat; affine fit on the camera model", uses_refcat=True),
     Stage("find_stars", ("characterized_image", "aperture_correction", "astrometric_solution", "single_visit_psf_star"),
           ("star_catalog",), _find_stars,
           "detect (S/N>=10), deblend, measure, normalise (star pass), aperture-correct, select stars, propagate flags"),
     Stage("calibrate_photometry", ("characterized_image", "star_catalog", "aperture_correction"),
           ("initial_photoCalib_detector", "initial_photometry_match_detector"), _calibrate_photometry,
-          "fit the zero point to the refcat"),
+          "fit the zero point to the refcat", uses_refcat=True),
     Stage("finalize", ("characterized_image", "characterized_background", "star_catalog", "single_visit_psf_star",
                        "aperture_correction", "astrometric_solution", "initial_photoCalib_detector",
                        "initial_astrometry_match_detector", "initial_photometry_match_detector"),

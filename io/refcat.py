@@ -19,6 +19,7 @@ Every catalogue holds the columns of the "Reference catalogue table" in
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -80,18 +81,21 @@ class RefcatInfo:
     epoch_min_year: float
     epoch_max_year: float
     max_pm_mas_per_yr: float
+    #: SHA-256 of the shards' bytes in pixel order: a re-ingested catalogue with other contents has
+    #: another checksum (calibrations keyed on it are recomputed). Empty in manifests written before it.
+    checksum: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "nside": self.nside, "bands": list(self.bands), "columns": list(self.columns),
                 "n_stars": self.n_stars, "pixels": list(self.pixels), "epoch_min_year": self.epoch_min_year,
                 "epoch_max_year": self.epoch_max_year, "max_pm_mas_per_yr": self.max_pm_mas_per_yr,
-                "healpix_order": "nested", "frame": "icrs"}
+                "healpix_order": "nested", "frame": "icrs", "checksum": self.checksum}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RefcatInfo:
         return cls(str(d["name"]), int(d["nside"]), tuple(d["bands"]), tuple(d["columns"]), int(d["n_stars"]),
                    tuple(int(p) for p in d["pixels"]), float(d["epoch_min_year"]), float(d["epoch_max_year"]),
-                   float(d["max_pm_mas_per_yr"]))
+                   float(d["max_pm_mas_per_yr"]), str(d.get("checksum", "")))
 
 
 def epoch_year_from_mjd(mjd: float, *, scale: str = "tai") -> float:
@@ -204,15 +208,20 @@ def write_refcat(store_or_root: ArtifactStore | str, name: str, table: Table, *,
     pix_sorted = pix[order]
     pixels, starts = np.unique(pix_sorted, return_index=True)
     bounds = [*starts.tolist(), len(order)]
+    digest = hashlib.sha256()
     for k, p in enumerate(pixels.tolist()):
         part = std[order[bounds[k]:bounds[k + 1]]]
-        store.put_bytes(f"{base}/nside{nside}/{p}.parquet", table_to_parquet_bytes(part))
+        data = table_to_parquet_bytes(part)
+        digest.update(f"{p}:{len(data)}:".encode())
+        digest.update(data)
+        store.put_bytes(f"{base}/nside{nside}/{p}.parquet", data)
     pm = np.hypot(np.asarray(std["pm_ra"]), np.asarray(std["pm_dec"]))
     info = RefcatInfo(
         name=name, nside=nside, bands=_bands_of(std), columns=tuple(std.colnames), n_stars=len(std),
         pixels=tuple(int(p) for p in pixels), epoch_min_year=float(np.min(std["epoch"])) if len(std) else math.nan,
         epoch_max_year=float(np.max(std["epoch"])) if len(std) else math.nan,
         max_pm_mas_per_yr=float(np.nanmax(pm)) if len(std) and np.any(np.isfinite(pm)) else 0.0,
+        checksum=digest.hexdigest(),
     )
     store.put_bytes(f"{base}/manifest.json", _json_dumps(info.to_dict(), indent=1).encode())
     return info
@@ -222,6 +231,18 @@ def read_refcat_info(store_or_root: ArtifactStore | str, name: str) -> RefcatInf
     """The manifest of catalogue ``name``; raises :class:`DatasetNotFoundError` if it was never written."""
     store = _as_store(store_or_root)
     return RefcatInfo.from_dict(_json_loads(store.get_bytes(f"refcats/{name}/manifest.json")))
+
+
+def refcat_version(store_or_root: ArtifactStore | str, name: str) -> str:
+    """A string that changes whenever catalogue ``name`` is re-written with other contents.
+
+    The manifest's ``checksum`` of the shards; for manifests written before it existed, the
+    SHA-256 of the manifest itself. Raises :class:`DatasetNotFoundError` if it was never written.
+    """
+    store = _as_store(store_or_root)
+    raw = store.get_bytes(f"refcats/{name}/manifest.json")
+    checksum = RefcatInfo.from_dict(_json_loads(raw)).checksum
+    return checksum or "manifest:" + hashlib.sha256(raw).hexdigest()
 
 
 def _unit_vectors(ra_deg: npt.NDArray[np.float64], dec_deg: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:

@@ -39,6 +39,7 @@ from astropy.io.fits.verify import VerifyError
 
 from .. import __version__
 from ..errors import DatasetError, DatasetNotFoundError, SingleframeError, TransientIOError
+from ..provenance import code_fingerprint
 from .datasets import DatasetType, get_dataset_type
 from .formats import BytesLike, _json_dumps, _json_loads, get_format
 from .refs import DatasetRef
@@ -254,7 +255,7 @@ class ArtifactStore:
             "storage": dtype.storage,
             "size_bytes": len(data),
             "checksum": checksum,
-            "code_version": __version__,
+            "code_version": f"{__version__}+{code_fingerprint()}",
             "created_utc": datetime.now(UTC).isoformat(timespec="milliseconds"),
         }
         with self._wrapped("serialise provenance of", what, path + PROVENANCE_SUFFIX, dtype.name):

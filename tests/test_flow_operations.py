@@ -212,3 +212,100 @@ def test_killed_worker_then_rerun_completes_without_recomputing_finished_detecto
     for det in range(4):
         for name in OUTPUTS:
             store.get(name, **_where(det, "killed"))  # opens: nothing partial or corrupt
+
+
+def _refcat_table(store: ArtifactStore, name: str):
+    from astropy.table import vstack
+
+    from singleframe.io.formats import table_from_parquet_bytes
+    from singleframe.io.refcat import read_refcat_info
+
+    info = read_refcat_info(store, name)
+    return vstack([table_from_parquet_bytes(store.get_bytes(f"refcats/{name}/nside{info.nside}/{p}.parquet"))
+                   for p in info.pixels])
+
+
+def test_a_reingested_refcat_recomputes_the_calibrations_that_read_it(survey: dict) -> None:
+    from singleframe.flows.calibrate import CalibrateParams, run_calibration
+    from singleframe.io.refcat import refcat_version, write_refcat
+
+    root: Path = survey["root"]
+    store: ArtifactStore = survey["store"]
+    table = _refcat_table(store, "refcat")
+    write_refcat(store, "refcat_b", table)
+    params = CalibrateParams(store=str(root), output_run="recat", refcat="refcat_b", detectors=[0], max_workers=1)
+    assert run_calibration(params).message == "1 of 1 detectors calibrated, 0 failed"
+    before = _data_files(root / "recat")
+    # The same catalogue written again has the same checksum: nothing is recomputed.
+    old_version = refcat_version(store, "refcat_b")
+    write_refcat(store, "refcat_b", table)
+    assert refcat_version(store, "refcat_b") == old_version
+    assert run_calibration(params).is_completed() and _data_files(root / "recat") == before
+    # A corrected catalogue (here: every tenth star dropped) under the same name recomputes the
+    # stages that read it and everything downstream, and nothing upstream.
+    write_refcat(store, "refcat_b", table[np.arange(len(table)) % 10 != 0])
+    assert refcat_version(store, "refcat_b") != old_version
+    assert run_calibration(params).is_completed()
+    after = _data_files(root / "recat")
+    det = f"visit-{VISIT}/det-000"
+
+    def rewritten(dataset: str) -> bool:
+        (path,) = [p for p in before if f"/{dataset}/" in p.as_posix() and det in p.as_posix()
+                   and not p.name.endswith(PROVENANCE_SUFFIX)]
+        return after[path] != before[path]
+
+    assert not rewritten("characterized_image") and not rewritten("aperture_correction")
+    for dataset in ("initial_astrometry_match_detector", "single_visit_psf_star", "initial_photoCalib_detector",
+                    "preliminary_visit_image", "single_visit_star_unstandardized"):
+        assert rewritten(dataset), dataset
+
+
+def test_a_missing_refcat_fails_the_run_before_any_detector_starts(survey: dict) -> None:
+    from singleframe.flows.calibrate import CalibrateParams, run_calibration
+
+    params = CalibrateParams(store=str(survey["root"]), output_run="norefcat", refcat="no_such_catalogue")
+    state = run_calibration(params)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="reference catalogue 'no_such_catalogue' is not in the store.*ingest-refcat"):
+        state.result()
+    assert not (survey["root"] / "norefcat").exists()  # not a pixel read, nothing written
+
+
+def test_a_failed_rerun_removes_the_outputs_it_would_have_replaced(
+        survey: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from singleframe.errors import AstrometryError
+    from singleframe.flows.calibrate import CalibrateParams, run_calibration
+    from singleframe.steps import pipeline
+
+    store: ArtifactStore = survey["store"]
+    params = CalibrateParams(store=str(survey["root"]), output_run="stale", detectors=[0, 1], max_workers=1)
+    assert run_calibration(params).message == "2 of 2 detectors calibrated, 0 failed"
+
+    def no_astrometry(*args, **kwargs):
+        raise AstrometryError("injected: no match")
+
+    monkeypatch.setattr(pipeline, "calibrate_astrometry", no_astrometry)
+    # The detector-failure record of detector 1 cannot be written (the store is down for it):
+    # the visit still completes, and the outcome says the record is missing.
+    original_put = ArtifactStore.put
+
+    def put(self: ArtifactStore, dataset_type: str, obj, **kw):
+        if dataset_type == "detector_failure" and kw.get("detector") == 1:
+            raise TransientIOError("injected: store unreachable", uri="")
+        return original_put(self, dataset_type, obj, **kw)
+
+    monkeypatch.setattr(ArtifactStore, "put", put)
+    state = run_calibration(params.model_copy(update={"rerun": True}))
+    assert state.message == "0 of 2 detectors calibrated, 2 failed"
+    outcomes = {o["data_id"]["detector"]: o for o in state.result()}
+    assert outcomes[0]["stage"] == "calibrate_astrometry" and "record_error" not in outcomes[0]
+    assert "TransientIOError" in outcomes[1]["record_error"]
+    where = _where(0, "stale")
+    assert store.exists("detector_failure", **where)
+    # What the stages before astrometry made in this run stays; what astrometry and later stages
+    # made in the earlier run is gone, so no stale product sits next to the failure.
+    for name in ("characterized_image", "aperture_correction", "single_visit_psf_star_footprints"):
+        assert store.exists(name, **where), name
+    for name in ("single_visit_psf_star", "initial_astrometry_match_detector", "preliminary_visit_image",
+                 "single_visit_star_unstandardized", "initial_photoCalib_detector", "detector_summary"):
+        assert not store.exists(name, **where), name
