@@ -71,4 +71,5 @@ def test_star_selection_and_zero_point_against_truth(visit_index: int, tmp_path)
     # The old 12-px normalisation was ~1 % (10 mmag) off; issue 5's 21-detector test
     # (test_photometry_accuracy.py) holds the bias and pull bars.
     assert abs(row["zp_err_mmag"]) <= 3 * zp_sigma_mmag, (row, zp_sigma_mmag)
-    assert 1.0 < zp_sigma_mmag < 10.0  # a real, finite error (fit + flux scale), not inflated away
+    # A real, finite error (fit + flux scale), neither lost nor inflated away: 3.7 and 5.5 mmag measured.
+    assert 2.5 < zp_sigma_mmag < 8.0

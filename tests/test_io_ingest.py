@@ -212,7 +212,8 @@ def test_placeholder_values_count_as_missing(tmp_path: Path) -> None:
     e = read_raw_file(path).exposure
     assert e.detector.id == 4  # the next keyword in line is used
     assert math.isnan(e.visit_info.airmass)
-    assert math.isfinite(e.visit_info.rotation_angle_deg)  # from the WCS instead
+    # From the CD matrix instead, never a default such as 0.
+    assert e.visit_info.rotation_angle_deg == pytest.approx(ROTATION_DEG, abs=1e-9)
     # A required keyword given as a placeholder is reported as missing, with the fix.
     bad = _write(tmp_path / "bad.fits", EXPTIME="N/A")
     with pytest.raises(IngestError, match="EXPTIME"):

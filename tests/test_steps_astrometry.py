@@ -34,6 +34,7 @@ def _scene(seed: int, *, n_ref: int = 1500, grow: float = 0.3, ref_noise_mas: fl
     on = np.flatnonzero((x > 2) & (x < NX - 3) & (y > 2) & (y < NY - 3))
     src = Table()
     src["id"] = np.arange(1, len(on) + 1, dtype=np.int64)
+    src.meta["star_index"] = on  # source id k is star on[k - 1], reference id 10_000 + star index
     src["base_SdssCentroid_x"] = x[on] + ORIGIN[0]
     src["base_SdssCentroid_y"] = y[on] + ORIGIN[1]
     src["base_SdssCentroid_xErr"] = np.full(len(on), 0.01)
@@ -74,7 +75,11 @@ def test_recovers_known_wcs(d_ra_arcmin, d_dec_arcmin, d_rot_deg, scale):
                 "src_coord_ra", "src_coord_dec", "src_base_SdssCentroid_x", "src_base_SdssCentroid_y",
                 "src_base_PsfFlux_instFlux", "distance", "distance_arcsec"):
         assert col in res.matches.colnames
-    # Every match pairs a source with its own star (ids were assigned in the same order).
+    # Every match pairs a source with its own star: with 5 mas reference noise and stars ~10" apart
+    # on average, a match to a neighbour would be a matcher bug, not noise.
+    src_id = np.asarray(res.matches["src_id"], np.int64)
+    ref_id = np.asarray(res.matches["ref_id"], np.int64)
+    np.testing.assert_array_equal(ref_id - 10_000, src.meta["star_index"][src_id - 1])
     assert res.wcs.sip is not None  # the camera distortion is kept
 
 

@@ -73,6 +73,22 @@ def test_summary_fields_finite_and_psf_sigma():
     assert s["zeroPoint"] == pytest.approx(PhotoCalib(20.0).zero_point_mag)
     assert s["astromOffsetMean"] == pytest.approx(0.01 * math.sqrt(math.pi / 2), rel=0.15)  # Rayleigh mean
     assert 15 < s["magLim"] < 35
+    # Corners in the documented order, on the outer pixel edges (parent coordinates), and the centre.
+    x0, y0, x1, y1 = ORIGIN[0] - 0.5, ORIGIN[1] - 0.5, ORIGIN[0] + NX - 0.5, ORIGIN[1] + NY - 0.5
+    ra_c, dec_c = exp.pixel_to_sky(np.array([x0, x1, x1, x0]), np.array([y0, y0, y1, y1]))
+    assert s["raCorners"] == pytest.approx(list(ra_c), abs=1e-12)
+    assert s["decCorners"] == pytest.approx(list(dec_c), abs=1e-12)
+    ra0, dec0 = exp.pixel_to_sky(ORIGIN[0] + (NX - 1) / 2, ORIGIN[1] + (NY - 1) / 2)
+    assert (s["ra"], s["dec"]) == pytest.approx((float(ra0), float(dec0)), abs=1e-12)
+    # Rubin's effective-time definitions against the (LSSTCam r-band) fiducials, 30-s exposure.
+    cfg = SummaryConfig()
+    assert s["effTime"] == pytest.approx(10 ** (0.8 * (s["magLim"] - cfg.fiducial_mag_lim_mag["r"]))
+                                         * cfg.fiducial_exp_time_s, rel=1e-12)
+    assert s["effTimePsfSigmaScale"] == pytest.approx((SIGMA / cfg.fiducial_psf_sigma_pix["r"]) ** -2, rel=2e-3)
+    assert s["effTimeSkyBgScale"] == pytest.approx(cfg.fiducial_sky_count_per_s["r"] / (500.0 / 30.0), rel=1e-12)
+    dzp = cfg.fiducial_zero_point_mag["r"] - (s["zeroPoint"] - 2.5 * math.log10(30.0))
+    assert s["effTimeZeroPointScale"] == pytest.approx(min(10 ** (-0.8 * dzp), cfg.max_effective_transparency),
+                                                       rel=1e-12)
 
 
 def test_summary_without_calibrations_is_nan():
