@@ -3,7 +3,8 @@
 The package version (``singleframe.__version__``) only changes at a release, but a cached
 output is stale as soon as any code that computes it changes. :func:`code_fingerprint` hashes
 the source of every module a calibration can run, so the flows' cache keys change with the code
-(an editable install being edited, or a new wheel) and a re-run recomputes exactly then.
+(an editable install being edited, or a new wheel) and a re-run recomputes exactly then. (The
+flows add the versions of the numeric libraries: see ``singleframe.flows.calibrate.code_version``.)
 """
 
 from __future__ import annotations
@@ -30,13 +31,18 @@ def code_fingerprint() -> str:
     """
     top = importlib.util.find_spec("singleframe")
     assert top is not None and top.submodule_search_locations
-    files = {p.name: p for loc in top.submodule_search_locations for p in Path(loc).glob("*.py")}
+    files = {p.name: p for loc in top.submodule_search_locations for p in Path(loc).glob("*.py") if p.is_file()}
     for name in _CALIBRATION_SUBPACKAGES:
         spec = importlib.util.find_spec(f"singleframe.{name}")
         if spec is None or not spec.submodule_search_locations:
             raise ImportError(f"singleframe.{name} is not importable: the installation is incomplete; reinstall")
-        for loc in spec.submodule_search_locations:
-            files.update({f"{name}/{p.relative_to(loc).as_posix()}": p for p in Path(loc).rglob("*.py")})
+        found = {f"{name}/{p.relative_to(loc).as_posix()}": p for loc in spec.submodule_search_locations
+                 for p in Path(loc).rglob("*.py") if p.is_file()}  # (editor lock files are dangling links)
+        if not found:
+            # A sourceless (.pyc-only or zipped) install: no fingerprint could follow the code.
+            raise ImportError(f"singleframe.{name} has no .py source files at {list(spec.submodule_search_locations)}; "
+                              "install singleframe from a wheel or source tree (the cache keys hash the source)")
+        files.update(found)
     digest = hashlib.sha256()
     for rel in sorted(files):
         data = files[rel].read_bytes()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import importlib.metadata
 import json
 import time
 import traceback
@@ -59,7 +60,7 @@ from ..io.store import ArtifactStore
 from ..provenance import code_fingerprint
 from ..steps.config import CalibrateImageConfig, calibrate_config_from_dict, load_calibrate_config
 from .artifacts import SUMMARY_KEYS, VisitProgress, publish_visit_artifacts
-from .diagnostics import plot_detector_diagnostics
+from .diagnostics import diagnostics_path, plot_detector_diagnostics
 from .stages import STAGES, Stage, StageContext, persisted_outputs
 
 #: Delays before the 1st, 2nd and 3rd retry of a transient I/O failure (s), each +/- 50 % jitter.
@@ -100,6 +101,9 @@ class RunContext(BaseModel):
     #: :func:`~singleframe.io.refcat.refcat_version` of ``refcat``: in the cache key of the stages
     #: that read it, so a re-ingested catalogue recomputes them (and everything downstream).
     refcat_version: str = ""
+    #: :func:`code_version` of the process that started the run: a worker running other code (a
+    #: long-lived Dask cluster started before an edit or upgrade) refuses to compute with it.
+    code_version: str = ""
 
 
 def run_context(params: CalibrateParams, config: CalibrateImageConfig, store: ArtifactStore) -> RunContext:
@@ -113,12 +117,24 @@ def run_context(params: CalibrateParams, config: CalibrateImageConfig, store: Ar
             f"{params.refcat}`, or name an existing one with refcat=...") from None
     return RunContext(store=params.store, input_run=params.input_run, output_run=params.output_run,
                       refcat=params.refcat, config=config.to_dict(), config_hash=config.hash, rerun=params.rerun,
-                      refcat_version=version)
+                      refcat_version=version, code_version=code_version())
+
+
+#: Libraries whose numerics the calibration depends on: an upgrade recomputes (it may change results).
+_NUMERIC_DEPENDENCIES = ("numpy", "scipy", "astropy", "sep", "photutils", "pyarrow")
 
 
 def code_version() -> str:
-    """The release and the fingerprint of the calibration code (changes with any edit of it)."""
-    return f"{__version__}+{code_fingerprint()}"
+    """The release, the fingerprint of the calibration source and the versions of the numeric libraries."""
+    deps = ",".join(f"{name}={_dist_version(name)}" for name in _NUMERIC_DEPENDENCIES)
+    return f"{__version__}+{code_fingerprint()};{deps}"
+
+
+def _dist_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
 
 
 def _only_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -177,6 +193,11 @@ def run_stage(stage: Stage, ctx: RunContext, data_id: DataId,
               refcat_loader: Callable[[Exposure], Any] | None = None) -> dict[str, DatasetRef]:
     """Run one stage for one detector, or return its cached outputs."""
     store = ArtifactStore(ctx.store)
+    here = code_version()
+    if ctx.code_version and ctx.code_version != here:
+        raise ConfigError(
+            f"this worker runs other code than the flow that started the run ({here} against "
+            f"{ctx.code_version}): restart the workers (e.g. the Dask cluster) after installing the new version")
     input_refs = _input_refs(store, stage, data_id, ctx)
     key = _cache_key(stage, data_id, input_refs, ctx, store)
     where = {"run": ctx.output_run, "instrument": data_id.instrument, "visit": data_id.visit, "detector": data_id.detector}
@@ -282,30 +303,24 @@ def calibrate_one_detector(ctx: RunContext, data_id: DataId) -> dict[str, Any]:
             current = stage.name
             STAGE_TASKS[stage.name](ctx, data_id)
     except Exception as exc:  # recorded with its type; unexpected errors are marked as bugs
-        record = {
-            "data_id": data_id.to_dict(), "stage": current, "status": "failed",
-            "expected": isinstance(exc, SingleframeError), **failure_metadata(exc),
-        }
-        if not isinstance(exc, StepFailedError):
-            record["traceback"] = traceback.format_exc(limit=8)
         outcome = {"data_id": data_id.to_dict(), "status": "failed", "stage": current,
-                   "error": record["failure.type"], "message": str(exc), "wall_s": time.perf_counter() - t0}
-        try:
-            _record_failure(store, ctx, data_id, current, record)
-        except Exception as book_exc:  # the store itself failed: the outcome still says what happened
-            get_run_logger().error("%s: could not record the failure in the store: %s: %s", data_id.label,
-                                   type(book_exc).__name__, book_exc)
-            outcome["record_error"] = f"{type(book_exc).__name__}: {book_exc}"
+                   "error": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": str(exc),
+                   "wall_s": time.perf_counter() - t0}
+        record_failure(store, ctx, data_id, current, exc, outcome)
         return outcome
     try:
-        if store.exists("detector_failure", **where):
+        if store.exists("detector_failure", **where):  # from an earlier run of this detector
             store.delete("detector_failure", **where)
+    except Exception as exc:
+        get_run_logger().error("%s: calibrated, but the earlier failure record could not be removed: %s: %s",
+                               data_id.label, type(exc).__name__, exc)
+    try:
         summary = store.get("detector_summary", **where)
-    except Exception as exc:  # calibrated and stored, but the bookkeeping read failed: say so, go on
+    except Exception as exc:  # calibrated and stored, but the summary read failed: say so, go on
         get_run_logger().error("%s: outputs written but the summary could not be read: %s: %s", data_id.label,
                                type(exc).__name__, exc)
         return {"data_id": data_id.to_dict(), "status": "ok", "wall_s": time.perf_counter() - t0, "plot": None,
-                "summary": {}, "record_error": f"{type(exc).__name__}: {exc}"}
+                "summary": {}, "record_error": f"summary not read: {type(exc).__name__}: {exc}"}
     try:
         plot_uri: str | None = plot_diagnostics(ctx, data_id)
     except Exception as exc:  # a missing plot is not a failed calibration; say so and go on
@@ -315,26 +330,49 @@ def calibrate_one_detector(ctx: RunContext, data_id: DataId) -> dict[str, Any]:
             "summary": {k: summary.get(k) for k in SUMMARY_KEYS}}
 
 
-def _record_failure(store: ArtifactStore, ctx: RunContext, data_id: DataId, failed_stage: str,
-                    record: dict[str, Any]) -> None:
-    """Write the failure record, and remove what the failed stage and every later one wrote before.
+def record_failure(store: ArtifactStore, ctx: RunContext, data_id: DataId, failed_stage: str, exc: BaseException,
+                   outcome: dict[str, Any]) -> None:
+    """Write the failure record and remove the products it makes stale; never raises.
 
     Outputs of an earlier run of this detector (another config with ``rerun``) that the failed
-    stage would have replaced are stale: left next to the failure record, a reader globbing
-    ``preliminary_visit_image`` would take them for this run's. The outputs of the stages that
-    succeeded stay (the characterized image, the PSF-star footprints, ...). The record is written
-    first, so an interrupted clean-up never leaves stale outputs without it.
+    stage and every later one would have replaced are stale: left next to the failure record, a
+    reader globbing ``preliminary_visit_image`` would take them for this run's. They are removed,
+    with the detector's diagnostic plot; the products of the stages that succeeded stay. Only a
+    failure of the data (:class:`StepFailedError`) or a bug removes them: an I/O failure
+    (:class:`DatasetError`: the store, not the data) removes nothing, as the products may be
+    current and the next run checks them again; nor does a configuration or installation error
+    (:class:`ConfigError`, e.g. a worker running other code). Problems writing the record or
+    cleaning up are logged and added to ``outcome`` (``record_error``, ``cleanup_error``).
     """
     where = {"run": ctx.output_run, "instrument": data_id.instrument, "visit": data_id.visit,
              "detector": data_id.detector}
-    store.put("detector_failure", record, **where)
+    record = {"data_id": data_id.to_dict(), "stage": failed_stage, "status": "failed",
+              "expected": isinstance(exc, SingleframeError), **failure_metadata(exc)}
+    if not isinstance(exc, StepFailedError) and exc.__traceback__ is not None:
+        record["traceback"] = "".join(traceback.format_exception(exc, limit=8))
+    logger = get_run_logger()
+    try:
+        store.put("detector_failure", record, **where)
+    except Exception as book_exc:  # the store itself failed: the outcome still says what happened
+        logger.error("%s: could not record the failure in the store: %s: %s", data_id.label,
+                     type(book_exc).__name__, book_exc)
+        outcome["record_error"] = f"{type(book_exc).__name__}: {book_exc}"
+    if isinstance(exc, SingleframeError) and not isinstance(exc, StepFailedError):
+        return  # the store, the configuration or the installation failed, not this detector's data
     names = [stage.name for stage in STAGES]
-    if failed_stage not in names:  # failed before the first stage: nothing of this run to keep
-        failed_stage = names[0]
-    for stage in STAGES[names.index(failed_stage):]:
-        for name in stage.outputs:
-            if store.exists(name, **where):
-                store.delete(name, **where)
+    first = names.index(failed_stage) if failed_stage in names else 0  # before the first stage: all
+    try:
+        for stage in STAGES[first:]:
+            for name in stage.outputs:
+                if store.exists(name, **where):
+                    store.delete(name, **where)
+        png = diagnostics_path(ctx.output_run, data_id)
+        for path in (png + ".key.json", png):  # the key first: a plot without it is redrawn
+            store.delete_path(path)
+    except Exception as clean_exc:
+        logger.error("%s: could not remove the stale products of the failed stages: %s: %s", data_id.label,
+                     type(clean_exc).__name__, clean_exc)
+        outcome["cleanup_error"] = f"{type(clean_exc).__name__}: {clean_exc}"
 
 
 # The task wraps a module-level function so that Dask pickles it by reference (workers import
@@ -380,6 +418,8 @@ def calibrate_visits(params: CalibrateParams = CalibrateParams()) -> Any:  # noq
             logger.error("%s: the detector's task failed: %s: %s", data_id.label, type(exc).__name__, exc)
             outcome = {"data_id": data_id.to_dict(), "status": "failed", "stage": "orchestration",
                        "error": type(exc).__name__, "message": str(exc), "wall_s": None}
+            # Which stage it reached is unknown: every stage's products may be stale.
+            record_failure(store, ctx, data_id, "orchestration", exc, outcome)
         outcomes.append(outcome)
         visit = int(outcome["data_id"]["visit"])
         progress.update(visit, outcome["status"] == "ok")
@@ -400,15 +440,15 @@ def _record_config(store: ArtifactStore, ctx: RunContext, instrument: str) -> No
     where = {"run": ctx.output_run, "instrument": instrument}
     if store.exists("calibrate_config", **where):
         previous = store.get("calibrate_config", **where)
-        if previous.get("config_hash") == ctx.config_hash:
+        if previous.get("config_hash") == ctx.config_hash and previous.get("code_version") == ctx.code_version:
             return
-        if not ctx.rerun:
+        if previous.get("config_hash") != ctx.config_hash and not ctx.rerun:
             raise ConfigError(
                 f"output run {ctx.output_run!r} was made with config {previous.get('config_hash')}, not "
                 f"{ctx.config_hash}; write to a new output run, or pass rerun to recompute it with this config"
             )
     store.put("calibrate_config", {"config": ctx.config, "config_hash": ctx.config_hash,
-                                   "code_version": code_version()}, **where)
+                                   "code_version": ctx.code_version or code_version()}, **where)
 
 
 #: Set in Dask worker processes that a LocalCluster of ours starts (see :mod:`singleframe.runtime`).

@@ -481,26 +481,36 @@ def _assign_snaps(group: Sequence[RawFile]) -> list[tuple[RawFile, int]]:
     return [(r, i) for i, r in enumerate(ordered)]
 
 
-def _check_stored_snaps(store: ArtifactStore, assigned: list[tuple[RawFile, int]], *, run: str, instrument: str,
-                        visit: int, detector: int) -> None:
-    """Refuse to replace a stored snap with another file (snap numbers are 0 and 1 only, checked on reading).
+def _new_snaps(store: ArtifactStore, assigned: list[tuple[RawFile, int]], *, run: str, instrument: str,
+               visit: int, detector: int) -> tuple[list[tuple[RawFile, int]], list[DatasetRef]]:
+    """Split ``assigned`` into snaps to write and references to files already stored.
 
-    Re-ingesting the same file (same SHA-256) is allowed and rewrites it. Snaps are numbered by
-    time only among the files of one call, so a visit's second snap ingested in a later call
-    without a SNAP keyword would otherwise become snap 0 again and silently replace the first.
+    A file already stored as a snap of this visit (same SHA-256, whatever number this call gave
+    it) is not written again: re-ingesting is idempotent and recomputes nothing downstream.
+    Another file is refused where its snap number is taken: snaps are numbered by time only among
+    the files of one call, so a visit's second snap ingested in a later call without a SNAP
+    keyword would otherwise become snap 0 again and silently replace the first.
     """
-    stored = {int(r.snap or 0) for r in store.query("post_isr_image", run=run, instrument=instrument, visit=visit,
-                                                    detector=detector)}
+    where = {"run": run, "instrument": instrument, "visit": visit, "detector": detector}
+    stored: dict[int, dict[str, Any]] = {}
+    for ref in store.query("post_isr_image", **where):
+        snap = int(ref.snap or 0)
+        stored[snap] = store.provenance("post_isr_image", **where, snap=snap)
+    by_sha = {prov.get("source_sha256"): snap for snap, prov in stored.items()}
     label = f"visit {visit} detector {detector} of {instrument} (run {run!r})"
+    new: list[tuple[RawFile, int]] = []
+    existing: list[DatasetRef] = []
     for raw, snap in assigned:
-        if snap not in stored:
-            continue
-        prov = store.provenance("post_isr_image", run=run, instrument=instrument, visit=visit, detector=detector,
-                                snap=snap)
-        if prov.get("source_sha256") != raw.sha256:
-            raise IngestError(raw.path, f"{label} already has snap {snap}, from {prov.get('ingested_from', 'another file')}",
+        if raw.sha256 in by_sha:
+            existing.append(store.ref("post_isr_image", **where, snap=by_sha[raw.sha256]))
+        elif snap in stored:
+            raise IngestError(raw.path, f"{label} already has snap {snap}, from "
+                              f"{stored[snap].get('ingested_from', 'another file')}",
                               "ingest a visit's snaps in one call (they are numbered by time), set their SNAP "
                               "keywords, or delete the stored snap first")
+        else:
+            new.append((raw, snap))
+    return new, existing
 
 
 def ingest_files(store: ArtifactStore, paths: Iterable[str], *, run: str = "raw", instrument: str | None = None,
@@ -547,10 +557,11 @@ def ingest_files(store: ArtifactStore, paths: Iterable[str], *, run: str = "raw"
             failures.extend((r.path, f"{r.path}: {exc.problem}. {exc.fix}") for r in group)
             continue
         try:
-            _check_stored_snaps(store, assigned, run=run, instrument=inst, visit=visit, detector=det)
+            assigned, stored_refs = _new_snaps(store, assigned, run=run, instrument=inst, visit=visit, detector=det)
         except IngestError as exc:
-            failures.extend((r.path, str(exc)) for r, _ in assigned)
+            failures.extend((r.path, str(exc)) for r in group)
             continue
+        refs.extend(stored_refs)
         for raw, snap in assigned:
             try:
                 refs.append(store.put("post_isr_image", raw.exposure, run=run, instrument=inst, visit=visit,

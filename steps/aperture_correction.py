@@ -96,8 +96,9 @@ class ApertureCorrectionConfig:
     cog_min_stars: int = 10
     #: Relative error of the factor when no star measures it: the light beyond the reference
     #: aperture that the calibration then leaves out (1-2 % for a 12-px aperture at 0.6-1.3"
-    #: seeing on the simulated Kolmogorov PSF, more in bad seeing). It enters the flux-scale and
-    #: zero-point errors, which a missing factor must widen, never narrow.
+    #: seeing on the simulated Kolmogorov PSF, more in bad seeing), so fluxes are then low by about
+    #: that much (the flag says so). It enters the flux-scale and zero-point errors, which a
+    #: missing factor must widen, never narrow.
     cog_fallback_err: float = 0.02
     #: When fewer than ``cog_min_stars`` stars have a reference aperture free of zeroed neighbour
     #: pixels (the stars used first, see :func:`_curve_of_growth`), use those whose nearest other

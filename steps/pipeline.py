@@ -150,8 +150,10 @@ def characterize(snaps: Sequence[Exposure], *, config: CalibrateImageConfig) -> 
         except PsfFitError as exc:
             if config.psf_fallback != "seeing" or "initial_psf_fallback" not in diag:
                 raise
-            # Too few stars even for the Gaussian fallback of fit_psf: keep the seeing Gaussian.
-            fitted, used, reserved = psf, np.zeros(len(catalog), bool), np.zeros(len(catalog), bool)
+            # Too few stars even for the Gaussian fallback of fit_psf: the seeing Gaussian.
+            fitted = GaussianPsf(initial_sigma)
+            used, reserved = np.zeros(len(catalog), bool), np.zeros(len(catalog), bool)
+            diag.pop("psf_fit_fallback", None)
             diag["psf_fallback"] = "seeing"
             diag["psf_fallback_reason"] = str(exc)
         diag[f"pass{pass_index + 1}_n_detections"] = len(detections)
@@ -184,6 +186,8 @@ def characterize(snaps: Sequence[Exposure], *, config: CalibrateImageConfig) -> 
     catalog["calib_psf_candidate"] = np.asarray(candidates.candidate, bool)
     catalog["calib_psf_used"] = np.asarray(used, bool)
     catalog["calib_psf_reserved"] = np.asarray(reserved, bool)
+    # The flag describes this PSF only (an input that is an output of ours may carry an old one).
+    exposure = exposure.replace(metadata={k: v for k, v in exposure.metadata.items() if k != "PSF_FALLBACK"})
     if "psf_fallback" in diag:
         exposure = exposure.with_metadata(PSF_FALLBACK="seeing")
     elif "psf_fit_fallback" in diag:

@@ -309,3 +309,62 @@ def test_a_failed_rerun_removes_the_outputs_it_would_have_replaced(
     for name in ("single_visit_psf_star", "initial_astrometry_match_detector", "preliminary_visit_image",
                  "single_visit_star_unstandardized", "initial_photoCalib_detector", "detector_summary"):
         assert not store.exists(name, **where), name
+
+
+def test_other_code_recomputes_and_a_worker_with_other_code_refuses(
+        survey: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from singleframe.flows import calibrate
+    from singleframe.flows.calibrate import CalibrateParams, run_calibration
+
+    root: Path = survey["root"]
+    store: ArtifactStore = survey["store"]
+    params = CalibrateParams(store=str(root), output_run="codever", detectors=[0], max_workers=1)
+    assert run_calibration(params).is_completed()
+    before = _data_files(root / "codever")
+    assert run_calibration(params).is_completed() and _data_files(root / "codever") == before
+    # Edited code (another source fingerprint): every stage recomputes, and the run's config
+    # record names the new code.
+    monkeypatch.setattr(calibrate, "code_fingerprint", lambda: "edited")
+    assert run_calibration(params).message == "1 of 1 detectors calibrated, 0 failed"
+    after = _data_files(root / "codever")
+    products = [p for p in before if "/preliminary_visit_image/" in p.as_posix() or "/characterized_image/" in p.as_posix()]
+    assert products and all(after[p] != before[p] for p in products)
+    assert "+edited;" in store.get("calibrate_config", run="codever", instrument="SimCam")["code_version"]
+    # A worker whose code differs from the flow's (a Dask cluster started before an upgrade)
+    # refuses to compute; the detector fails with the reason, and its current products are kept.
+    flow_context = calibrate.run_context
+    monkeypatch.setattr(calibrate, "run_context",
+                        lambda *a: flow_context(*a).model_copy(update={"code_version": "0.0.0+newer"}))
+    state = run_calibration(params.model_copy(update={"rerun": True}))
+    (outcome,) = state.result()
+    assert outcome["status"] == "failed" and "runs other code than the flow" in outcome["message"]
+    assert "restart the workers" in outcome["message"]
+    assert _data_files(root / "codever").keys() >= set(products)  # nothing deleted
+
+
+def test_a_dead_detector_task_is_a_recorded_failure_not_a_failed_flow(
+        survey: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from singleframe.flows import calibrate
+    from singleframe.flows.calibrate import CalibrateParams, run_calibration
+
+    store: ArtifactStore = survey["store"]
+    params = CalibrateParams(store=str(survey["root"]), output_run="dead", detectors=[0, 1], max_workers=1)
+    assert run_calibration(params).message == "2 of 2 detectors calibrated, 0 failed"
+    original = calibrate.calibrate_detector.fn
+
+    def dies_on_detector_1(ctx, data_id):
+        if data_id.detector == 1:
+            raise MemoryError("injected: the worker was killed")
+        return original(ctx, data_id)
+
+    monkeypatch.setattr(calibrate.calibrate_detector, "fn", dies_on_detector_1)
+    state = run_calibration(params.model_copy(update={"rerun": True}))
+    assert state.is_completed() and state.message == "1 of 2 detectors calibrated, 1 failed"
+    outcomes = {o["data_id"]["detector"]: o for o in state.result()}
+    assert outcomes[1]["stage"] == "orchestration" and outcomes[1]["error"] == "MemoryError"
+    # The stage it reached is unknown: its record is written and none of its products is left
+    # behind as if current.
+    where = _where(1, "dead")
+    assert store.get("detector_failure", **where)["stage"] == "orchestration"
+    assert not store.exists("characterized_image", **where) and not store.exists("preliminary_visit_image", **where)
+    assert store.exists("preliminary_visit_image", **_where(0, "dead"))

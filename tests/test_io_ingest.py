@@ -148,10 +148,20 @@ def test_a_later_call_never_replaces_a_stored_snap_with_another_file(tmp_path: P
     assert "already has snap 0, from" in report.failures[0][1] and "in one call" in report.failures[0][1]
     stored = store.get("post_isr_image", run="split", instrument="My_Cam", visit=11, detector=3, snap=0)
     np.testing.assert_array_equal(stored.variance, read_raw_file(first).exposure.variance)
-    # Re-ingesting the same file is idempotent; a second snap with its SNAP keyword is added.
-    assert ingest_files(store, [first], run="split").ok
+    # Re-ingesting the same file is idempotent: its stored dataset is returned, not rewritten (a
+    # rewrite would be a new input version and recompute the detector).
+    version = store.version("post_isr_image", run="split", instrument="My_Cam", visit=11, detector=3, snap=0)
+    again = ingest_files(store, [first], run="split")
+    assert again.ok and [r.snap for r in again.refs] == [0]
+    assert store.version("post_isr_image", run="split", instrument="My_Cam", visit=11, detector=3, snap=0) == version
+    # A second snap with its SNAP keyword is added.
     with_keyword = _write(tmp_path / "second_kw.fits", seed=3, VISIT=11, SNAP=1)
     assert ingest_files(store, [with_keyword], run="split").ok
+    # Two snaps numbered by time in one call; the later one re-ingested alone (numbered 0 by that
+    # call) is recognised by its bytes as snap 1, not refused as a clash with snap 0.
+    assert [r.snap for r in ingest_files(store, [second, first], run="pair").refs] == [0, 1]
+    alone = ingest_files(store, [second], run="pair")
+    assert alone.ok and [r.snap for r in alone.refs] == [1]
     # A stored snap is not replaced by a file that claims its number either.
     other = _write(tmp_path / "other.fits", seed=4, VISIT=11, SNAP=1)
     report = ingest_files(store, [other], run="split")
