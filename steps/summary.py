@@ -71,7 +71,8 @@ SUMMARY_FIELDS: dict[str, str] = {
                       "max(2, 3 psfSigma) [dimensionless]",
     "psfApCorrSigmaScaledDelta": "(max − min of the base_PsfFlux aperture correction over the unmasked grid) "
                                  "/ psfSigma [1/pixel]",
-    "maxDistToNearestPsf": "largest distance from an unmasked pixel (8-pixel grid) to its nearest PSF star [pixel]",
+    "maxDistToNearestPsf": "largest distance from an unmasked pixel (8-pixel grid) to its nearest PSF star of the "
+                           "statistics (used, S/N 50-1000, unflagged; Rubin) [pixel]",
     "magLim": "5σ point-source limit (SMTN-002): S/N = S/sqrt(S + psfArea (B + n_snaps RN²)) in electrons with "
               "B = skyBg·gain, solved for S, magLim = zeroPoint − 2.5 log10(S/gain) [mag]",
     "effTime": "10^(0.8 (magLim − fiducial magLim)) · fiducial exposure time: the exposure time giving the same "
@@ -327,18 +328,8 @@ def _psf_star_stats(out: dict[str, Any], exposure: Exposure, stars: Table, psf_s
         return
     used = np.asarray(cat["calib_psf_used"], bool)
     out["nPsfStar"] = int(used.sum())
-    # maxDistToNearestPsf: every PSF star used, no S/N cut (Rubin).
-    if used.any() and "base_SdssCentroid_x" in cat.colnames:
-        px = np.asarray(cat["base_SdssCentroid_x"], float)[used]
-        py = np.asarray(cat["base_SdssCentroid_y"], float)[used]
-        ok = np.isfinite(px) & np.isfinite(py)
-        gx, gy = _grid_for_distance(exposure, config.psf_distance_spacing_pix)
-        if ok.any() and len(gx):
-            d, _ = cKDTree(np.column_stack([px[ok], py[ok]])).query(np.column_stack([gx, gy]), k=1)
-            out["maxDistToNearestPsf"] = float(d.max())
-    mom = _moments(cat, src_m)
-    if mom is None:
-        return
+    # The stars of the statistics (Rubin's starSelector): used, S/N in [min, max], shape and PSF
+    # flux unflagged. maxDistToNearestPsf is measured to them too, as in Rubin.
     sel = used.copy()
     if "base_PsfFlux_instFlux" in cat.colnames and "base_PsfFlux_instFluxErr" in cat.colnames:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -347,6 +338,17 @@ def _psf_star_stats(out: dict[str, Any], exposure: Exposure, stars: Table, psf_s
     for flag in (f"{src_m}_flag", "base_PsfFlux_flag"):
         if flag in cat.colnames:
             sel &= ~np.asarray(cat[flag], bool)
+    if sel.any() and "base_SdssCentroid_x" in cat.colnames:
+        px = np.asarray(cat["base_SdssCentroid_x"], float)[sel]
+        py = np.asarray(cat["base_SdssCentroid_y"], float)[sel]
+        ok = np.isfinite(px) & np.isfinite(py)
+        gx, gy = _grid_for_distance(exposure, config.psf_distance_spacing_pix)
+        if ok.any() and len(gx):
+            d, _ = cKDTree(np.column_stack([px[ok], py[ok]])).query(np.column_stack([gx, gy]), k=1)
+            out["maxDistToNearestPsf"] = float(d.max())
+    mom = _moments(cat, src_m)
+    if mom is None:
+        return
     xx, yy, xy = (m[sel] for m in mom)
     pm = _moments(cat, "ext_shapeHSM_HsmPsfMoments")
     if pm is not None:

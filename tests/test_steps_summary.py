@@ -124,3 +124,18 @@ def test_zenith_distance_agrees_with_astropy_altaz() -> None:
                 AltAz(obstime=Time(60800.1, format="mjd", scale="tai"), location=loc))
         # No nutation/aberration in the fast formula: 0.02 deg is 4x the measured worst case.
         assert _zenith_distance(ra, dec, _Exp()) == pytest.approx(90.0 - altaz.alt.deg, abs=0.02)
+
+
+def test_max_distance_to_nearest_psf_star_counts_only_the_statistics_stars():
+    # Rubin measures maxDistToNearestPsf to the stars of its PSF statistics (used, S/N 50-1000).
+    # Used stars in the right half made too bright (S/N 2000) leave that half without any: the
+    # last grid column (x = 592) is then >= 292 px from the nearest one; with all 40 stars the
+    # largest gap is a corner's, 178 px.
+    exp, stars, bkg, matches = _inputs()
+    kw = dict(psf_stars=stars, background=bkg, astrometry_matches=matches, photo_calib=PhotoCalib(20.0, 0.1))
+    base = compute_summary_stats(exp, stars=stars, **kw)["maxDistToNearestPsf"]
+    bright = stars.copy()
+    right = np.asarray(bright["base_SdssCentroid_x"]) > ORIGIN[0] + NX / 2
+    bright["base_PsfFlux_instFlux"][right] = 2e5  # S/N 2000
+    far = compute_summary_stats(exp, stars=bright, **{**kw, "psf_stars": bright})["maxDistToNearestPsf"]
+    assert base < 200 and far >= 290
