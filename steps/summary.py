@@ -68,7 +68,7 @@ SUMMARY_FIELDS: dict[str, str] = {
     "psfStarScaledDeltaSizeScatter": "psfStarDeltaSizeScatter / median star size [dimensionless]",
     "psfTraceRadiusDelta": "max − min of the PSF trace radius sqrt((Ixx+Iyy)/2) over the unmasked grid [pixel]",
     "psfApFluxDelta": "max − min over the unmasked grid of the PSF-model flux fraction within radius "
-                      "max(2, 3 psfSigma) [dimensionless]",
+                      "max(2, 3 psfSigma); NaN if any is <= 0 (Rubin) [dimensionless]",
     "psfApCorrSigmaScaledDelta": "(max − min of the base_PsfFlux aperture correction over the unmasked grid) "
                                  "/ psfSigma [1/pixel]",
     "maxDistToNearestPsf": "largest distance from an unmasked pixel (8-pixel grid) to its nearest PSF star of the "
@@ -216,7 +216,9 @@ def _psf_stats(out: dict[str, Any], exposure: Exposure, cx: float, cy: float, co
     oy, ox = np.mgrid[: size, : size] - size // 2
     inside = np.hypot(ox, oy) <= radius
     apflux = psf.images(xs, ys, size=size)[:, inside].sum(axis=1)
-    out["psfApFluxDelta"] = float(apflux.max() - apflux.min())
+    # A non-positive aperture flux anywhere is a broken model, not a spread: NaN (as Rubin).
+    if np.all(np.isfinite(apflux) & (apflux > 0)):
+        out["psfApFluxDelta"] = float(apflux.max() - apflux.min())
     apc = exposure.ap_corr.get("base_PsfFlux", exposure.ap_corr.get("base_PsfFlux_instFlux"))
     if apc is not None and out["psfSigma"] > 0:
         v = np.asarray(apc.evaluate(xs, ys), float)
