@@ -139,3 +139,14 @@ def test_max_distance_to_nearest_psf_star_counts_only_the_statistics_stars():
     bright["base_PsfFlux_instFlux"][right] = 2e5  # S/N 2000
     far = compute_summary_stats(exp, stars=bright, **{**kw, "psf_stars": bright})["maxDistToNearestPsf"]
     assert base < 200 and far >= 290
+
+
+def test_psf_aperture_flux_delta_is_nan_for_a_model_with_negative_flux():
+    class Negative(GaussianPsf):
+        def images(self, x, y, *, size=None, centered=True):  # a broken model: negative everywhere
+            return -super().images(x, y, size=size, centered=centered)
+
+    exp, stars, bkg, matches = _inputs()
+    kw = dict(stars=stars, psf_stars=stars, background=bkg, astrometry_matches=matches, photo_calib=PhotoCalib(20.0))
+    assert math.isfinite(compute_summary_stats(exp, **kw)["psfApFluxDelta"])
+    assert math.isnan(compute_summary_stats(exp.replace(psf=Negative(SIGMA)), **kw)["psfApFluxDelta"])
