@@ -293,6 +293,7 @@ def calibrate_astrometry(exposure: Exposure, psf_stars: Table, refcat: Table, *,
         "offset_std_arcsec": float(res.offset_std_arcsec),
         "match_confidence": float(res.match_confidence),
         "n_iterations": int(res.n_iterations),
+        "required_flags_dropped": bool(res.required_flags_dropped),
     }
     return AstrometryStage(res.wcs, stars, res.matches, quality)
 

@@ -179,3 +179,19 @@ def test_offset_vote_in_blocks_counts_every_pair_once():
     assert 700 * 400 > 4 * astrometry._VOTE_BLOCK_PAIRS  # the vote really runs in several blocks
     assert n_ok == int(ok.sum()) > 0
     np.testing.assert_array_equal(hist, np.bincount(iy[ok] * nb + ix[ok], minlength=nb * nb).reshape(nb, nb))
+
+
+def test_only_psf_candidates_are_matched_unless_too_few():
+    # Brief step 4.1: the astrometry uses the calib_psf_candidate sources. Every third source is
+    # made a non-candidate (as a galaxy would be): none of them may be used.
+    truth, src, ref = _scene(1)
+    initial = _camera().initial_wcs(DETECTOR, RA0, DEC0, ROT0)
+    src["calib_psf_candidate"] = np.arange(len(src)) % 3 != 0
+    res = fit_astrometry(src, ref, initial_wcs=initial, origin=ORIGIN, shape=(NY, NX))
+    assert res.used.any() and not np.any(res.used & ~np.asarray(src["calib_psf_candidate"]))
+    assert not res.required_flags_dropped and _grid_error_mas(truth, res.wcs) <= 5.0
+    # A frame with fewer candidates than min_matches (10) still solves, from all usable sources,
+    # and says that it did.
+    src["calib_psf_candidate"] = np.arange(len(src)) < 5
+    res = fit_astrometry(src, ref, initial_wcs=initial, origin=ORIGIN, shape=(NY, NX))
+    assert res.required_flags_dropped and res.used.sum() > 5 and _grid_error_mas(truth, res.wcs) <= 5.0
