@@ -74,11 +74,12 @@ class AstrometryConfig:
     #: Flags a source must have (absent columns are ignored). The brief's step 4.1 (and Rubin's
     #: astrometry selector) uses the PSF candidates: stars by size, so compact galaxies and blends,
     #: whose centroids need not fall on their reference positions, stay out. Measured on the eight
-    #: benchmark frames: WCS error vs truth lower on seven (4096² typical 0.292 -> 0.274 mas,
+    #: benchmark frames: WCS error vs truth lower on six (4096² typical 0.292 -> 0.274 mas,
     #: sparse 0.638 -> 0.620, crowded 0.197 -> 0.189, poor seeing 0.296 -> 0.274; 2048² typical
-    #: 0.907 -> 0.872, sparse 2.22 -> 2.21), higher on one (2048² poor seeing, two snaps, 0.80 ->
-    #: 0.87 mas, 118 matches instead of 126). With fewer than ``min_matches`` such sources (a frame
-    #: too poor in stars for a PSF model) the flags are dropped, and the result says so.
+    #: 0.907 -> 0.872, sparse 2.22 -> 2.21), higher on the two two-snap frames (4096² 0.34 -> 0.37,
+    #: 2048² poor seeing 0.80 -> 0.87 mas, with 6 % fewer matches), all within their noise floors'
+    #: scale. With fewer than ``min_matches`` such sources (a frame too poor in stars for a PSF
+    #: model) the flags are dropped, and the result says so.
     required_flags: tuple[str, ...] = ("calib_psf_candidate",)
     #: Largest accepted centroid error (pixels); Rubin uses 3.
     max_centroid_err_pix: float = 3.0
