@@ -164,8 +164,12 @@ def test_decam_cutouts_confirm_the_header_or_fail_typed(real_data, testcase):
             res = fit_astrometry(stars, refcat, initial_wcs=header_wcs, origin=exposure.origin, shape=exposure.shape,
                                  config=AstrometryConfig(min_matches=min_matches, blind_search_radius_deg=0.0))
         except AstrometryError as err:
-            # 4-5 usable stars: a typed, explained failure (too few stars, or no significant match).
-            assert "need" in str(err) or "no significant match" in str(err)
+            # 4-6 usable stars (3 of them PSF candidates): a typed, explained failure, the one the
+            # limit calls for. Too few for 10 matches; with 3 allowed, 3-6 stars give no match
+            # significant against ~150-900 references (measured: 4-9 pairs in the peak vs 0.04-0.6
+            # by chance, below the 0.999 confidence).
+            expected = "need 10" if min_matches == 10 else "no significant match"
+            assert expected in str(err), str(err)
             continue
         rms_mas, max_mas = wcs_error_mas(res.wcs, header_wcs, exposure.shape, origin=exposure.origin)
         assert max_mas < 100.0  # confirms the CP's TPV solution to 0.1"
