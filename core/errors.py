@@ -112,11 +112,16 @@ class PhotometryError(UnprocessableFrameError):
     """No trustworthy photometric zero point."""
 
 
+def error_type(error: BaseException) -> str:
+    """The qualified name of ``error``'s type (``failure.type``), e.g. ``singleframe.errors.PsfFitError``."""
+    return f"{type(error).__module__}.{type(error).__qualname__}"
+
+
 def failure_metadata(error: BaseException) -> dict[str, Any]:
     """Describe ``error`` as flat ``failure.*`` keys, as Rubin writes into partial outputs."""
     meta: dict[str, Any] = {
         "failure.message": str(error),
-        "failure.type": f"{type(error).__module__}.{type(error).__qualname__}",
+        "failure.type": error_type(error),
     }
     for key, value in getattr(error, "metadata", {}).items():
         meta[f"failure.metadata.{key}"] = value

@@ -51,6 +51,7 @@ from ..errors import (
     SingleframeError,
     StepFailedError,
     TransientIOError,
+    error_type,
     failure_metadata,
 )
 from ..exposure import Exposure
@@ -309,7 +310,7 @@ def calibrate_one_detector(ctx: RunContext, data_id: DataId) -> dict[str, Any]:
             STAGE_TASKS[stage.name](ctx, data_id)
     except Exception as exc:  # recorded with its type; unexpected errors are marked as bugs
         outcome = {"data_id": data_id.to_dict(), "status": "failed", "stage": current,
-                   "error": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": str(exc),
+                   "error": error_type(exc), "message": str(exc),
                    "wall_s": time.perf_counter() - t0}
         record_failure(store, ctx, data_id, current, exc, outcome)
         return outcome
@@ -369,8 +370,7 @@ def record_failure(store: ArtifactStore, ctx: RunContext, data_id: DataId, faile
     try:
         for stage in STAGES[first:]:
             for name in stage.outputs:
-                if store.exists(name, **where):
-                    store.delete(name, **where)
+                store.delete(name, **where)  # a no-op for outputs never written
         png = diagnostics_path(ctx.output_run, data_id)
         for path in (png + ".key.json", png):  # the key first: a plot without it is redrawn
             store.delete_path(path)

@@ -254,8 +254,10 @@ def detect_sources(
     if detected_px is not None and grow > 0:
         detected_px = _grow_labels(detected_px, grow, 1)
     if len(objects) == 0:
-        out_mask = msk.copy()  # no footprint: nothing is DETECTED, unless above a threshold the budget raised
-        if detected_px is not None:
+        if detected_px is None:
+            out_mask = msk.copy()  # no footprint: nothing is DETECTED
+        else:  # but the pixels above the configured threshold, which the budget raised, are
+            out_mask = np.empty_like(msk)
             _set_detected(out_mask, msk, detected_px, bands)
         dets = Detections(np.zeros((ny, nx), np.int32), _empty_sources(), (int(origin[0]), int(origin[1])),
                           threshold_snr, peak_threshold_snr)
