@@ -6,10 +6,23 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import SingleframeError
+from .errors import ConfigError, SingleframeError
+
+#: Exit status of ``singleframe run``: the flow itself failed (no detector outcome is known).
+EXIT_RUN_FAILED = 1
+#: Exit status of every command for a usage, configuration or store error, found before any work.
+EXIT_CONFIG_ERROR = 2
+#: Exit status of ``singleframe run`` when it finished but one or more detectors failed (recorded
+#: as ``detector_failure``; the others are calibrated).
+EXIT_DETECTORS_FAILED = 3
+
+_RUN_EPILOG = (f"exit status: 0 every detector calibrated; {EXIT_DETECTORS_FAILED} the run finished but some detectors "
+               f"failed (each is listed, and recorded as detector_failure in the store); {EXIT_RUN_FAILED} the run "
+               f"itself failed; {EXIT_CONFIG_ERROR} a configuration, input or store error found before any work")
 
 
 def _add_store(p: argparse.ArgumentParser) -> None:
@@ -55,40 +68,82 @@ def cmd_ingest_refcat(args: argparse.Namespace) -> int:
 
     from .io.refcat import refcat_from_table, write_refcat
 
-    table = Table.read(args.table)
-    column_map = dict(item.split("=", 1) for item in (args.column or []))
-    bands = dict(item.split("=", 1) for item in (args.band or []))
-    errs = dict(item.split("=", 1) for item in (args.band_err or []))
-    ref = refcat_from_table(table, column_map=column_map, bands=bands, mag_err_columns=errs or None,
-                            mag_columns=args.magnitudes, epoch_year=args.epoch)
+    read_kw: dict[str, Any] = {}
+    if args.hdu is not None:
+        read_kw["hdu"] = int(args.hdu) if args.hdu.isdigit() else args.hdu
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            table = Table.read(args.table, **read_kw)
+        for w in caught:  # e.g. "multiple tables are present, reading in the first": say it, go on
+            hint = "; choose the table with --hdu" if "hdu=" in str(w.message) else ""
+            print(f"note: {w.message}{hint}", file=sys.stderr)
+    except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
+        raise ConfigError(f"cannot read {args.table} as a table ({type(exc).__name__}: {exc}); give a FITS, Parquet, "
+                          "CSV or ECSV table, and for a FITS file with several tables the one to read (--hdu)") from None
+    pairs = {}
+    for option, items in (("--column", args.column), ("--band", args.band), ("--band-err", args.band_err)):
+        pairs[option] = {}
+        for item in items or []:
+            key, sep, value = item.partition("=")
+            if not (sep and key.strip() and value.strip()):
+                raise ConfigError(f"{option} {item!r}: expected NAME=COLUMN")
+            pairs[option][key.strip()] = value.strip()
+    ref = refcat_from_table(table, column_map=pairs["--column"], bands=pairs["--band"],
+                            mag_err_columns=pairs["--band-err"] or None, mag_columns=args.magnitudes,
+                            epoch_year=args.epoch, flux_unit=args.flux_unit)
     write_refcat(args.store, args.name, ref, nside=args.nside)
-    print(f"wrote reference catalogue {args.name!r} with {len(ref)} stars to {args.store}")
+    mapping = ", ".join(f"{ours}<-{theirs}" for ours, theirs in ref.meta["column_map"].items())
+    print(f"wrote reference catalogue {args.name!r} with {len(ref)} stars to {args.store} (columns {mapping}; "
+          f"bands {', '.join(pairs['--band'])}; epoch {'from the table' if 'epoch' in ref.meta['column_map'] else args.epoch})")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .flows.calibrate import CalibrateParams, make_task_runner, run_calibration
+    from pydantic import ValidationError
 
-    params = CalibrateParams(store=args.store, input_run=args.input_run, output_run=args.output_run,
-                             instrument=args.instrument, visits=args.visits, detectors=args.detectors,
-                             config_file=args.config, refcat=args.refcat, max_workers=args.workers, rerun=args.rerun)
-    runner = make_task_runner(max_workers=args.workers, dask_workers=args.dask_workers,
-                              dask_address=args.dask_address)
+    from .flows import calibrate
+    from .flows.calibrate import CalibrateParams
+
+    try:
+        params = CalibrateParams(store=args.store, input_run=args.input_run, output_run=args.output_run,
+                                 instrument=args.instrument, visits=args.visits, detectors=args.detectors,
+                                 config_file=args.config, refcat=args.refcat, max_workers=args.workers,
+                                 rerun=args.rerun, max_failed_fraction=args.max_failed_fraction)
+    except ValidationError as exc:
+        flag = {"max_workers": "--workers", "config_file": "--config"}
+        problems = "; ".join(f"{flag.get(str(e['loc'][0]), '--' + str(e['loc'][0]).replace('_', '-'))}: {e['msg']}"
+                             for e in exc.errors())
+        raise ConfigError(f"invalid option: {problems}") from None
+    # The flow checks the same again; here a bad config, a missing refcat or an empty selection is
+    # one line and exit status 2, before Prefect starts (and logs a traceback).
+    calibrate.prepare_run(params)
+    runner = calibrate.make_task_runner(max_workers=args.workers, dask_workers=args.dask_workers,
+                                        dask_address=args.dask_address)
 
     def progress(done: int, total: int, failed: int) -> None:
         # Plain text on stderr, one line per finished detector: readable in logs and terminals alike.
         sys.stderr.write(f"{done}/{total} detectors done, {failed} failed\n")
         sys.stderr.flush()
 
-    state = run_calibration(params, task_runner=runner, progress=None if args.quiet else progress)
-    outcomes = state.result(raise_on_failure=False) if state.is_completed() else None
+    state = calibrate.run_calibration(params, task_runner=runner, progress=None if args.quiet else progress)
+    try:  # a run with failed detectors is Failed and holds every detector's outcome
+        outcomes = state.result(raise_on_failure=False)
+    except Exception:  # a flow that failed before it had outcomes holds none
+        outcomes = None
     print(state.message or state.name)
-    if isinstance(outcomes, list):
-        for o in outcomes:
-            if o["status"] != "ok":
-                d = o["data_id"]
-                print(f"  visit {d['visit']} detector {d['detector']}: failed in {o['stage']}: {o['message']}")
-    return 0 if state.is_completed() else 1
+    if not isinstance(outcomes, list):
+        return EXIT_RUN_FAILED
+    n_failed = 0
+    for o in outcomes if isinstance(outcomes, list) else []:
+        for text in o.get("warnings", []):
+            d = o["data_id"]
+            print(f"  visit {d['visit']} detector {d['detector']}: warning: {text}")
+        if o["status"] != "ok":
+            n_failed += 1
+            d = o["data_id"]
+            print(f"  visit {d['visit']} detector {d['detector']}: failed in {o['stage']}: {o['message']}")
+    return EXIT_DETECTORS_FAILED if n_failed else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -96,9 +151,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     rows = evaluate_run(args.store, run=args.output_run, truth_run=args.input_run)
     if not rows:
-        print(f"no calibrated detectors with simulator truth in run {args.output_run!r} of {args.store} "
-              f"(truth run {args.input_run!r}); run `singleframe run --store {args.store}` first, or check "
-              "--store, --output-run and --input-run", file=sys.stderr)
+        from .io.store import ArtifactStore
+
+        n_out = len(ArtifactStore(args.store).query("preliminary_visit_image", run=args.output_run))
+        if n_out:
+            print(f"run {args.output_run!r} of {args.store} has {n_out} calibrated detectors, but run "
+                  f"{args.input_run!r} holds no simulator truth for them: evaluate compares simulated data with "
+                  "its truth (real data has none; its quality is in each image's summary statistics and the "
+                  "diagnostic plots)", file=sys.stderr)
+        else:
+            print(f"no calibrated detectors in run {args.output_run!r} of {args.store}; run `singleframe run "
+                  f"--store {args.store}` first, or check --store and --output-run", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(rows, indent=1, default=lambda v: None))
@@ -141,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="ingest post-ISR FITS files (multi-extension or plain single-HDU)")
     _add_store(p)
     p.add_argument("files", nargs="+", help="FITS files")
-    p.add_argument("--run", default="raw")
+    p.add_argument("--run", default="raw", help="run the images are written to (default: %(default)s)")
     p.add_argument("--instrument", default=None, help="instrument name (default: INSTRUME keyword)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override or supply a header keyword, e.g. --set GAIN=1.4 --set FILTER=r")
@@ -150,27 +213,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest-refcat", help="build a HEALPix-partitioned reference catalogue from any table")
     _add_store(p)
     p.add_argument("table", help="FITS, Parquet, CSV or ECSV table")
-    p.add_argument("--name", default="refcat")
+    p.add_argument("--hdu", default=None, help="FITS HDU holding the table, number or name (default: the first table; "
+                   "2 for an LDAC catalogue)")
+    p.add_argument("--name", default="refcat", help="catalogue name, as `run --refcat` takes it (default: %(default)s)")
     p.add_argument("--column", action="append", metavar="OURS=THEIRS",
-                   help="column mapping, e.g. --column ra=RA_ICRS --column pm_ra=pmRA")
-    p.add_argument("--band", action="append", metavar="BAND=COLUMN", help="flux or magnitude column per band")
-    p.add_argument("--band-err", action="append", metavar="BAND=COLUMN", help="error column per band")
-    p.add_argument("--magnitudes", action="store_true", help="band columns are AB magnitudes (converted to nJy)")
-    p.add_argument("--epoch", type=float, default=2016.0, help="epoch of the positions (Julian year)")
-    p.add_argument("--nside", type=int, default=32)
+                   help="column mapping, e.g. --column ra=RA_ICRS --column pm_ra=pmRA; columns of our names (ra, dec, "
+                   "ra_err, dec_err, pm_ra, pm_dec, parallax, epoch, ...) are taken as they are")
+    p.add_argument("--band", action="append", metavar="BAND=COLUMN", help="flux or magnitude column per band, e.g. "
+                   "--band r=phot_r_flux")
+    p.add_argument("--band-err", action="append", metavar="BAND=COLUMN",
+                   help="error column per band: magnitudes with --magnitudes, else in the flux's unit")
+    p.add_argument("--magnitudes", action="store_true",
+                   help="band columns are AB magnitudes, converted to nJy (add the AB offset to Vega magnitudes "
+                   "first); otherwise they are fluxes")
+    p.add_argument("--flux-unit", default=None, metavar="UNIT",
+                   help="unit of flux columns that carry none, e.g. nJy, uJy, Jy (required for them)")
+    p.add_argument("--epoch", type=float, default=2016.0,
+                   help="epoch of the positions (Julian year) unless an epoch column is mapped (default: %(default)s)")
+    p.add_argument("--nside", type=int, default=32, help="HEALPix partitioning of the catalogue (default: %(default)s)")
     p.set_defaults(func=cmd_ingest_refcat)
 
-    p = sub.add_parser("run", help="calibrate detectors with the Prefect flow")
+    p = sub.add_parser("run", help="calibrate detectors with the Prefect flow", epilog=_RUN_EPILOG)
     _add_store(p)
-    p.add_argument("--input-run", default="raw")
-    p.add_argument("--output-run", default="calib")
-    p.add_argument("--instrument", default=None)
-    p.add_argument("--visits", type=int, nargs="*", default=None)
-    p.add_argument("--detectors", type=int, nargs="*", default=None)
-    p.add_argument("--config", default=None, help="YAML/JSON pipeline config")
-    p.add_argument("--refcat", default="refcat")
-    p.add_argument("--workers", type=int, default=int(os.environ.get("SINGLEFRAME_WORKERS", "2")))
+    p.add_argument("--input-run", default="raw", help="run holding the ingested images (default: %(default)s)")
+    p.add_argument("--output-run", default="calib", help="run the outputs are written to (default: %(default)s)")
+    p.add_argument("--instrument", default=None, help="only this instrument's images (default: all)")
+    p.add_argument("--visits", type=int, nargs="*", default=None, help="only these visits (default: all)")
+    p.add_argument("--detectors", type=int, nargs="*", default=None, help="only these detectors (default: all)")
+    p.add_argument("--config", default=None, help="YAML/JSON pipeline config (default: the built-in one)")
+    p.add_argument("--refcat", default="refcat", help="reference catalogue name (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=int(os.environ.get("SINGLEFRAME_WORKERS", "2")),
+                   help="detectors calibrated at once in threads (default: %(default)s, or $SINGLEFRAME_WORKERS)")
     p.add_argument("--rerun", action="store_true", help="recompute every stage (ignore current outputs)")
+    p.add_argument("--max-failed-fraction", type=float, default=0.0, metavar="F",
+                   help="fraction of detectors that may fail with the Prefect run still Completed (default: 0; "
+                   "the exit status is 3 whenever one failed)")
     p.add_argument("--dask-workers", type=int, default=None, metavar="N",
                    help="fan detectors out on a local Dask cluster of N worker processes (needs prefect-dask)")
     p.add_argument("--dask-address", default=None, metavar="tcp://HOST:PORT",
@@ -180,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="compare outputs with the simulator's truth")
     _add_store(p)
-    p.add_argument("--input-run", default="raw")
-    p.add_argument("--output-run", default="calib")
+    p.add_argument("--input-run", default="raw", help="run holding the simulator's truth (default: %(default)s)")
+    p.add_argument("--output-run", default="calib", help="run holding the outputs (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object per detector")
     p.set_defaults(func=cmd_evaluate)
 
@@ -205,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except SingleframeError as exc:
         print(f"singleframe {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG_ERROR
 
 
 if __name__ == "__main__":

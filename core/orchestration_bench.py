@@ -362,7 +362,10 @@ def _worker_flow(spec: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         state = run_calibration(params, task_runner=runner, progress=progress)
         wall_s = time.perf_counter() - t0
-    outcomes = state.result(raise_on_failure=False) if state.is_completed() else []
+    try:  # a run with failed detectors is Failed but holds every outcome
+        outcomes = state.result(raise_on_failure=False)
+    except Exception:
+        outcomes = []
     statuses = {int(o["data_id"]["detector"]): ("ok" if o["status"] == "ok" else f"failed: {o.get('error')}")
                 for o in (outcomes if isinstance(outcomes, list) else [])}
     return {"wall_s": wall_s, "peak_rss_mb": _peak_rss_mb(), "sampled_peak_rss_mb": sampler.max_mb,

@@ -11,6 +11,8 @@ The pieces (:func:`start_server`, :func:`register_deployments`,
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -89,19 +91,53 @@ def stop(procs: list[subprocess.Popen], timeout_s: float = 30.0) -> None:
             p.wait(timeout=timeout_s)
 
 
-def serve(*, port: int = 4200, worker_limit: int = 2) -> int:
-    """Start server, register deployments from deployments/prefect.yaml, start a worker; block."""
+def _port_free(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:``port`` (a server left running would answer our health checks)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class _Terminated(Exception):
+    """SIGTERM (systemd, ``docker stop``): stop the server and worker as Ctrl-C does."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def serve(*, port: int = 4200, worker_limit: int = 2, poll_s: float = 1.0) -> int:
+    """Start server, register deployments from deployments/prefect.yaml, start a worker; block.
+
+    Returns 0 when stopped by Ctrl-C or SIGTERM (both stop the server and the worker), 1 when
+    the server or the worker died on its own (a supervisor should restart it), 2 when the port
+    is taken.
+    """
+    if not _port_free(port):
+        print(f"port {port} on 127.0.0.1 is in use (a Prefect server left running?): stop it, or pass --port",
+              file=sys.stderr)
+        return 2
     api = f"http://127.0.0.1:{port}/api"
     env = prefect_env(api)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     procs = [start_server(port, env)]
     try:
         wait_healthy(api, proc=procs[0])
         register_deployments(env)
         procs.append(start_worker(env, limit=worker_limit))
         print(f"Prefect UI: http://127.0.0.1:{port}  (Ctrl-C stops server and worker)", flush=True)
-        procs[0].wait()
-    except KeyboardInterrupt:
-        pass
+        while all(p.poll() is None for p in procs):
+            time.sleep(poll_s)
+        for name, p in zip(("server", "worker"), procs, strict=False):
+            if p.poll() is not None:
+                print(f"the Prefect {name} exited with code {p.returncode}; stopping", file=sys.stderr, flush=True)
+        return 1
+    except (KeyboardInterrupt, _Terminated):
+        return 0
     finally:
         stop(procs)
-    return 0
+        signal.signal(signal.SIGTERM, previous)

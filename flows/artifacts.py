@@ -34,6 +34,7 @@ def summary_rows(outcomes: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                                "wall_s": None if o.get("wall_s") is None else round(float(o["wall_s"]), 2)}
         if o["status"] == "ok":
             row.update({k: (None if v is None else round(float(v), 4)) for k, v in o["summary"].items()})
+            row["warnings"] = "; ".join(o.get("warnings", []))[:200]
         else:
             row.update({"stage": o["stage"], "error": o["error"].rsplit(".", 1)[-1], "message": o["message"][:200]})
         rows.append(row)

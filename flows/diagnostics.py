@@ -27,6 +27,7 @@ from __future__ import annotations
 import gc
 import io
 import json
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -159,8 +160,11 @@ def _render(store: ArtifactStore, where: Mapping[str, Any], data_id: DataId) -> 
     dx = (np.asarray(astrom["src_coord_ra"]) - np.asarray(astrom["ref_coord_ra"])) * np.cos(dec) * _MAS_PER_RAD
     dy = (np.asarray(astrom["src_coord_dec"]) - dec) * _MAS_PER_RAD
     rms = float(np.sqrt(np.mean(dx**2 + dy**2))) if len(dx) else float("nan")
-    ax.quiver(np.asarray(astrom["src_base_SdssCentroid_x"]), np.asarray(astrom["src_base_SdssCentroid_y"]), dx, dy,
-              angles="xy", color="tab:blue")
+    arrows = ax.quiver(np.asarray(astrom["src_base_SdssCentroid_x"]), np.asarray(astrom["src_base_SdssCentroid_y"]),
+                       dx, dy, angles="xy", color="tab:blue")
+    if math.isfinite(rms) and rms > 0:
+        key_mas = float(f"{2.0 * rms:.1g}")  # a round length near twice the rms
+        ax.quiverkey(arrows, 0.8, 1.08, key_mas, f"{key_mas:g} mas", labelpos="E", coordinates="axes")
     ax.set(title=f"astrometric residuals (rms {rms:.1f} mas, {len(dx)} matches)", xlabel="x [pix]", ylabel="y [pix]")
 
     # Photometry: calibrated PSF magnitude minus reference magnitude.
@@ -197,7 +201,7 @@ def _render(store: ArtifactStore, where: Mapping[str, Any], data_id: DataId) -> 
     axes[1, 2].text(0.0, 0.9, "\n".join([
         f"calibration: {cal:.4f} nJy/count",
         f"zero point: {calib.get('zero_point_mag', float('nan')):.3f} mag",
-        f"photometric matches: {int(good.sum())}",
+        f"photometric matches: {int(good.sum())} ({calib.get('n_matches', '?')} used in the fit)",
         f"astrometric matches: {len(dx)}",
     ]), va="top", family="monospace")
 

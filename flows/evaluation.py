@@ -13,7 +13,11 @@ from ..io.store import ArtifactStore
 
 
 def evaluate_run(store_root: str, *, run: str = "calib", truth_run: str = "raw") -> list[dict[str, Any]]:
-    """One evaluation row per detector that has truth (failed detectors included, with NaNs and the reason)."""
+    """One evaluation row per calibrated detector that has truth (failed ones included, with NaNs and the reason).
+
+    Detectors with truth but neither outputs nor a failure record in ``run`` were not part of it
+    and get no row.
+    """
     from ..sim.evaluation import evaluate_detector
 
     store = ArtifactStore(store_root)
@@ -27,13 +31,13 @@ def evaluate_run(store_root: str, *, run: str = "calib", truth_run: str = "raw")
             stars = store.get("single_visit_star_unstandardized", **where_out)
             calib = store.get("initial_photoCalib_detector", **where_out)
         except DatasetNotFoundError:
-            row = evaluate_detector(visit=tref.visit, detector=tref.detector, wcs=None, psf=None,
-                                    calibration_njy_per_count=None, stars=None, mask=None, truth=truth)
             try:
                 failure = store.get("detector_failure", **where_out)
-                row["failure"] = f"{failure.get('stage')}: {failure.get('failure.message')}"
             except DatasetNotFoundError:
-                row["failure"] = "no outputs (not run)"
+                continue  # not calibrated in this run (e.g. left out by --visits): not a row
+            row = evaluate_detector(visit=tref.visit, detector=tref.detector, wcs=None, psf=None,
+                                    calibration_njy_per_count=None, stars=None, mask=None, truth=truth)
+            row["failure"] = f"{failure.get('stage')}: {failure.get('failure.message')}"
             rows.append(row)
             continue
         stars = stars[~np.asarray(stars["sky_source"], bool)]

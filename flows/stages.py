@@ -152,7 +152,8 @@ def _finalize(d: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:
         "preliminary_visit_image": res.exposure,
         "preliminary_visit_image_background": res.background,
         "single_visit_star_unstandardized": res.stars,
-        "detector_summary": dict(res.summary),
+        # The warnings ride with the statistics they are about (a list; every other value is a number).
+        "detector_summary": {**res.summary, "quality_warnings": list(res.warnings)},
     }
 
 

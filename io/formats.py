@@ -58,7 +58,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from .. import __version__
 from ..background import BackgroundList
 from ..errors import DatasetError
-from ..exposure import DEFAULT_OBSERVATORY, DetectorInfo, Exposure, VisitInfo
+from ..exposure import DetectorInfo, Exposure, VisitInfo
 from ..fields import ChebyshevField
 from ..masks import MASK_DTYPE, plane_bits
 from ..photo_calib import PhotoCalib
@@ -486,6 +486,9 @@ def _primary_header(exposure: Exposure) -> fits.Header:
         # Also in METADATA; a header card so that a plain FITS reader sees the PSF is not fitted.
         _set(hdr, "HIERARCH PSF_FALLBACK", str(exposure.metadata["PSF_FALLBACK"]),
              "PSF is a Gaussian fallback (seeing/moments)")
+    if exposure.metadata.get("quality.warnings"):
+        # The texts are in METADATA; the card tells a plain FITS reader to look.
+        _set(hdr, "QAWARN", len(exposure.metadata["quality.warnings"]), "quality warnings, see METADATA")
     _origin_keys(hdr, exposure.origin)
     hdr["SFVERS"] = (__version__, "singleframe version that wrote the file")
     return hdr
@@ -639,9 +642,9 @@ def _visit_info_from_header(hdr: fits.Header) -> VisitInfo:
         rotation_angle_deg=float(hdr.get("ROTANGLE", math.nan)),
         airmass=float(hdr.get("AIRMASS", math.nan)),
         instrument=str(hdr.get("INSTRUME", "unknown")),
-        observatory_lon_lat_height=(float(hdr.get("OBS-LONG", DEFAULT_OBSERVATORY[0])),
-                                    float(hdr.get("OBS-LAT", DEFAULT_OBSERVATORY[1])),
-                                    float(hdr.get("OBS-ELEV", DEFAULT_OBSERVATORY[2]))),
+        # Files that name no site have none (NaN), not Rubin's.
+        observatory_lon_lat_height=(float(hdr.get("OBS-LONG", math.nan)), float(hdr.get("OBS-LAT", math.nan)),
+                                    float(hdr.get("OBS-ELEV", math.nan))),
     )
 
 

@@ -12,15 +12,17 @@ Two layouts are accepted:
     keyword                     meaning
     ==========================  =============================================
     ``EXPTIME``                 exposure time (s) — required
-    ``GAIN``                    gain (e-/count) — required
-    ``RDNOISE`` / ``READNOIS``  read noise (e-) — required
+    ``GAIN``                    gain (e-/count; else the mean of ``GAINA``, ``GAINB``, …) — required
+    ``RDNOISE`` / ``READNOIS``  read noise (e-; else the mean of ``RDNOISEA``, …) — required
     ``SATURATE``                saturation level (counts) — required
     ``FILTER``                  physical filter — required (``BAND`` optional)
-    ``DATE-OBS`` / ``MJD-OBS``  exposure start (``TIMESYS``, default UTC) — required
+    ``DATE-OBS`` / ``MJD-OBS``  exposure start (``TIMESYS``, default UTC); a date alone needs
+                                ``TIME-OBS``, ``UTC-OBS``, ``UTSTART``, ``UT`` or ``TAIHMS`` — required
     celestial WCS               ``CTYPEi``, ``CRVALi``, ``CRPIXi``, ``CD``/``PC`` — required
     ``VISIT`` / ``EXPID``       visit id (or a numeric ``OBJECT``); optional
-    ``DETECTOR`` / ``CCDNUM``   detector id (default 0); optional
+    ``DETECTOR`` / ``CCDNUM``   detector id, the first that is an integer (default 0); optional
     ``SNAP`` (configurable)     snap index 0/1; optional
+    site keywords               observatory (see :func:`_site`); optional, NaN without
     ==========================  =============================================
 
 Every keyword can be supplied or replaced with ``overrides`` (keyword →
@@ -42,6 +44,8 @@ that fixes it; the other files are still ingested.
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import io
 import math
@@ -50,16 +54,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import astropy.units as u
 import fsspec
 import numpy as np
 import numpy.typing as npt
+from astropy.coordinates import Angle, EarthLocation
 from astropy.io import fits
 from astropy.time import Time
 from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
 
 from ..errors import DatasetError, IngestError
-from ..exposure import DEFAULT_OBSERVATORY, DetectorInfo, Exposure, VisitInfo
+from ..exposure import DetectorInfo, Exposure, VisitInfo, zenith_distance_deg
 from ..masks import MASK_DTYPE, MaskPlane
 from .formats import _long_key, exposure_from_hdulist, read_mask_hdu, wcs_from_header
 from .refs import DatasetRef
@@ -106,6 +112,13 @@ class IngestReport:
         return not self.failures
 
 
+def _override_hint(pairs: Mapping[str, str]) -> str:
+    """How to supply keywords: ``--set K=V`` on the command line, ``overrides={...}`` from Python."""
+    cli = " ".join(f"--set {k}={v.strip(chr(39))}" for k, v in pairs.items())
+    py = ", ".join(f"{k!r}: {v}" for k, v in pairs.items())
+    return f"{cli} (overrides={{{py}}} from Python)"
+
+
 #: Header values observatories write for "not known"; they count as missing keywords.
 _PLACEHOLDERS = frozenset({"N/A", "NA", "UNKNOWN", "NONE", "NULL", "-", "?"})
 
@@ -118,7 +131,8 @@ class _Header:
         for key, value in overrides.items():
             self.header[_long_key(str(key).upper())] = value
         self.path = path
-        self.missing: list[tuple[str, str]] = []
+        #: ``(keywords looked for, keyword to supply, example value)`` of each missing keyword.
+        self.missing: list[tuple[str, str, str]] = []
 
     def first(self, *keys: str) -> Any:
         """Value of the first of ``keys`` that is present and not a placeholder ('N/A', 'UNKNOWN', ...)."""
@@ -134,28 +148,28 @@ class _Header:
         value = self.first(*keys)
         if value is None:
             if required:
-                self.missing.append((" or ".join(keys), f"{keys[0]!r}: {example}  # {meaning}"))
+                self.missing.append((f"{' or '.join(keys)} ({meaning})", keys[0], example))
             return default
         try:
             return float(value)
         except (TypeError, ValueError):
             raise IngestError(self.path, f"keyword {keys[0]} = {value!r} is not a number ({meaning})",
-                              f"fix the header or pass overrides={{{keys[0]!r}: {example}}}") from None
+                              f"fix the header or pass {_override_hint({keys[0]: example})}") from None
 
     def text(self, *keys: str, meaning: str, example: str, required: bool = True) -> str:
         value = self.first(*keys)
         if value is None:
             if required:
-                self.missing.append((" or ".join(keys), f"{keys[0]!r}: {example}  # {meaning}"))
+                self.missing.append((f"{' or '.join(keys)} ({meaning})", keys[0], example))
             return ""
         return str(value).strip()
 
     def raise_if_missing(self) -> None:
         if self.missing:
-            names = ", ".join(k for k, _ in self.missing)
-            fix = ", ".join(v.split("  #")[0] for _, v in self.missing)
+            names = ", ".join(k for k, _, _ in self.missing)
+            fix = {key: example for _, key, example in self.missing}
             raise IngestError(self.path, f"missing keyword(s) {names}",
-                              f"add them to the header or pass overrides={{{fix}}}")
+                              f"add them to the header or pass {_override_hint(fix)}")
 
 
 def _band_from_filter(physical_filter: str) -> str:
@@ -174,11 +188,17 @@ def _instrument_key(name: str) -> str:
     return cleaned or "unknown"
 
 
+#: Keywords with the time of day that complete a date-only ``DATE-OBS``, and their time scale
+#: (None: ``TIMESYS``, default UTC).
+_TIME_OF_DAY_KEYS: tuple[tuple[str, str | None], ...] = (
+    ("TIME-OBS", None), ("UTC-OBS", "utc"), ("UTSTART", "utc"), ("UT", "utc"), ("TAIHMS", "tai"))
+
+
 def _mid_exposure_mjd_tai(h: _Header, exposure_time_s: float) -> float:
     scale = str(h.first("TIMESYS") or "utc").strip().lower()
     if scale not in {"utc", "tai", "tt", "tdb", "tcg", "tcb", "ut1", "gps"}:
         raise IngestError(h.path, f"TIMESYS = {scale!r} is not a time scale astropy knows",
-                          "pass overrides={'TIMESYS': 'UTC'} (or the right scale)")
+                          f"pass {_override_hint({'TIMESYS': 'UTC'})} (or the right scale)")
     half = 0.0 if not math.isfinite(exposure_time_s) else exposure_time_s / 2.0
     try:
         if h.first("MJD-AVG") is not None:
@@ -187,16 +207,28 @@ def _mid_exposure_mjd_tai(h: _Header, exposure_time_s: float) -> float:
             start = Time(float(h.first("MJD-OBS")), format="mjd", scale=scale)
         elif h.first("DATE-OBS") is not None:
             date = str(h.first("DATE-OBS")).strip()
-            if "T" not in date and h.first("TIME-OBS") is not None:
-                date = f"{date}T{str(h.first('TIME-OBS')).strip()}"  # pre-1997 split date/time convention
+            if not re.search(r"\d:\d\d", date):
+                # A date alone (pre-1997 convention, or SDSS's TAI date) needs its time of day:
+                # midnight would misplace the site's sky by hours and give every frame of the
+                # night one visit id.
+                for key, key_scale in _TIME_OF_DAY_KEYS:
+                    if h.first(key) is not None:
+                        date, scale = f"{date}T{str(h.first(key)).strip()}", key_scale or scale
+                        break
+                else:
+                    raise IngestError(
+                        h.path, f"DATE-OBS = {date!r} gives the date but not the time of day, and there is no "
+                        f"{', '.join(k for k, _ in _TIME_OF_DAY_KEYS)}",
+                        f"pass {_override_hint({'MJD-OBS': '<start MJD>'})}, or a DATE-OBS with the time "
+                        "('2024-01-31T03:04:05.0')")
             start = Time(date, format="isot" if "T" in date else "iso", scale=scale)
         else:
-            h.missing.append(("DATE-OBS or MJD-OBS",
-                              "'DATE-OBS': '2024-01-31T03:04:05.0'  # exposure start (UTC unless TIMESYS)"))
+            h.missing.append(("DATE-OBS or MJD-OBS (exposure start, UTC unless TIMESYS)", "DATE-OBS",
+                              "'2024-01-31T03:04:05.0'"))
             return math.nan
     except (TypeError, ValueError) as exc:
         raise IngestError(h.path, f"cannot read the observation time: {exc}",
-                          "pass overrides={'MJD-OBS': <start MJD>} or a valid ISO 'DATE-OBS'") from None
+                          f"pass {_override_hint({'MJD-OBS': '<start MJD>'})} or a valid ISO DATE-OBS") from None
     return float(start.tai.mjd) + half / 86400.0
 
 
@@ -215,6 +247,98 @@ def _visit_from_time(mjd_tai: float, exposure_time_s: float) -> int:
     return int(math.floor(start_s / _VISIT_TICK_S + 1e-4))
 
 
+#: Keywords of the observatory's (longitude, latitude, elevation), the FITS standard's first.
+_SITE_KEYS = (("OBSGEO-L", "OBSGEO-B", "OBSGEO-H"), ("OBS-LONG", "OBS-LAT", "OBS-ELEV"),
+              ("LONGITUD", "LATITUDE", "HEIGHT"), ("SITELONG", "SITELAT", "SITEELEV"),
+              ("LONG-OBS", "LAT-OBS", "ALT-OBS"))
+_WEST = re.compile(r"\bW(est)?\b|degrees?\s*W\b", re.IGNORECASE)
+_EAST = re.compile(r"\bE(ast)?\b|degrees?\s*E\b", re.IGNORECASE)
+_UNKNOWN_SITE = (math.nan, math.nan, math.nan)
+
+
+def _angle_deg(value: Any) -> float:
+    """Degrees from a number or a sexagesimal text ('111:36.0', '-30 14 40.7')."""
+    if isinstance(value, int | float):
+        return float(value)
+    return float(Angle(str(value).strip(), unit=u.deg).degree)
+
+
+def _site(h: _Header, ra_deg: float, dec_deg: float, mjd_tai: float, airmass: float) -> tuple[float, float, float]:
+    """The observatory's (east longitude, latitude, elevation): degrees, degrees, metres; NaN if unknown.
+
+    The first keyword set of :data:`_SITE_KEYS` present is read, else the geocentric
+    ``OBSGEO-X/Y/Z``. Observatories disagree on the sign of longitude (NOIRLab's ``OBS-LONG``
+    and ``SITELONG`` are west-positive): ``OBSGEO-L`` is east by the FITS standard; for the
+    others a card comment saying west or east decides, and if it says neither, the sign whose
+    zenith distance agrees with the header's ``AIRMASS`` (east without one).
+    """
+    for lon_key, lat_key, height_key in _SITE_KEYS:
+        lon_value, lat_value = h.first(lon_key), h.first(lat_key)
+        if lon_value is None or lat_value is None:
+            continue
+        try:
+            lon, lat = _angle_deg(lon_value), _angle_deg(lat_value)
+            height = float(h.first(height_key) or 0.0)
+        except (TypeError, ValueError, u.UnitsError):
+            raise IngestError(h.path, f"{lon_key}/{lat_key}/{height_key} = {lon_value!r}/{lat_value!r}/"
+                              f"{h.first(height_key)!r} is not a site (degrees, degrees, metres)",
+                              f"pass {_override_hint({'OBSGEO-L': '<east longitude, deg>', 'OBSGEO-B': '<deg>'})}"
+                              ) from None
+        if not (-90.0 <= lat <= 90.0 and -360.0 <= lon <= 360.0):
+            raise IngestError(h.path, f"{lon_key} = {lon}, {lat_key} = {lat} is not a place on Earth",
+                              f"pass {_override_hint({'OBSGEO-L': '<east longitude, deg>', 'OBSGEO-B': '<deg>'})}")
+        if lon_key == "OBSGEO-L":
+            return lon, lat, height
+        comment = str(h.header.comments[lon_key]) if lon_key in h.header else ""
+        west, east = bool(_WEST.search(comment)), bool(_EAST.search(comment))
+        if west != east:
+            return (-lon if west else lon), lat, height
+        if math.isfinite(airmass) and airmass >= 1.0:
+            zd = math.degrees(math.acos(1.0 / airmass))
+            if (abs(zenith_distance_deg(ra_deg, dec_deg, mjd_tai, -lon, lat) - zd)
+                    < abs(zenith_distance_deg(ra_deg, dec_deg, mjd_tai, lon, lat) - zd)):
+                return -lon, lat, height
+        return lon, lat, height
+    xyz = [h.first(k) for k in ("OBSGEO-X", "OBSGEO-Y", "OBSGEO-Z")]
+    if all(v is not None for v in xyz):
+        try:
+            geo = EarthLocation.from_geocentric(*(float(v) for v in xyz), unit=u.m).to_geodetic()
+        except (TypeError, ValueError):
+            return _UNKNOWN_SITE
+        return float(geo.lon.degree), float(geo.lat.degree), float(geo.height.to_value(u.m))
+    return _UNKNOWN_SITE
+
+
+def _detector_id(h: _Header) -> int:
+    """``DETECTOR``, else ``CCDNUM``, the first that is an integer (DECam's ``DETECTOR`` is a serial); 0 if neither."""
+    values = {k: h.first(k) for k in ("DETECTOR", "CCDNUM") if h.first(k) is not None}
+    for value in values.values():
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            continue
+    if not values:
+        return 0
+    shown = ", ".join(f"{k} = {v!r}" for k, v in values.items())
+    raise IngestError(h.path, f"no integer detector id ({shown})", f"pass {_override_hint({'DETECTOR': '<int>'})}")
+
+
+def _per_amplifier_mean(h: _Header, key: str) -> float | None:
+    """Mean of ``<key>A``, ``<key>B``, … (DECam's two amplifiers) when ``key`` itself is absent."""
+    if h.first(key) is not None:
+        return None
+    values = []
+    for suffix in "ABCD":
+        v = h.first(key + suffix)
+        if v is None:
+            break
+        try:
+            values.append(float(v))
+        except (TypeError, ValueError):
+            return None
+    return float(np.mean(values)) if len(values) >= 2 else None
+
+
 def _infos(h: _Header, *, instrument: str | None, wcs: WCS, shape: tuple[int, int],
            exposure_time_s: float, mjd_tai: float) -> tuple[VisitInfo, DetectorInfo]:
     physical_filter = h.text("FILTER", meaning="physical filter", example="'r'")
@@ -230,13 +354,8 @@ def _infos(h: _Header, *, instrument: str | None, wcs: WCS, shape: tuple[int, in
             visit = int(visit_value)
         except (TypeError, ValueError):
             raise IngestError(h.path, f"VISIT/EXPID = {visit_value!r} is not an integer",
-                              "pass overrides={'VISIT': <int>}") from None
-    det_value = h.first("DETECTOR", "CCDNUM")
-    try:
-        det_id = int(det_value) if det_value is not None else 0
-    except (TypeError, ValueError):
-        raise IngestError(h.path, f"DETECTOR/CCDNUM = {det_value!r} is not an integer",
-                          "pass overrides={'DETECTOR': <int>}") from None
+                              f"pass {_override_hint({'VISIT': '<int>'})}") from None
+    det_id = _detector_id(h)
     ny, nx = shape
     if h.first("BORE-RA") is not None and h.first("BORE-DEC") is not None:
         bore_ra, bore_dec = float(h.first("BORE-RA")), float(h.first("BORE-DEC"))
@@ -246,19 +365,16 @@ def _infos(h: _Header, *, instrument: str | None, wcs: WCS, shape: tuple[int, in
         bore_ra, bore_dec = float(ra_c), float(dec_c)
     rot = h.first("ROTANGLE")
     rotation = float(rot) if rot is not None else _rotation_angle_deg(wcs)
-    lon = h.first("OBS-LONG", "OBSGEO-L")
-    lat = h.first("OBS-LAT", "OBSGEO-B")
-    height = h.first("OBS-ELEV", "OBSGEO-H")
-    site = ((float(lon), float(lat), float(height if height is not None else 0.0))
-            if lon is not None and lat is not None else DEFAULT_OBSERVATORY)
+    airmass = h.number("AIRMASS", meaning="airmass", example="1.2", required=False)
     visit_info = VisitInfo(
         visit=visit, exposure_time_s=exposure_time_s, mjd_tai=mjd_tai, band=band, physical_filter=physical_filter,
-        boresight_ra_deg=bore_ra, boresight_dec_deg=bore_dec, rotation_angle_deg=rotation,
-        airmass=float(h.first("AIRMASS")) if h.first("AIRMASS") is not None else math.nan,
-        instrument=_instrument_key(name), observatory_lon_lat_height=site,
+        boresight_ra_deg=bore_ra, boresight_dec_deg=bore_dec, rotation_angle_deg=rotation, airmass=airmass,
+        instrument=_instrument_key(name),
+        observatory_lon_lat_height=_site(h, bore_ra, bore_dec, mjd_tai, airmass),
     )
-    gain = h.number("GAIN", meaning="gain, e-/count", example="1.5")
-    read_noise = h.number("RDNOISE", "READNOIS", meaning="read noise, e-", example="5.0")
+    gain = _per_amplifier_mean(h, "GAIN") or h.number("GAIN", meaning="gain, e-/count", example="1.5")
+    read_noise = (_per_amplifier_mean(h, "RDNOISE")
+                  or h.number("RDNOISE", "READNOIS", meaning="read noise, e-", example="5.0"))
     saturation = h.number("SATURATE", meaning="saturation level, counts", example="60000")
     detector = DetectorInfo(id=det_id, name=str(h.first("DETNAME", "CCDNAME") or "").strip(),
                             gain_e_per_count=gain, read_noise_e=read_noise, saturation_count=saturation)
@@ -340,7 +456,12 @@ def read_raw_file(path: str, *, instrument: str | None = None, overrides: Mappin
     except (OSError, ValueError) as exc:
         raise IngestError(str(path), f"cannot read the file ({exc})", "check the path and permissions") from None
     try:
-        with fits.open(io.BytesIO(data), memmap=False) as hdul:
+        pixels = _decompressed(data)
+    except (OSError, EOFError, ValueError) as exc:
+        raise IngestError(str(path), f"the file looks gzip/bzip2-compressed but does not decompress ({exc})",
+                          "check that it was copied whole") from None
+    try:
+        with fits.open(io.BytesIO(pixels), memmap=False) as hdul:
             # Cameras write slightly non-standard headers: fix what astropy can, quietly.
             hdul.verify("silentfix+ignore")
             return _read_hdul(hdul, str(path), data, instrument, overrides, snap_keyword)
@@ -349,6 +470,18 @@ def read_raw_file(path: str, *, instrument: str | None = None, overrides: Mappin
     except (OSError, ValueError, TypeError, KeyError, DatasetError) as exc:
         raise IngestError(str(path), f"not a usable FITS file ({type(exc).__name__}: {exc})",
                           "check that it is a FITS image with a 2-D array") from None
+
+
+def _decompressed(data: bytes) -> bytes:
+    """The FITS bytes of a whole-file gzip (``.fits.gz``) or bzip2 (``.fits.bz2``) file; others as they are.
+
+    Tile-compressed files (``.fz``) are FITS already and are read by astropy.
+    """
+    if data[:2] == b"\x1f\x8b":
+        return gzip.decompress(data)
+    if data[:3] == b"BZh":
+        return bz2.decompress(data)
+    return data
 
 
 def _read_hdul(hdul: fits.HDUList, path: str, data: bytes, instrument: str | None,
@@ -384,21 +517,21 @@ def _read_hdul(hdul: fits.HDUList, path: str, data: bytes, instrument: str | Non
     unit = str(h.first("BUNIT") or "").strip().lower()
     if variance is None and unit not in _COUNT_UNITS:
         raise IngestError(path, f"BUNIT = {unit!r}: the variance is computed from counts and this image is not "
-                          f"in counts", "convert the image to counts, or pass overrides={'BUNIT': 'adu'} if it is")
+                          f"in counts", "convert the image to counts, or pass " + _override_hint({"BUNIT": "'adu'"}) + " if it is")
     exposure_time = h.number("EXPTIME", meaning="exposure time, s", example="30.0")
     mjd_tai = _mid_exposure_mjd_tai(h, exposure_time)
     wcs = wcs_from_header(h.header)
     if wcs is None:
         h.raise_if_missing()  # report missing keywords first: they are the commoner problem
         raise IngestError(path, "no celestial WCS in the header (CTYPE1/2, CRVAL1/2, CRPIX1/2, CD or PC)",
-                          "solve the field (e.g. astrometry.net) and add its WCS keywords, or pass them via "
-                          "overrides={'CTYPE1': 'RA---TAN', 'CTYPE2': 'DEC--TAN', 'CRVAL1': ..., ...}")
+                          "solve the field (e.g. astrometry.net) and add its WCS keywords, or pass them: "
+                          + _override_hint({"CTYPE1": "'RA---TAN'", "CTYPE2": "'DEC--TAN'", "CRVAL1": "...", "...": "..."}))
     visit_info, detector = _infos(h, instrument=instrument, wcs=wcs, shape=image.shape,  # type: ignore[arg-type]
                                   exposure_time_s=exposure_time, mjd_tai=mjd_tai)
     h.raise_if_missing()
     if not (detector.gain_e_per_count > 0):
         raise IngestError(path, f"GAIN = {detector.gain_e_per_count} must be positive",
-                          "pass overrides={'GAIN': <e-/count>}")
+                          f"pass {_override_hint({'GAIN': '<e-/count>'})}")
     if mask is None or variance is None:
         image, mask, variance = _noise_model(image, detector)
     origin = (-int(h.first("LTV1") or 0), -int(h.first("LTV2") or 0))
@@ -441,10 +574,10 @@ def _snap(h: _Header, snap_key: str) -> int | None:
     try:
         snap = int(value)
     except (TypeError, ValueError):
-        raise IngestError(h.path, f"{key} = {value!r} is not an integer", f"pass overrides={{{key!r}: 0}}") from None
+        raise IngestError(h.path, f"{key} = {value!r} is not an integer", f"pass {_override_hint({key: '0'})}") from None
     if snap not in (0, 1):
         raise IngestError(h.path, f"{key} = {snap}: a visit has snaps 0 and 1 only",
-                          f"pass overrides={{{key!r}: 0}} or {{{key!r}: 1}}")
+                          f"pass {_override_hint({key: '0'})} or {key}=1")
     return snap
 
 
@@ -456,23 +589,23 @@ def _assign_snaps(group: Sequence[RawFile]) -> list[tuple[RawFile, int]]:
     others = ", ".join(r.path for r in group)
     if len(group) > 2:
         raise IngestError(first.path, f"{len(group)} files are {label} ({others}); a visit has at most two snaps",
-                          "give the files distinct VISIT values (in the headers or via overrides) or ingest "
+                          "give the files distinct VISIT values (in the headers or with --set VISIT=<int>) or ingest "
                           "them in separate calls")
     if len(group) == 2:
         a, b = group[0].exposure, group[1].exposure
         if a.shape != b.shape or a.origin != b.origin:
             raise IngestError(first.path, f"the two snaps of {label} ({others}) differ in shape "
                               f"({a.shape} vs {b.shape}) or origin ({a.origin} vs {b.origin})",
-                              "these are not snaps of one visit: give them different VISIT values via overrides")
+                              "these are not snaps of one visit: give them different VISIT values (--set VISIT=<int>)")
         if a.visit_info.band != b.visit_info.band:
             raise IngestError(first.path, f"the two snaps of {label} ({others}) have bands "
                               f"{a.visit_info.band!r} and {b.visit_info.band!r}",
-                              "these are not snaps of one visit: give them different VISIT values via overrides")
+                              "these are not snaps of one visit: give them different VISIT values (--set VISIT=<int>)")
     snaps = [r.snap for r in group]
     if all(s is not None for s in snaps):
         if len(set(snaps)) != len(snaps):
             raise IngestError(first.path, f"files {others} of {label} carry the same snap number {snaps[0]}",
-                              "fix the SNAP keywords or pass different VISIT values via overrides")
+                              "fix the SNAP keywords or pass different VISIT values (--set VISIT=<int>)")
         return [(r, int(r.snap)) for r in group]  # type: ignore[arg-type]
     if len(group) == 2 and any(s is not None for s in snaps):
         raise IngestError(first.path, f"only one of {others} ({label}) has a snap keyword",

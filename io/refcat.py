@@ -358,7 +358,7 @@ def _empty(info: RefcatInfo) -> Table:
 
 def refcat_from_table(table: Table, *, column_map: Mapping[str, str], bands: Mapping[str, str],
                       mag_columns: bool = True, mag_err_columns: Mapping[str, str] | None = None,
-                      epoch_year: float | None = None) -> Table:
+                      epoch_year: float | None = None, flux_unit: str | u.UnitBase | None = None) -> Table:
     """Convert an arbitrary catalogue (e.g. a Gaia export read from FITS/Parquet/CSV/ECSV) to the standard columns.
 
     Parameters
@@ -368,18 +368,25 @@ def refcat_from_table(table: Table, *, column_map: Mapping[str, str], bands: Map
     column_map
         Standard column → source column, for any of ``id``, ``ra``, ``dec``,
         ``ra_err``, ``dec_err``, ``pm_ra``, ``pm_dec``, ``pm_ra_err``,
-        ``pm_dec_err``, ``parallax``, ``parallax_err``, ``epoch``. Source
+        ``pm_dec_err``, ``parallax``, ``parallax_err``, ``epoch``. A standard
+        column left out is taken from the source column of the same name, if
+        any (the names used are in ``meta["column_map"]`` of the result). Source
         columns with units are converted; unitless ones are taken to be in the
         standard units (deg, mas, mas/yr, Julian year). ``ra`` and ``dec`` are required.
     bands
         Band → source column holding its magnitude (or flux).
     mag_columns
         True: the band columns are AB magnitudes (converted with 1 nJy = AB
-        31.4); False: fluxes, in nJy unless the column has a unit.
+        31.4; a column whose unit is a flux is refused); False: fluxes,
+        converted from the column's unit, or from ``flux_unit`` if it has none.
     mag_err_columns
-        Band → source column of the magnitude (or flux) error.
+        Band → source column of the error: in magnitudes when ``mag_columns``,
+        else in the flux's unit.
     epoch_year
         Epoch of all positions when ``column_map`` has no ``epoch``.
+    flux_unit
+        Unit of flux columns without one (e.g. ``"uJy"``). Without it a unitless
+        flux column is refused: taking µJy for nJy would shift every zero point by 7.5 mag.
 
     Returns
     -------
@@ -394,17 +401,24 @@ def refcat_from_table(table: Table, *, column_map: Mapping[str, str], bands: Map
     unknown = sorted(set(column_map) - set(REFCAT_COLUMNS))
     if unknown:
         raise ConfigError(f"column_map keys {unknown} are not standard columns {sorted(REFCAT_COLUMNS)}")
-    for what, mapping in (("column_map", column_map), ("bands", bands), ("mag_err_columns", mag_err_columns or {})):
+    column_map = {**{c: c for c in REFCAT_COLUMNS if c in table.colnames and c not in column_map}, **column_map}
+    for what, mapping in (("column_map (--column)", column_map), ("bands (--band)", bands),
+                          ("mag_err_columns (--band-err)", mag_err_columns or {})):
         absent = sorted(v for v in mapping.values() if v not in table.colnames)
         if absent:
             raise ConfigError(f"{what} names columns {absent} absent from the table (it has {table.colnames})")
     for req in ("ra", "dec"):
         if req not in column_map:
-            raise ConfigError(f"column_map must map {req!r} to a source column")
+            raise ConfigError(f"the table has no column {req!r}: name the one that holds it (--column {req}=COLUMN, "
+                              f"column_map={{{req!r}: 'COLUMN'}} from Python); it has {table.colnames}")
     if "epoch" not in column_map and epoch_year is None:
         raise ConfigError("give epoch_year (Julian year of the positions, e.g. 2016.0 for Gaia DR3) or map 'epoch'")
     if not bands:
-        raise ConfigError("bands must map at least one band to a source column")
+        raise ConfigError("name at least one band's magnitude or flux column (--band r=COLUMN, "
+                          "bands={'r': 'COLUMN'} from Python)")
+    if len(table) == 0:
+        raise ConfigError("the table has no rows: nothing to write (is it the right file, or the right HDU?)")
+    _check_photometry_units(table, bands, mag_err_columns or {}, mag_columns, flux_unit)
     n = len(table)
     out = Table()
     out["id"] = (np.asarray(table[column_map["id"]], dtype=np.int64) if "id" in column_map
@@ -431,14 +445,56 @@ def refcat_from_table(table: Table, *, column_map: Mapping[str, str], bands: Map
             flux = 10.0 ** (-0.4 * (value - AB_MAG_OF_ONE_NJY))
             flux_err = flux * err * math.log(10.0) / 2.5
         else:
-            flux = _values(table[src_col], _NJY)
-            flux_err = (_values(table[mag_err_columns[band]], _NJY) if mag_err_columns and band in mag_err_columns
-                        else np.full(n, np.nan))
+            flux = _flux_values(table[src_col], flux_unit)
+            flux_err = (_flux_values(table[mag_err_columns[band]], flux_unit)
+                        if mag_err_columns and band in mag_err_columns else np.full(n, np.nan))
         out[f"{band}_flux"] = flux
         out[f"{band}_flux"].unit = _NJY
         out[f"{band}_fluxErr"] = flux_err
         out[f"{band}_fluxErr"].unit = _NJY
+    out.meta["column_map"] = dict(column_map)
     return out
+
+
+def _has_unit(col: Any) -> bool:
+    unit = getattr(col, "unit", None)
+    return unit is not None and unit != u.dimensionless_unscaled
+
+
+def _check_photometry_units(table: Table, bands: Mapping[str, str], errs: Mapping[str, str], mag_columns: bool,
+                            flux_unit: str | u.UnitBase | None) -> None:
+    """Refuse band columns whose unit contradicts ``mag_columns``, and unitless fluxes without ``flux_unit``."""
+    if flux_unit is not None:
+        try:
+            unit = u.Unit(flux_unit)
+        except ValueError as exc:
+            raise ConfigError(f"flux_unit {flux_unit!r} is not a unit astropy knows ({exc})") from None
+        if not unit.is_equivalent(_NJY):
+            raise ConfigError(f"flux_unit {flux_unit!r} is not a flux density unit (nJy, uJy, Jy, ...)")
+    for band, name in {**bands, **{f"{b} error": c for b, c in errs.items()}}.items():
+        col = table[name]
+        unit = getattr(col, "unit", None)
+        if isinstance(unit, u.FunctionUnitBase):  # mag(AB) and the like: magnitudes
+            if not mag_columns:
+                raise ConfigError(f"column {name!r} ({band}) is in {unit}, magnitudes; pass --magnitudes "
+                                  "(mag_columns=True)")
+            continue
+        if mag_columns and _has_unit(col) and unit.is_equivalent(_NJY):
+            raise ConfigError(f"column {name!r} ({band}) is in {unit}, a flux, but the band columns are read as AB "
+                              "magnitudes; drop --magnitudes (mag_columns=False)")
+        if not mag_columns and _has_unit(col) and not unit.is_equivalent(_NJY):
+            raise ConfigError(f"column {name!r} ({band}) is in {unit}, not a flux density; give flux columns, or "
+                              "magnitude columns with --magnitudes (mag_columns=True)")
+        if not mag_columns and not _has_unit(col) and flux_unit is None:
+            raise ConfigError(f"flux column {name!r} ({band}) has no unit; say which with --flux-unit (flux_unit=..., "
+                              "e.g. 'nJy', 'uJy', 'Jy'): a wrong guess shifts every zero point by magnitudes")
+
+
+def _flux_values(col: Any, flux_unit: str | u.UnitBase | None) -> npt.NDArray[np.float64]:
+    """Flux column values in nJy, from the column's unit or else ``flux_unit``."""
+    if _has_unit(col):
+        return _values(col, _NJY)
+    return _float_filled(col) * float(u.Unit(flux_unit).to(_NJY))
 
 
 def _float_filled(col: Any) -> npt.NDArray[np.float64]:

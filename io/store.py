@@ -283,12 +283,19 @@ class ArtifactStore:
 
     def _read(self, dtype: DatasetType, path: str, what: str, expected_checksum: str | None) -> Any:
         with self._wrapped("read", what, path, dtype.name):
-            if not self.fs.exists(path + PROVENANCE_SUFFIX):
-                raise FileNotFoundError(path + PROVENANCE_SUFFIX)
+            # The sidecar is written last: without it the write did not complete.
+            sidecar = _json_loads(bytes(self.fs.cat_file(path + PROVENANCE_SUFFIX)))
             data = bytes(self.fs.cat_file(path))
+        recorded_size = sidecar.get("size_bytes") if isinstance(sidecar, dict) else None
+        if isinstance(recorded_size, int) and len(data) != recorded_size:
+            raise DatasetError(f"{what} at {self.url(path)} has {len(data)} bytes, not the {recorded_size} the store "
+                               "wrote: it was changed outside the store (truncated or replaced). Restore it, or "
+                               "write it again (re-ingest an input; delete a product and re-run)",
+                               dataset_type=dtype.name, uri=self.url(path))
         if expected_checksum is not None and _checksum(data) != expected_checksum:
-            raise DatasetError(f"{what} at {self.url(path)} changed since the reference was made "
-                               f"(checksum mismatch); re-run the task that produced the reference",
+            raise DatasetError(f"{what} at {self.url(path)} does not have the bytes the store wrote (checksum "
+                               "mismatch): it was changed outside the store, or since the reference was made. "
+                               "Restore it, or write it again (re-ingest an input; delete a product and re-run)",
                                dataset_type=dtype.name, uri=self.url(path))
         with self._wrapped("decode", what, path, dtype.name):
             return get_format(dtype.storage).read(data)

@@ -523,6 +523,9 @@ def format_evaluation_table(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.rjust(w) for c, w in zip(cell, widths, strict=True)) for cell in cells]
+    # A failed detector's row is NaN: say why under the table.
+    lines += [f"visit {row.get('visit')} detector {row.get('detector')}: failed in {row['failure']}"
+              for row in rows if row.get("failure")]
     return "\n".join(lines)
 
 

@@ -258,15 +258,21 @@ def fit_astrometry(sources: Table, refcat: Table, *, initial_wcs: WCS, origin: t
     if good.sum() < config.min_matches:
         raise AstrometryError(
             f"only {int(good.sum())} of {n_src_total} sources are usable for astrometry (S/N >= {config.min_snr}, "
-            f"unflagged); need {config.min_matches}. Check the PSF-star catalogue or lower astrometry.min_snr",
+            f"unflagged); need {config.min_matches} (astrometry.min_matches). The frame has too few stars bright "
+            "enough for a fit (check the PSF-star catalogue); lower astrometry.min_matches only if a "
+            "fit on fewer stars is acceptable",
             meta)
     src_idx = np.flatnonzero(good)
     ra = np.asarray(refcat["ra"], float)
     dec = np.asarray(refcat["dec"], float)
     ref_idx = np.flatnonzero(np.isfinite(ra) & np.isfinite(dec))
     if len(ref_idx) < config.min_matches:
-        raise AstrometryError(f"the reference catalogue has only {len(ref_idx)} usable stars; "
-                              f"need {config.min_matches}. Load a larger region or another catalogue", meta)
+        cone = refcat.meta
+        where = (f" within {cone['radius_deg']:.3g} deg of (RA, Dec) = ({cone['ra_deg']:.5f}, {cone['dec_deg']:.5f})"
+                 if all(k in cone for k in ("ra_deg", "dec_deg", "radius_deg")) else "")
+        raise AstrometryError(f"the reference catalogue {cone.get('refcat', '')!r} has {len(ref_idx)} stars{where}; "
+                              f"need {config.min_matches}. It does not cover this field: ingest one that does "
+                              "(or check the image's WCS)", meta)
     inp = _Inputs(
         sources=sources, refcat=refcat, src_idx=src_idx, ref_idx=ref_idx,
         sx=np.asarray(sources["base_SdssCentroid_x"], float)[src_idx] - x0,
@@ -972,7 +978,8 @@ def _match_nn(src: npt.NDArray[np.float64], ref: npt.NDArray[np.float64],
     ri = ref_ids[j[ok]]
     d = d[ok]
     order = np.lexsort((d, ri))
-    first = np.r_[True, np.diff(ri[order]) != 0]
+    first = np.ones(order.size, bool)  # no matches: an empty selection, not np.r_[True]
+    first[1:] = np.diff(ri[order]) != 0
     keep = order[first]
     return si[keep], ri[keep], d[keep]
 

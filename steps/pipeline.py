@@ -65,7 +65,7 @@ from .psf_determination import fit_psf, select_psf_candidates
 from .residual_detection import detect_residual_sources
 from .snap_combination import combine_snaps
 from .star_selection import place_sky_sources, select_stars
-from .summary import compute_summary_stats
+from .summary import compute_summary_stats, quality_warnings
 
 PSF_CATALOG = 0
 STAR_CATALOG = 1
@@ -478,6 +478,9 @@ class FinalizeResult:
     background: BackgroundList
     stars: Table
     summary: Mapping[str, Any]
+    #: :func:`~singleframe.steps.summary.quality_warnings` of the summary (also in the image's
+    #: ``metadata["quality.warnings"]``).
+    warnings: tuple[str, ...] = ()
 
 
 def finalize(exposure: Exposure, background: BackgroundList, stars: Table, psf_stars: Table, *,
@@ -504,8 +507,11 @@ def finalize(exposure: Exposure, background: BackgroundList, stars: Table, psf_s
     if config.calibrate_pixels:
         cal = calibrate_exposure(exposure, photo_calib, background=background)
         exposure, background = cal.exposure, cal.background
+    warnings = tuple(quality_warnings(summary, config.summary))
     exposure = exposure.replace(summary=dict(summary))
-    return FinalizeResult(exposure, background, stars, summary)
+    if warnings:
+        exposure = exposure.replace(metadata={**exposure.metadata, "quality.warnings": list(warnings)})
+    return FinalizeResult(exposure, background, stars, summary, warnings)
 
 
 # --------------------------------------------------------------------------------------

@@ -288,3 +288,30 @@ def test_the_input_snaps_are_never_modified(scene) -> None:
             np.testing.assert_array_equal(s.image, img)
             np.testing.assert_array_equal(s.mask, msk)
             np.testing.assert_array_equal(s.variance, var)
+
+
+def test_quality_warnings_flag_a_psf_model_that_misses_its_stars(result) -> None:
+    # A model off its stars is not a failure (it is the best fit the data allow) but must not pass
+    # unnoticed: the real SDSS r frame's faint stars are 0.067 more elongated (e2) than its model.
+    import io
+
+    from astropy.io import fits
+
+    from singleframe.io.formats import exposure_from_fits_bytes, exposure_to_fits_bytes
+    from singleframe.steps.summary import SummaryConfig, quality_warnings
+
+    image = result.preliminary_visit_image
+    assert "quality.warnings" not in image.metadata  # the clean scene: nothing to say
+    summary = {**image.summary, "psfStarDeltaE1Median": 0.001, "psfStarDeltaE2Median": -0.067,
+               "psfStarDeltaSizeMedian": 0.0}
+    (text,) = quality_warnings(summary)
+    assert "psfStarDeltaE2Median = -0.067" in text and "diagnostic plot" in text
+    summary["psfStarDeltaSizeMedian"] = 0.03 * summary["psfSigma"]
+    assert "+3.0 % of psfSigma" in quality_warnings(summary)[1]
+    assert quality_warnings(summary, SummaryConfig(warn_psf_delta_e=0.1, warn_psf_delta_size_frac=0.05)) == []
+    # Stored with the image: the texts in METADATA, a count in the primary header.
+    flagged = image.replace(metadata={**image.metadata, "quality.warnings": [text]})
+    data = exposure_to_fits_bytes(flagged)
+    with fits.open(io.BytesIO(bytes(data))) as hdul:
+        assert hdul[0].header["QAWARN"] == 1
+    assert exposure_from_fits_bytes(bytes(data)).metadata["quality.warnings"] == [text]

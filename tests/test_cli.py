@@ -37,3 +37,129 @@ def test_evaluate_of_a_store_without_outputs_fails_and_says_what_to_run(
     assert main(["evaluate", "--store", str(tmp_path / "empty")]) == 1
     err = capsys.readouterr().err
     assert "no calibrated detectors" in err and "singleframe run --store" in err
+    # Calibrated real data has no truth to compare with: said so, not "run it first".
+    import numpy as np
+
+    from singleframe.exposure import DetectorInfo, Exposure, VisitInfo
+    from singleframe.io.store import ArtifactStore
+
+    image = Exposure(np.zeros((8, 8), np.float32), np.zeros((8, 8), np.uint32), np.ones((8, 8), np.float32),
+                     VisitInfo(42, 15.0, 60000.25, "i", "i", 1.0, 2.0, 3.0), DetectorInfo(7))
+    ArtifactStore(str(tmp_path / "real")).put("preliminary_visit_image", image, run="calib", instrument="Cam",
+                                              visit=42, detector=7)
+    assert main(["evaluate", "--store", str(tmp_path / "real")]) == 1
+    err = capsys.readouterr().err
+    assert "has 1 calibrated detectors, but run 'raw' holds no simulator truth" in err
+
+
+@pytest.mark.parametrize(("statuses", "completed", "code"), [
+    (["ok", "ok"], True, 0),
+    (["ok", "failed"], True, 3),      # partial: scripts and schedulers must see it
+    (["failed", "failed"], True, 3),
+    ([], False, 1),                   # the flow itself failed
+])
+def test_run_exit_status_says_whether_every_detector_was_calibrated(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], statuses: list[str],
+        completed: bool, code: int) -> None:
+    # The flow is replaced by its final state: what is under test is how the command reports it.
+    from prefect.states import Completed, Failed
+
+    from singleframe.flows import calibrate
+
+    outcomes = [{"data_id": {"visit": 1, "detector": d}, "status": s, "stage": "calibrate_astrometry",
+                 "message": "only 0 matches"} for d, s in enumerate(statuses)]
+    if not completed:
+        state = Failed(message="flow crashed")
+    elif "failed" in statuses:  # the flow's state when a detector failed (max_failed_fraction 0)
+        state = Failed(data=outcomes, message="some failed")
+    else:
+        state = Completed(data=outcomes, message="done")
+    monkeypatch.setattr(calibrate, "run_calibration", lambda *a, **k: state)
+    monkeypatch.setattr(calibrate, "make_task_runner", lambda **k: None)
+    monkeypatch.setattr(calibrate, "prepare_run", lambda params: None)
+    assert main(["run", "--store", "unused", "--quiet"]) == code
+    out = capsys.readouterr().out
+    assert out.count("failed in calibrate_astrometry") == statuses.count("failed")
+
+
+def test_run_refuses_in_one_line_what_it_can_tell_before_starting(
+        tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Exit status 2 and a message that says what to do, before Prefect starts: an empty input
+    # run, a selection the run does not hold, a missing reference catalogue.
+    import dataclasses
+
+    from singleframe.flows.simulate import write_simulated_survey
+    from singleframe.io.store import ArtifactStore
+    from singleframe.sim.config import SimulationConfig, _demo_visits
+
+    root = str(tmp_path / "store")
+    assert main(["run", "--store", root, "--quiet"]) == 2
+    assert f"the store {root} does not exist" in capsys.readouterr().err
+    (tmp_path / "store").mkdir()
+    assert main(["run", "--store", root, "--quiet"]) == 2
+    assert "no post_isr_image datasets in run 'raw'" in capsys.readouterr().err
+    assert main(["run", "--store", root, "--workers", "0"]) == 2
+    assert "invalid option: --workers" in capsys.readouterr().err
+    config = dataclasses.replace(SimulationConfig(), nx=200, ny=200, n_side=1, visits=_demo_visits()[1:])
+    write_simulated_survey(ArtifactStore(root), config)
+    assert main(["run", "--store", root, "--visits", "999", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no detector with visits=[999]" in err and "it holds visits 2 and detectors 0" in err
+    assert main(["run", "--store", root, "--refcat", "gaia", "--quiet"]) == 2
+    assert "reference catalogue 'gaia' is not in the store" in capsys.readouterr().err
+    assert not (tmp_path / "store" / "calib").exists()
+
+
+def test_ingest_refcat_from_a_csv_and_from_the_table_hdu_of_a_fits_file(
+        tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from singleframe.io.refcat import load_refcat
+
+    store = str(tmp_path / "store")
+    Table({"ra": [150.0, 150.01], "dec": [2.0, 2.01], "rf": [1000.0, 2000.0]}).write(tmp_path / "cat.csv")
+    args = ["ingest-refcat", str(tmp_path / "cat.csv"), "--store", store, "--band", "r=rf"]
+    assert main(args) == 2
+    assert "flux column 'rf' (r) has no unit" in capsys.readouterr().err
+    assert main([*args, "--flux-unit", "uJy"]) == 0
+    assert "columns ra<-ra, dec<-dec" in capsys.readouterr().out
+    ref = load_refcat(store, "refcat", ra_deg=150.0, dec_deg=2.0, radius_deg=0.1)
+    np.testing.assert_allclose(sorted(ref["r_flux"]), [1e6, 2e6], rtol=1e-12)  # µJy -> nJy
+    # An LDAC-like file: the table is in HDU 2, HDU 1 holds something else.
+    table = fits.BinTableHDU(Table({"ra": [150.0], "dec": [2.0], "mag": [18.0]}), name="LDAC_OBJECTS")
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU(Table({"Field Header Card": ["x" * 10]})), table]).writeto(
+        tmp_path / "cat.fits")
+    args = ["ingest-refcat", str(tmp_path / "cat.fits"), "--store", store, "--name", "ldac", "--band", "g=mag",
+            "--magnitudes"]
+    assert main(args) == 2
+    assert "absent from the table" in capsys.readouterr().err
+    assert main([*args, "--hdu", "2"]) == 0 and main([*args, "--hdu", "LDAC_OBJECTS"]) == 0
+
+
+def test_serve_refuses_a_port_something_already_listens_on(capsys: pytest.CaptureFixture[str]) -> None:
+    # A server left running on the port would answer the health checks: serve would register
+    # into it and return at once. It must say so instead, and start nothing.
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("[1, 2]\n", "holds '\\[1, 2\\]', not a mapping"),
+    ("42\n", "holds '42', not a mapping"),
+    ("astrometry:\n  max_rms_arcsec: -1\n", "c.yaml: astrometry.max_rms_arcsec"),
+])
+def test_a_config_file_that_is_not_settings_is_named_in_the_error(tmp_path, text: str, expected: str) -> None:
+    from singleframe.errors import ConfigError
+    from singleframe.steps.config import load_calibrate_config
+
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=expected):
+        load_calibrate_config(tmp_path / "c.yaml")

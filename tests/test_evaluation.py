@@ -209,6 +209,8 @@ def test_format_evaluation_table_is_aligned() -> None:
     assert len(lines) == 4 and len({len(line) for line in lines}) == 1
     assert lines[0].split() == list(EVALUATION_KEYS)
     assert "12.35" in lines[2] and "nan" in lines[2] and "20000" in lines[3]
+    rows[0]["failure"] = "characterize: only 1 PSF star"  # a failed detector: why, under the table
+    assert format_evaluation_table(rows).splitlines()[4] == "visit 1 detector 0: failed in characterize: only 1 PSF star"
 
 
 def _gaussian_truth(psf: GaussianPsf, x: np.ndarray, y: np.ndarray) -> PsfTruthAtStars:

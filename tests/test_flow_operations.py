@@ -150,7 +150,7 @@ def test_transient_errors_are_retried_and_algorithmic_failures_are_not(
     params = CalibrateParams(store=str(survey["root"]), input_run="faulty_raw", output_run="faults", max_workers=2)
     state = run_calibration(params)
     assert state.message == "1 of 2 detectors calibrated, 1 failed"
-    outcomes = {o["data_id"]["detector"]: o for o in state.result()}
+    outcomes = {o["data_id"]["detector"]: o for o in state.result(raise_on_failure=False)}
     assert outcomes[0]["status"] == "ok"
     # Stage correct_apertures read the image twice in vain, then once more successfully.
     assert reads[("characterized_image", 0)] >= 3
@@ -260,6 +260,28 @@ def test_a_reingested_refcat_recomputes_the_calibrations_that_read_it(survey: di
         assert rewritten(dataset), dataset
 
 
+def test_another_refcat_for_a_finished_output_run_is_refused_unless_rerun(survey: dict) -> None:
+    # Calibrating a finished run against another catalogue would replace its products, or delete
+    # them where the new catalogue does not cover the field: refused, as another config is.
+    from singleframe.flows.calibrate import CalibrateParams, run_calibration
+    from singleframe.io.refcat import write_refcat
+
+    root: Path = survey["root"]
+    store: ArtifactStore = survey["store"]
+    write_refcat(store, "refcat_other", _refcat_table(store, "refcat"))
+    params = CalibrateParams(store=str(root), output_run="onecat", detectors=[0], max_workers=1)
+    assert run_calibration(params).is_completed()
+    before = _data_files(root / "onecat")
+    state = run_calibration(params.model_copy(update={"refcat": "refcat_other"}))
+    assert state.is_failed()
+    with pytest.raises(Exception, match="calibrated against reference catalogue 'refcat', not 'refcat_other'.*--rerun"):
+        state.result()
+    assert _data_files(root / "onecat") == before
+    state = run_calibration(params.model_copy(update={"refcat": "refcat_other", "rerun": True}))
+    assert state.message == "1 of 1 detectors calibrated, 0 failed"
+    assert store.get("calibrate_config", run="onecat", instrument="SimCam")["refcat"] == "refcat_other"
+
+
 def test_a_missing_refcat_fails_the_run_before_any_detector_starts(survey: dict) -> None:
     from singleframe.flows.calibrate import CalibrateParams, run_calibration
 
@@ -297,7 +319,7 @@ def test_a_failed_rerun_removes_the_outputs_it_would_have_replaced(
     monkeypatch.setattr(ArtifactStore, "put", put)
     state = run_calibration(params.model_copy(update={"rerun": True}))
     assert state.message == "0 of 2 detectors calibrated, 2 failed"
-    outcomes = {o["data_id"]["detector"]: o for o in state.result()}
+    outcomes = {o["data_id"]["detector"]: o for o in state.result(raise_on_failure=False)}
     assert outcomes[0]["stage"] == "calibrate_astrometry" and "record_error" not in outcomes[0]
     assert "TransientIOError" in outcomes[1]["record_error"]
     where = _where(0, "stale")
@@ -309,6 +331,28 @@ def test_a_failed_rerun_removes_the_outputs_it_would_have_replaced(
     for name in ("single_visit_psf_star", "initial_astrometry_match_detector", "preliminary_visit_image",
                  "single_visit_star_unstandardized", "initial_photoCalib_detector", "detector_summary"):
         assert not store.exists(name, **where), name
+
+
+def test_a_bug_is_recorded_with_the_frames_where_it_happened(survey: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An unexpected error (not a SingleframeError) is a bug: its record must show where it was
+    # raised, not only the task machinery around it.
+    from singleframe.flows.calibrate import CalibrateParams, run_calibration
+    from singleframe.steps import pipeline
+
+    def deep_helper_that_fails():
+        raise IndexError("injected: boolean index did not match")
+
+    def buggy_astrometry(*args, **kwargs):
+        deep_helper_that_fails()
+
+    monkeypatch.setattr(pipeline, "calibrate_astrometry", buggy_astrometry)
+    params = CalibrateParams(store=str(survey["root"]), output_run="bug", detectors=[1], max_workers=1)
+    assert run_calibration(params).message == "0 of 1 detectors calibrated, 1 failed"
+    record = survey["store"].get("detector_failure", **_where(1, "bug"))
+    assert record["expected"] is False and record["failure.type"] == "builtins.IndexError"
+    tb = record["traceback"]
+    assert "in deep_helper_that_fails" in tb and "in buggy_astrometry" in tb
+    assert tb.rstrip().endswith("IndexError: injected: boolean index did not match")
 
 
 def test_other_code_recomputes_and_a_worker_with_other_code_refuses(
@@ -336,7 +380,7 @@ def test_other_code_recomputes_and_a_worker_with_other_code_refuses(
     monkeypatch.setattr(calibrate, "run_context",
                         lambda *a: flow_context(*a).model_copy(update={"code_version": "0.0.0+newer"}))
     state = run_calibration(params.model_copy(update={"rerun": True}))
-    (outcome,) = state.result()
+    (outcome,) = state.result(raise_on_failure=False)
     assert outcome["status"] == "failed" and "runs other code than the flow" in outcome["message"]
     assert "restart the workers" in outcome["message"]
     assert _data_files(root / "codever").keys() >= set(products)  # nothing deleted
@@ -359,8 +403,8 @@ def test_a_dead_detector_task_is_a_recorded_failure_not_a_failed_flow(
 
     monkeypatch.setattr(calibrate.calibrate_detector, "fn", dies_on_detector_1)
     state = run_calibration(params.model_copy(update={"rerun": True}))
-    assert state.is_completed() and state.message == "1 of 2 detectors calibrated, 1 failed"
-    outcomes = {o["data_id"]["detector"]: o for o in state.result()}
+    assert state.is_failed() and state.message == "1 of 2 detectors calibrated, 1 failed"
+    outcomes = {o["data_id"]["detector"]: o for o in state.result(raise_on_failure=False)}
     assert outcomes[1]["stage"] == "orchestration" and outcomes[1]["error"] == "MemoryError"
     # The stage it reached is unknown: its record is written and none of its products is left
     # behind as if current.

@@ -238,3 +238,84 @@ def test_header_seeing_is_recorded_in_pixels(tmp_path: Path) -> None:
     seeing = read_raw_file(_write(tmp_path / "b.fits", SEEING=0.9)).exposure.metadata["seeing_fwhm_pix"]
     assert seeing == pytest.approx(4.5, rel=1e-9)  # 0.9" / 0.2"/px, exact up to round-off
     assert "seeing_fwhm_pix" not in read_raw_file(_write(tmp_path / "c.fits")).exposure.metadata
+
+
+def test_observatory_site_from_the_keywords_observatories_write(tmp_path: Path) -> None:
+    # Longitude conventions differ: FITS's OBSGEO-L and LCO's LONGITUD ("[deg East]") are east,
+    # NOIRLab's SITELONG ("degrees W") and OBS-LONG (no sign in the comment) are west-positive.
+    # A site the header does not give is unknown (NaN), never another observatory's.
+    from astropy.coordinates import EarthLocation
+
+    from singleframe.exposure import zenith_distance_deg
+
+    def site(name: str, **cards: Any) -> tuple[float, float, float]:
+        hdr = _header(**{k: v for k, v in cards.items() if not isinstance(v, tuple)})
+        for key, value in cards.items():
+            if isinstance(value, tuple):
+                hdr[key] = value  # (value, comment)
+        path = tmp_path / f"{name}.fits"
+        fits.PrimaryHDU(_image(1), header=hdr).writeto(path)
+        return read_raw_file(str(path)).exposure.visit_info.observatory_lon_lat_height
+
+    assert all(math.isnan(v) for v in site("none"))
+    assert site("geo", **{"OBSGEO-L": -70.75, "OBSGEO-B": -30.24, "OBSGEO-H": 2663.0}) == (-70.75, -30.24, 2663.0)
+    lco = site("lco", LONGITUD=(-16.511703, "[deg East] Telescope Longitude"), LATITUDE=28.300308, HEIGHT=2390.0)
+    assert lco == (-16.511703, 28.300308, 2390.0)
+    bok = site("bok", SITELONG=("111:36.0", "Longitude (degrees W)"), SITELAT=("31:58.8", "Latitude (degrees N)"))
+    assert bok == pytest.approx((-111.6, 31.98, 0.0), abs=1e-9)  # sexagesimal, exact up to round-off
+    loc = EarthLocation.from_geodetic(-16.511703, 28.300308, 2390.0)
+    xyz = {k: float(v.to_value("m")) for k, v in zip(("OBSGEO-X", "OBSGEO-Y", "OBSGEO-Z"), loc.geocentric, strict=True)}
+    assert site("xyz", **xyz) == pytest.approx((-16.511703, 28.300308, 2390.0), abs=1e-6)
+    # An unsigned OBS-LONG: the sign whose zenith distance matches AIRMASS. The boresight is put
+    # 20 deg from the zenith of the west-positive reading (Kitt Peak); east, it is far from it.
+    mjd = Time("2024-01-31T03:04:20.0", scale="utc").tai.mjd  # mid-exposure
+    ras = np.arange(0.0, 360.0, 0.25)
+    zds = np.array([zenith_distance_deg(r, 31.96, mjd, -111.6, 31.96) for r in ras])
+    ra0 = float(ras[np.argmin(np.abs(zds - 20.0))])
+    assert abs(zenith_distance_deg(ra0, 31.96, mjd, 111.6, 31.96) - 20.0) > 10.0
+    cards = {"OBS-LONG": ("111:36.0", "[deg] Observatory longitude"), "OBS-LAT": "31:57.6", "OBS-ELEV": 2120,
+             "BORE-RA": ra0, "BORE-DEC": 31.96}
+    kpno = site("kpno", AIRMASS=1.0 / math.cos(math.radians(20.0)), **cards)
+    assert kpno == pytest.approx((-111.6, 31.96, 2120.0), abs=1e-9)
+    assert site("kpno_no_airmass", **cards)[0] == pytest.approx(111.6)  # east: the FITS convention
+
+
+def test_a_date_without_time_of_day_is_completed_or_refused(tmp_path: Path) -> None:
+    # SDSS: DATE-OBS holds the TAI date and TAIHMS the time. A date alone is not a time: it would
+    # give every frame of the night one visit id and misplace the sky by hours.
+    sdss = _write(tmp_path / "sdss.fits", **{"DATE-OBS": "2009-11-18", "TAIHMS": "02:23:45.93"})
+    start = Time("2009-11-18T02:23:45.93", scale="tai")
+    assert read_raw_file(sdss).exposure.visit_info.mjd_tai == pytest.approx(start.mjd + 15.0 / 86400, abs=1e-9)
+    kpno = _write(tmp_path / "kpno.fits", **{"DATE-OBS": "2015-12-14", "UT": "02:17:23"})
+    start = Time("2015-12-14T02:17:23", scale="utc")
+    assert read_raw_file(kpno).exposure.visit_info.mjd_tai == pytest.approx(start.tai.mjd + 15.0 / 86400, abs=1e-9)
+    bare = _write(tmp_path / "bare.fits", **{"DATE-OBS": "2009-11-18"})
+    with pytest.raises(IngestError, match="not the time of day.*--set MJD-OBS="):
+        read_raw_file(bare)
+
+
+def test_decam_detector_serial_and_per_amplifier_gains(tmp_path: Path) -> None:
+    # DECam: DETECTOR is the CCD's serial, CCDNUM the integer id; gain and read noise per amplifier.
+    path = _write(tmp_path / "decam.fits", DETECTOR="S3-177_107419-14-1", CCDNUM=37, GAIN=None, RDNOISE=None,
+                  GAINA=4.0, GAINB=4.4, RDNOISEA=6.0, RDNOISEB=7.0)
+    det = read_raw_file(path).exposure.detector
+    assert det.id == 37 and det.gain_e_per_count == pytest.approx(4.2) and det.read_noise_e == pytest.approx(6.5)
+    with pytest.raises(IngestError, match=r"no integer detector id.*--set DETECTOR=<int>"):
+        read_raw_file(_write(tmp_path / "serial.fits", DETECTOR="S3-177"))
+
+
+@pytest.mark.parametrize("suffix", [".fits.gz", ".fits.bz2"])
+def test_whole_file_compressed_fits_is_read(tmp_path: Path, suffix: str) -> None:
+    import bz2
+    import gzip
+
+    plain = Path(_write(tmp_path / "plain.fits"))
+    packed = tmp_path / f"packed{suffix}"
+    packed.write_bytes((gzip.compress if suffix.endswith("gz") else bz2.compress)(plain.read_bytes()))
+    a, b = read_raw_file(str(plain)).exposure, read_raw_file(str(packed)).exposure
+    np.testing.assert_array_equal(a.image, b.image)
+    assert a.visit_info == b.visit_info
+    broken = tmp_path / f"broken{suffix}"
+    broken.write_bytes(packed.read_bytes()[:200])
+    with pytest.raises(IngestError, match="does not decompress"):
+        read_raw_file(str(broken))

@@ -149,3 +149,32 @@ def test_epoch_from_mjd_and_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="power of two"):
         write_refcat(str(tmp_path), "x", Table({"id": [1], "ra": [0.0], "dec": [0.0], "epoch": [2000.0],
                                                  "g_flux": [1.0]}), nside=30)
+
+
+def test_refcat_from_table_refuses_fluxes_of_unknown_unit_and_maps_our_own_names() -> None:
+    # A flux column without a unit is ambiguous (µJy read as nJy moves every zero point by
+    # 7.5 mag): refused unless flux_unit says which. Columns named as ours need no mapping.
+    t = Table({"ra": [150.0, 150.1], "dec": [2.0, 2.1], "r_flux": [3.631, 36.31]})
+    with pytest.raises(ConfigError, match="has no unit.*--flux-unit"):
+        refcat_from_table(t, column_map={}, bands={"r": "r_flux"}, mag_columns=False, epoch_year=2016.0)
+    cat = refcat_from_table(t, column_map={}, bands={"r": "r_flux"}, mag_columns=False, epoch_year=2016.0,
+                            flux_unit="uJy")
+    np.testing.assert_allclose(cat["r_flux"], [3631.0, 36310.0], rtol=1e-12)  # µJy -> nJy, round-off only
+    assert cat.meta["column_map"] == {"ra": "ra", "dec": "dec"} and cat["ra"][1] == 150.1
+    with pytest.raises(ConfigError, match="not a flux density unit"):
+        refcat_from_table(t, column_map={}, bands={"r": "r_flux"}, mag_columns=False, epoch_year=2016.0,
+                          flux_unit="deg")
+    # A column's own unit contradicting --magnitudes is refused either way.
+    t["f"] = [3.631, 36.31] * u.uJy
+    t["m"] = [20.0, 21.0] * u.ABmag
+    with pytest.raises(ConfigError, match="a flux, but the band columns are read as AB magnitudes"):
+        refcat_from_table(t, column_map={}, bands={"r": "f"}, mag_columns=True, epoch_year=2016.0)
+    with pytest.raises(ConfigError, match="magnitudes; pass --magnitudes"):
+        refcat_from_table(t, column_map={}, bands={"r": "m"}, mag_columns=False, epoch_year=2016.0)
+    cat = refcat_from_table(t, column_map={}, bands={"r": "m"}, mag_columns=True, epoch_year=2016.0)
+    assert cat["r_flux"][0] == pytest.approx(10 ** (-0.4 * (20.0 - AB_MAG_OF_ONE_NJY)), rel=1e-12)
+    with pytest.raises(ConfigError, match="no rows"):
+        refcat_from_table(t[:0], column_map={}, bands={"r": "f"}, mag_columns=False, epoch_year=2016.0)
+    with pytest.raises(ConfigError, match=r"no column 'ra'.*--column ra=COLUMN"):
+        refcat_from_table(Table({"RA": [1.0], "dec": [2.0], "f": [1.0] * u.nJy}), column_map={}, bands={"r": "f"},
+                          mag_columns=False, epoch_year=2016.0)

@@ -232,7 +232,26 @@ def test_remote_oserror_is_transient(memory_store: ArtifactStore, monkeypatch: p
 
 def test_corrupt_file_is_a_dataset_error(store: ArtifactStore, tmp_path: Path) -> None:
     store.put("star_catalog", Table({"a": [1.0]}), run="r", **DATA_ID)
-    (tmp_path / "repo/r/star_catalog/sim/visit-42/det-007.parquet").write_bytes(b"not parquet")
+    path = tmp_path / "repo/r/star_catalog/sim/visit-42/det-007.parquet"
+    path.write_bytes(b"x" * path.stat().st_size)  # the size the store recorded: the decoder must tell
     with pytest.raises(DatasetError, match="cannot decode dataset star_catalog") as info:
         store.get("star_catalog", run="r", **DATA_ID)
     assert not isinstance(info.value, DatasetNotFoundError | TransientIOError)
+
+
+def test_a_file_changed_outside_the_store_is_refused_on_read(tmp_path: Path) -> None:
+    # Truncated or replaced by hand: the size the sidecar recorded no longer matches (every
+    # read), and the checksum does not either (reads that verify it: the flow's ingested inputs).
+    store = ArtifactStore(str(tmp_path / "repo"))
+    ref = store.put("post_isr_image", _exposure(), run="r", snap=0, **DATA_ID)
+    path = tmp_path / "repo/r/post_isr_image/sim/visit-42/det-007/snap-0.fits"
+    data = path.read_bytes()
+    path.write_bytes(data[:5000])
+    with pytest.raises(DatasetError, match="has 5000 bytes, not the .* changed outside the store"):
+        store.get("post_isr_image", run="r", snap=0, **DATA_ID)
+    flipped = bytearray(data)
+    flipped[-100] ^= 0xFF  # same size, one pixel byte changed
+    path.write_bytes(bytes(flipped))
+    store.get_ref(ref)  # decodes: only the checksum can tell
+    with pytest.raises(DatasetError, match="checksum mismatch.*changed outside the store"):
+        store.get_ref(ref, verify_checksum=True)

@@ -195,3 +195,29 @@ def test_only_psf_candidates_are_matched_unless_too_few():
     src["calib_psf_candidate"] = np.arange(len(src)) < 5
     res = fit_astrometry(src, ref, initial_wcs=initial, origin=ORIGIN, shape=(NY, NX))
     assert res.required_flags_dropped and res.used.sum() > 5 and _grid_error_mas(truth, res.wcs) <= 5.0
+
+
+def test_nearest_neighbour_matching_with_no_pair_in_reach_is_empty():
+    # Regression: with no source within the radius of any reference the one-to-one selection
+    # used to be a length-1 mask (np.r_[True, empty]) and raised IndexError instead of letting
+    # the fit say "only 0 matches" as an AstrometryError.
+    from singleframe.steps.astrometry import _match_nn
+
+    src = np.array([[0.0, 0.0], [50.0, 50.0]])
+    for ref in (np.array([[10.0, 10.0], [30.0, -30.0]]), np.zeros((0, 2)), np.full((2, 2), np.nan)):
+        si, ri, d = _match_nn(src, ref, radius=1.0)
+        assert si.size == ri.size == d.size == 0
+    # Two sources reaching one reference: the closer one keeps it.
+    si, ri, d = _match_nn(np.array([[0.0, 0.4], [0.0, 0.1]]), np.array([[0.0, 0.0]]), radius=1.0)
+    assert si.tolist() == [1] and ri.tolist() == [0] and d.tolist() == pytest.approx([0.1])
+
+
+def test_a_catalogue_that_misses_the_field_is_named_with_its_cone():
+    # The error must say the catalogue does not cover the field, not "load a larger region".
+    _, src, ref = _scene(7)
+    initial = _camera().initial_wcs(DETECTOR, RA0, DEC0, ROT0)
+    empty = ref[:0]
+    empty.meta.update({"refcat": "gaia_elsewhere", "ra_deg": RA0, "dec_deg": DEC0, "radius_deg": 0.25})
+    with pytest.raises(AstrometryError, match=r"'gaia_elsewhere' has 0 stars within 0.25 deg of \(RA, Dec\) = "
+                       r"\(150.00000, -30.00000\).*does not cover this field"):
+        fit_astrometry(src, empty, initial_wcs=initial, origin=ORIGIN, shape=(NY, NX))
