@@ -428,9 +428,39 @@ def prepare_run(params: CalibrateParams) -> tuple[ArtifactStore, RunContext, lis
     if not data_ids:
         raise NothingToCalibrateError(_nothing_to_calibrate(store, params))
     ctx = run_context(params, config, store)
+    _check_refcat_bands(store, params, data_ids, config)
     for instrument in sorted({d.instrument for d in data_ids}):
         _check_config_record(store, ctx, instrument)
     return store, ctx, data_ids
+
+
+def _check_refcat_bands(store: ArtifactStore, params: CalibrateParams, data_ids: list[DataId],
+                        config: CalibrateImageConfig) -> None:
+    """Refuse, before any pixel, images of a band (or a colour term) the reference catalogue lacks.
+
+    The band is read from each input's provenance record (written by ingest and the simulator;
+    inputs stored without it are not checked here, and their photometry says so later).
+    """
+    from ..io.refcat import read_refcat_info
+
+    have = set(read_refcat_info(store, params.refcat).bands)
+    need: dict[str, list[DataId]] = {}
+    for d in data_ids:
+        prov = store.provenance("post_isr_image", run=params.input_run, instrument=d.instrument, visit=d.visit,
+                                detector=d.detector, snap=0)
+        if prov.get("band"):
+            need.setdefault(str(prov["band"]), []).append(d)
+    for band in config.photometry.colour_band_pair:
+        if band not in have and need:
+            raise ConfigError(f"photometry.colour_band_pair needs band {band!r}, which reference catalogue "
+                              f"{params.refcat!r} lacks (it has {sorted(have)})")
+    missing = {b: ids for b, ids in need.items() if b not in have}
+    if missing:
+        which = "; ".join(f"band {b!r}: {len(ids)} detector(s), e.g. visit {ids[0].visit} detector {ids[0].detector}"
+                          for b, ids in sorted(missing.items()))
+        raise ConfigError(f"reference catalogue {params.refcat!r} has no fluxes in {which} (it has {sorted(have)}); "
+                          "ingest one with that band (singleframe ingest-refcat --band BAND=COLUMN), or leave "
+                          "those visits out (--visits)")
 
 
 def _nothing_to_calibrate(store: ArtifactStore, params: CalibrateParams) -> str:

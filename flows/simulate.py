@@ -21,7 +21,7 @@ def write_simulated_survey(store: ArtifactStore, config: SimulationConfig, *, ru
     for visit, detector_id, sim in iter_survey(config):
         where = {"run": run, "instrument": config.instrument, "visit": visit.visit, "detector": detector_id}
         for snap, exposure in enumerate(sim.snaps):
-            store.put("post_isr_image", exposure, snap=snap, **where)
+            store.put("post_isr_image", exposure, snap=snap, provenance={"band": exposure.visit_info.band}, **where)
             store.put("truth_cr_mask", sim.truth.cr_masks[snap].astype("uint8"), snap=snap, **where)
         t = sim.truth
         store.put("truth_sources", t.sources, **where)

@@ -699,7 +699,8 @@ def ingest_files(store: ArtifactStore, paths: Iterable[str], *, run: str = "raw"
             try:
                 refs.append(store.put("post_isr_image", raw.exposure, run=run, instrument=inst, visit=visit,
                                       detector=det, snap=snap,
-                                      provenance={"ingested_from": raw.path, "source_sha256": raw.sha256}))
+                                      provenance={"ingested_from": raw.path, "source_sha256": raw.sha256,
+                                                  "band": raw.exposure.visit_info.band}))
             except DatasetError as exc:
                 failures.append((raw.path, str(exc)))
     return IngestReport(tuple(refs), tuple(failures))

@@ -8,6 +8,7 @@ outputs (the flows write it as the ``calibrate_config`` dataset).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,7 @@ from .cosmic_rays import CosmicRayConfig
 from .detection import DetectionConfig
 from .initial_psf import InitialPsfConfig
 from .interpolation import InterpolationConfig
-from .measurement import MeasurementConfig
+from .measurement import AP_CORR_FIELDS, MeasurementConfig, flag_columns
 from .photometry import PhotometryConfig
 from .psf_determination import PsfFitConfig, PsfStarSelectorConfig
 from .residual_detection import ResidualDetectionConfig
@@ -49,6 +50,12 @@ def _star_detection() -> DetectionConfig:
 #: Outputs that may be switched off (the rest are always produced).
 OPTIONAL_OUTPUTS: tuple[str, ...] = ("single_visit_psf_star", "single_visit_psf_star_footprints",
                                      "initial_astrometry_match_detector", "initial_photometry_match_detector")
+
+
+#: Flags the pipeline adds to the measured catalogues (selection, calibration use, sky sources).
+_PIPELINE_FLAGS = frozenset({
+    "sky_source", "calib_psf_candidate", "calib_psf_used", "calib_psf_reserved", "calib_astrometry_used",
+    "calib_photometry_used", "calib_photometry_reserved", *(f"apcorr_{name}_used" for name in AP_CORR_FIELDS)})
 
 
 @dataclass(frozen=True)
@@ -139,6 +146,22 @@ class CalibrateImageConfig:
         unknown = sorted(set(self.optional_outputs) - set(OPTIONAL_OUTPUTS))
         if unknown:
             raise ConfigError(f"optional_outputs has unknown names {unknown}; choose from {list(OPTIONAL_OUTPUTS)}")
+        known = self.flag_columns()
+        for owner, names in (("astrometry.bad_flags", self.astrometry.bad_flags),
+                             ("astrometry.required_flags", self.astrometry.required_flags),
+                             ("photometry.bad_flags", self.photometry.bad_flags),
+                             ("star_selector.bad_flags", self.star_selector.bad_flags)):
+            for name in names:
+                if name not in known:
+                    near = difflib.get_close_matches(name, known, n=3)
+                    raise ConfigError(f"{owner} names {name!r}, which no catalogue has"
+                                      + (f"; did you mean {' or '.join(map(repr, near))}?" if near else
+                                         f"; the flags are {sorted(known)}"))
+
+    def flag_columns(self) -> frozenset[str]:
+        """The boolean columns of the PSF-star and star catalogues this config makes."""
+        measured = flag_columns(self.measurement) | flag_columns(self.psf_measurement)
+        return measured | _PIPELINE_FLAGS
 
     @property
     def psf_measurement(self) -> MeasurementConfig:

@@ -137,6 +137,25 @@ def compensated_name(radius_pix: float) -> str:
     return f"base_CompensatedTophatFlux_{int(round(radius_pix))}"
 
 
+def flag_columns(config: MeasurementConfig) -> frozenset[str]:
+    """Every boolean column that :func:`measure_sources` and :func:`apply_aperture_corrections` write.
+
+    Config validation checks the flag names other steps select on against these (with the
+    pipeline's own ``calib_*`` flags), so that a misspelt name is an error, not a filter that
+    silently selects nothing.
+    """
+    names = {"base_SdssCentroid_flag", "ext_shapeHSM_HsmSourceMoments_flag", "ext_shapeHSM_HsmPsfMoments_flag",
+             "base_PsfFlux_flag", "base_PsfFlux_flag_edge", "base_GaussianFlux_flag",
+             "base_ClassificationSizeExtendedness_flag", "base_PixelFlags_flag_offimage",
+             f"{compensated_name(config.compensated_radius_pix)}_flag", "base_NormalizedCompensatedTophatFlux_flag"}
+    names |= {f"base_PixelFlags_flag_{key}" for key in (*_FOOTPRINT_FLAGS, *_CENTER_FLAGS)}
+    for r in config.aperture_radii_pix:
+        stem = aperture_name(float(r))
+        names |= {f"{stem}_flag", f"{stem}_flag_apertureTruncated", f"{stem}_flag_neighbours"}
+    names |= {f"{name}_flag_apCorr" for name in AP_CORR_FIELDS}
+    return frozenset(names)
+
+
 def measure_sources(exposure: Exposure, detections: Detections, *,
                     config: MeasurementConfig = MeasurementConfig(),
                     ap_corr: Mapping[str, ChebyshevField] | None = None,

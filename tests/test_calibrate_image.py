@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from astropy.coordinates import SkyCoord
 
-from singleframe.errors import AllCentroidsFlaggedError, NoPsfStarsToStarsMatchError
+from singleframe.errors import AllCentroidsFlaggedError, ConfigError, NoPsfStarsToStarsMatchError
 from singleframe.sim.scenes import rubin_test_scene, two_snap_version
 from singleframe.steps.config import load_calibrate_config
 from singleframe.steps.flag_propagation import match_psf_stars
@@ -315,3 +315,16 @@ def test_quality_warnings_flag_a_psf_model_that_misses_its_stars(result) -> None
     with fits.open(io.BytesIO(bytes(data))) as hdul:
         assert hdul[0].header["QAWARN"] == 1
     assert exposure_from_fits_bytes(bytes(data)).metadata["quality.warnings"] == [text]
+
+
+def test_the_config_knows_every_flag_column_the_catalogues_have(result) -> None:
+    # Flag names in bad_flags/required_flags are checked against CalibrateImageConfig.flag_columns:
+    # that list must be exactly the boolean columns the pipeline writes, or a valid name would be
+    # refused (or a misspelt one accepted). A typo is refused before any pixel, with the fix.
+    config = load_calibrate_config(None, SMALL_SCENE)
+    written = set()
+    for table in (result.single_visit_star_unstandardized, result.single_visit_psf_star):
+        written |= {c for c in table.colnames if table[c].dtype == bool}
+    assert written == set(config.flag_columns())
+    with pytest.raises(ConfigError, match="did you mean 'base_PixelFlags_flag_edge'"):
+        load_calibrate_config(None, {"astrometry": {"bad_flags": ["base_PixelFlags_flag_edgee"]}})

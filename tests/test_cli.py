@@ -107,6 +107,19 @@ def test_run_refuses_in_one_line_what_it_can_tell_before_starting(
     assert "no detector with visits=[999]" in err and "it holds visits 2 and detectors 0" in err
     assert main(["run", "--store", root, "--refcat", "gaia", "--quiet"]) == 2
     assert "reference catalogue 'gaia' is not in the store" in capsys.readouterr().err
+    # A catalogue without the images' band: said before any pixel, not after three stages.
+    from astropy.table import Table
+
+    from singleframe.io.refcat import write_refcat
+
+    band = ArtifactStore(root).get("post_isr_image", run="raw", instrument="SimCam", visit=2, detector=0,
+                                   snap=0).visit_info.band
+    other = "z" if band != "z" else "g"
+    write_refcat(root, "other_band", Table({"id": [1], "ra": [0.0], "dec": [0.0], "epoch": [2016.0], f"{other}_flux": [1.0],
+                                            f"{other}_fluxErr": [0.1]}))
+    assert main(["run", "--store", root, "--refcat", "other_band", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"'other_band' has no fluxes in band '{band}': 1 detector(s)" in err and "--band BAND=COLUMN" in err
     assert not (tmp_path / "store" / "calib").exists()
 
 
