@@ -117,7 +117,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"invalid option: {problems}") from None
     # The flow checks the same again; here a bad config, a missing refcat or an empty selection is
     # one line and exit status 2, before Prefect starts (and logs a traceback).
-    calibrate.prepare_run(params)
+    for note in calibrate.prepare_run(params)[3]:
+        print(f"note: {note}", file=sys.stderr)
     runner = calibrate.make_task_runner(max_workers=args.workers, dask_workers=args.dask_workers,
                                         dask_address=args.dask_address)
 

@@ -146,20 +146,13 @@ def load_config_file(cls: type[T], path: str | Path | None) -> T:
         if p.suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            data = yaml.safe_load(text)
         else:
             data = json.loads(text or "{}")
+        data = {} if data is None else data  # an empty file: the defaults
     except Exception as exc:  # any parser error is a config error with the file name
         raise ConfigError(f"cannot parse config file {p}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} holds {str(data)[:40]!r}, not a mapping of settings "
                           "(e.g. `astrometry: {min_matches: 8}`)")
-    try:
-        cfg = config_from_dict(cls, data, path=p.name)
-        validate = getattr(cfg, "validate", None)
-        if callable(validate):
-            validate()  # range checks too, here where the file can be named
-    except ConfigError as exc:
-        message = str(exc)
-        raise ConfigError(message if p.name in message else f"{p.name}: {message}") from None
-    return cfg
+    return config_from_dict(cls, data, path=p.name)

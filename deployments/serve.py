@@ -124,8 +124,9 @@ def serve(*, port: int = 4200, worker_limit: int = 2, poll_s: float = 1.0) -> in
     api = f"http://127.0.0.1:{port}/api"
     env = prefect_env(api)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    procs = [start_server(port, env)]
+    procs: list[subprocess.Popen] = []
     try:
+        procs.append(start_server(port, env))
         wait_healthy(api, proc=procs[0])
         register_deployments(env)
         procs.append(start_worker(env, limit=worker_limit))
@@ -138,6 +139,11 @@ def serve(*, port: int = 4200, worker_limit: int = 2, poll_s: float = 1.0) -> in
         return 1
     except (KeyboardInterrupt, _Terminated):
         return 0
+    except (RuntimeError, subprocess.SubprocessError) as exc:  # server never healthy, deploy failed
+        detail = getattr(exc, "stderr", None) or b""
+        print(f"could not start: {exc} {detail.decode(errors='replace')[-2000:]}".rstrip(), file=sys.stderr)
+        return 1
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
         stop(procs)
         signal.signal(signal.SIGTERM, previous)

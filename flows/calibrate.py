@@ -413,8 +413,11 @@ class NothingToCalibrateError(ConfigError):
     """The input run holds no detector the parameters select."""
 
 
-def prepare_run(params: CalibrateParams) -> tuple[ArtifactStore, RunContext, list[DataId]]:
+def prepare_run(params: CalibrateParams) -> tuple[ArtifactStore, RunContext, list[DataId], list[str]]:
     """Everything a run checks before any pixel is read: config, inputs, refcat, the output run's record.
+
+    Returns the store, the run context, the selected detectors and notes on what will fail
+    (detectors of a band the reference catalogue lacks).
 
     Raises
     ------
@@ -428,39 +431,50 @@ def prepare_run(params: CalibrateParams) -> tuple[ArtifactStore, RunContext, lis
     if not data_ids:
         raise NothingToCalibrateError(_nothing_to_calibrate(store, params))
     ctx = run_context(params, config, store)
-    _check_refcat_bands(store, params, data_ids, config)
+    notes = _check_refcat_bands(store, params, data_ids, config)
     for instrument in sorted({d.instrument for d in data_ids}):
         _check_config_record(store, ctx, instrument)
-    return store, ctx, data_ids
+    return store, ctx, data_ids, notes
 
 
 def _check_refcat_bands(store: ArtifactStore, params: CalibrateParams, data_ids: list[DataId],
-                        config: CalibrateImageConfig) -> None:
-    """Refuse, before any pixel, images of a band (or a colour term) the reference catalogue lacks.
+                        config: CalibrateImageConfig) -> list[str]:
+    """Compare the images' bands with the reference catalogue's, before any pixel.
 
-    The band is read from each input's provenance record (written by ingest and the simulator;
-    inputs stored without it are not checked here, and their photometry says so later).
+    Returns a note per band the catalogue lacks (those detectors will fail in photometry, the
+    others are calibrated); raises :class:`ConfigError` when it covers none of the selected
+    detectors, or lacks a band of ``photometry.colour_band_pair``. The band is read from the
+    provenance record of one input per visit (written by ingest and the simulator; inputs
+    stored without it are not checked here, and their photometry says so later).
     """
     from ..io.refcat import read_refcat_info
 
     have = set(read_refcat_info(store, params.refcat).bands)
-    need: dict[str, list[DataId]] = {}
-    for d in data_ids:
-        prov = store.provenance("post_isr_image", run=params.input_run, instrument=d.instrument, visit=d.visit,
-                                detector=d.detector, snap=0)
-        if prov.get("band"):
-            need.setdefault(str(prov["band"]), []).append(d)
     for band in config.photometry.colour_band_pair:
-        if band not in have and need:
+        if band not in have:
             raise ConfigError(f"photometry.colour_band_pair needs band {band!r}, which reference catalogue "
                               f"{params.refcat!r} lacks (it has {sorted(have)})")
-    missing = {b: ids for b, ids in need.items() if b not in have}
-    if missing:
-        which = "; ".join(f"band {b!r}: {len(ids)} detector(s), e.g. visit {ids[0].visit} detector {ids[0].detector}"
-                          for b, ids in sorted(missing.items()))
-        raise ConfigError(f"reference catalogue {params.refcat!r} has no fluxes in {which} (it has {sorted(have)}); "
-                          "ingest one with that band (singleframe ingest-refcat --band BAND=COLUMN), or leave "
-                          "those visits out (--visits)")
+    selected = set(data_ids)
+    first_ref: dict[tuple[str, int], DatasetRef] = {}
+    for r in store.query("post_isr_image", run=params.input_run, instrument=params.instrument):
+        d = DataId(r.instrument, int(r.visit), int(r.detector))  # type: ignore[arg-type]
+        if d in selected:
+            first_ref.setdefault((d.instrument, d.visit), r)
+    n_per_visit = {key: sum((d.instrument, d.visit) == key for d in data_ids) for key in first_ref}
+    missing: dict[str, list[tuple[str, int]]] = {}
+    for key, r in first_ref.items():
+        band = store.provenance("post_isr_image", run=r.run, instrument=r.instrument, visit=r.visit,
+                                detector=r.detector, snap=r.snap).get("band")
+        if band and band not in have:
+            missing.setdefault(str(band), []).append(key)
+    notes = [f"reference catalogue {params.refcat!r} has no fluxes in band {b!r} (it has {sorted(have)}): the "
+             f"{sum(n_per_visit[k] for k in keys)} detector(s) of visit(s) {_listed(sorted(v for _, v in keys))} will "
+             "fail in photometry; ingest a catalogue with that band (singleframe ingest-refcat --band BAND=COLUMN)"
+             for b, keys in sorted(missing.items())]
+    if notes and sum(n_per_visit[k] for keys in missing.values() for k in keys) == len(data_ids):
+        raise ConfigError("; ".join(notes).replace(" will fail in photometry", " cannot be calibrated") +
+                          ", or select visits of a band it has (--visits)")
+    return notes
 
 
 def _nothing_to_calibrate(store: ArtifactStore, params: CalibrateParams) -> str:
@@ -490,9 +504,11 @@ def calibrate_visits(params: CalibrateParams = CalibrateParams()) -> Any:  # noq
     logger = get_run_logger()
     # The config is loaded and validated, and the inputs found, before any pixel is touched.
     try:
-        store, ctx, data_ids = prepare_run(params)
+        store, ctx, data_ids, notes = prepare_run(params)
     except NothingToCalibrateError as exc:
         return Failed(message=str(exc))
+    for note in notes:
+        logger.warning(note)
     for instrument in sorted({d.instrument for d in data_ids}):
         _record_config(store, ctx, instrument)
     logger.info("calibrating %d detectors of %d visits with config %s", len(data_ids),
@@ -524,7 +540,7 @@ def calibrate_visits(params: CalibrateParams = CalibrateParams()) -> Any:  # noq
     n_failed = sum(o["status"] != "ok" for o in outcomes)
     message = f"{len(outcomes) - n_failed} of {len(outcomes)} detectors calibrated, {n_failed} failed"
     logger.info(message)
-    if n_failed > params.max_failed_fraction * len(outcomes):
+    if outcomes and n_failed / len(outcomes) > params.max_failed_fraction:
         # Every other detector is calibrated and stored; the state says the run is not whole.
         return Failed(message=message, data=outcomes)
     return Completed(message=message, data=outcomes)
@@ -551,11 +567,13 @@ def _check_config_record(store: ArtifactStore, ctx: RunContext, instrument: str)
     if all(previous.get(k) == record[k] for k in ("config_hash", "code_version", "refcat")):
         return False
     if not ctx.rerun:
-        if previous.get("config_hash") != ctx.config_hash:
+        differing = _config_differences(previous.get("config"), ctx.config)
+        if previous.get("config_hash") != ctx.config_hash and differing:
             raise ConfigError(
                 f"output run {ctx.output_run!r} was made with config {previous.get('config_hash')}, not "
-                f"{ctx.config_hash}; write to a new output run (--output-run NAME), or pass --rerun "
-                "(rerun=True) to recompute it with this config")
+                f"{ctx.config_hash} (they differ in {', '.join(differing[:8])}"
+                f"{', ...' if len(differing) > 8 else ''}); write to a new output run (--output-run NAME), or "
+                "pass --rerun (rerun=True) to recompute it with this config")
         # Records written before the refcat was recorded hold none: nothing to compare with.
         if previous.get("refcat", ctx.refcat) != ctx.refcat:
             raise ConfigError(
@@ -563,6 +581,32 @@ def _check_config_record(store: ArtifactStore, ctx: RunContext, instrument: str)
                 f"{previous['refcat']!r}, not {ctx.refcat!r}; write to a new output run (--output-run NAME), "
                 f"or pass --rerun (rerun=True) to recalibrate it against {ctx.refcat!r}")
     return True
+
+
+def _config_differences(previous: Any, current: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ, the earlier config read with today's defaults.
+
+    A setting added by an upgrade (with its default) is no difference: the user changed
+    nothing, and the code version in the cache keys recomputes what the upgrade changes.
+    A record that no longer reads as a config differs everywhere (``["<whole config>"]``).
+    """
+    if not isinstance(previous, dict):
+        return ["<whole config>"]
+    try:
+        then = calibrate_config_from_dict(previous).to_dict()
+    except ConfigError:
+        return ["<whole config>"]
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix[:-1]: d}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}."))
+        return out
+
+    a, b = flat(then), flat(current)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
 def _record_config(store: ArtifactStore, ctx: RunContext, instrument: str) -> None:

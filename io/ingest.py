@@ -50,6 +50,7 @@ import hashlib
 import io
 import math
 import re
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -114,7 +115,12 @@ class IngestReport:
 
 def _override_hint(pairs: Mapping[str, str]) -> str:
     """How to supply keywords: ``--set K=V`` on the command line, ``overrides={...}`` from Python."""
-    cli = " ".join(f"--set {k}={v.strip(chr(39))}" for k, v in pairs.items())
+
+    def arg(k: str, v: str) -> str:
+        text = f"{k}={v.strip(chr(39))}"
+        return f"'{text}'" if re.search(r"[\s<>]", text) else text
+
+    cli = " ".join(f"--set {arg(k, v)}" for k, v in pairs.items())
     py = ", ".join(f"{k!r}: {v}" for k, v in pairs.items())
     return f"{cli} (overrides={{{py}}} from Python)"
 
@@ -129,7 +135,8 @@ class _Header:
     def __init__(self, header: fits.Header, overrides: Mapping[str, Any], path: str) -> None:
         self.header = header.copy()
         for key, value in overrides.items():
-            self.header[_long_key(str(key).upper())] = value
+            # A fresh comment: the card's old one (e.g. "degrees W") no longer describes the value.
+            self.header[_long_key(str(key).upper())] = (value, "override")
         self.path = path
         #: ``(keywords looked for, keyword to supply, example value)`` of each missing keyword.
         self.missing: list[tuple[str, str, str]] = []
@@ -253,6 +260,9 @@ _SITE_KEYS = (("OBSGEO-L", "OBSGEO-B", "OBSGEO-H"), ("OBS-LONG", "OBS-LAT", "OBS
               ("LONG-OBS", "LAT-OBS", "ALT-OBS"))
 _WEST = re.compile(r"\bW(est)?\b|degrees?\s*W\b", re.IGNORECASE)
 _EAST = re.compile(r"\bE(ast)?\b|degrees?\s*E\b", re.IGNORECASE)
+#: A comment stating a sign convention ("W < 0", "West negative") names a direction without
+#: saying which way the value counts: undecided, like no comment.
+_SIGN_RULE = re.compile(r"negative|positive|[<>]", re.IGNORECASE)
 _UNKNOWN_SITE = (math.nan, math.nan, math.nan)
 
 
@@ -267,10 +277,12 @@ def _site(h: _Header, ra_deg: float, dec_deg: float, mjd_tai: float, airmass: fl
     """The observatory's (east longitude, latitude, elevation): degrees, degrees, metres; NaN if unknown.
 
     The first keyword set of :data:`_SITE_KEYS` present is read, else the geocentric
-    ``OBSGEO-X/Y/Z``. Observatories disagree on the sign of longitude (NOIRLab's ``OBS-LONG``
-    and ``SITELONG`` are west-positive): ``OBSGEO-L`` is east by the FITS standard; for the
-    others a card comment saying west or east decides, and if it says neither, the sign whose
-    zenith distance agrees with the header's ``AIRMASS`` (east without one).
+    ``OBSGEO-X/Y/Z``. Observatories disagree on the sign of longitude (the Bok telescope's
+    ``SITELONG`` says "degrees W"; some Mosaic headers give a west-positive ``OBS-LONG`` without
+    saying so, others an "east longitude"): ``OBSGEO-L`` is east by the FITS standard; for the
+    others a card comment saying west or east decides, and if it says neither (or states a
+    sign rule, or the value is an override), the sign whose zenith distance agrees with the
+    header's ``AIRMASS`` (east without one).
     """
     for lon_key, lat_key, height_key in _SITE_KEYS:
         lon_value, lat_value = h.first(lon_key), h.first(lat_key)
@@ -291,7 +303,7 @@ def _site(h: _Header, ra_deg: float, dec_deg: float, mjd_tai: float, airmass: fl
             return lon, lat, height
         comment = str(h.header.comments[lon_key]) if lon_key in h.header else ""
         west, east = bool(_WEST.search(comment)), bool(_EAST.search(comment))
-        if west != east:
+        if west != east and not _SIGN_RULE.search(comment):
             return (-lon if west else lon), lat, height
         if math.isfinite(airmass) and airmass >= 1.0:
             zd = math.degrees(math.acos(1.0 / airmass))
@@ -323,9 +335,9 @@ def _detector_id(h: _Header) -> int:
     raise IngestError(h.path, f"no integer detector id ({shown})", f"pass {_override_hint({'DETECTOR': '<int>'})}")
 
 
-def _per_amplifier_mean(h: _Header, key: str) -> float | None:
-    """Mean of ``<key>A``, ``<key>B``, … (DECam's two amplifiers) when ``key`` itself is absent."""
-    if h.first(key) is not None:
+def _per_amplifier_mean(h: _Header, key: str, whole: tuple[str, ...]) -> float | None:
+    """Mean of ``<key>A``, ``<key>B``, … (DECam's two amplifiers) when none of the ``whole``-detector keys is given."""
+    if h.first(*whole) is not None:
         return None
     values = []
     for suffix in "ABCD":
@@ -372,9 +384,12 @@ def _infos(h: _Header, *, instrument: str | None, wcs: WCS, shape: tuple[int, in
         instrument=_instrument_key(name),
         observatory_lon_lat_height=_site(h, bore_ra, bore_dec, mjd_tai, airmass),
     )
-    gain = _per_amplifier_mean(h, "GAIN") or h.number("GAIN", meaning="gain, e-/count", example="1.5")
-    read_noise = (_per_amplifier_mean(h, "RDNOISE")
-                  or h.number("RDNOISE", "READNOIS", meaning="read noise, e-", example="5.0"))
+    gain = _per_amplifier_mean(h, "GAIN", ("GAIN",))
+    if gain is None:
+        gain = h.number("GAIN", meaning="gain, e-/count", example="1.5")
+    read_noise = _per_amplifier_mean(h, "RDNOISE", ("RDNOISE", "READNOIS"))
+    if read_noise is None:
+        read_noise = h.number("RDNOISE", "READNOIS", meaning="read noise, e-", example="5.0")
     saturation = h.number("SATURATE", meaning="saturation level, counts", example="60000")
     detector = DetectorInfo(id=det_id, name=str(h.first("DETNAME", "CCDNAME") or "").strip(),
                             gain_e_per_count=gain, read_noise_e=read_noise, saturation_count=saturation)
@@ -457,7 +472,7 @@ def read_raw_file(path: str, *, instrument: str | None = None, overrides: Mappin
         raise IngestError(str(path), f"cannot read the file ({exc})", "check the path and permissions") from None
     try:
         pixels = _decompressed(data)
-    except (OSError, EOFError, ValueError) as exc:
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise IngestError(str(path), f"the file looks gzip/bzip2-compressed but does not decompress ({exc})",
                           "check that it was copied whole") from None
     try:

@@ -401,7 +401,7 @@ def refcat_from_table(table: Table, *, column_map: Mapping[str, str], bands: Map
     unknown = sorted(set(column_map) - set(REFCAT_COLUMNS))
     if unknown:
         raise ConfigError(f"column_map keys {unknown} are not standard columns {sorted(REFCAT_COLUMNS)}")
-    column_map = {**{c: c for c in REFCAT_COLUMNS if c in table.colnames and c not in column_map}, **column_map}
+    column_map = {**_same_name_columns(table, column_map), **column_map}
     for what, mapping in (("column_map (--column)", column_map), ("bands (--band)", bands),
                           ("mag_err_columns (--band-err)", mag_err_columns or {})):
         absent = sorted(v for v in mapping.values() if v not in table.colnames)
@@ -430,6 +430,12 @@ def refcat_from_table(table: Table, *, column_map: Mapping[str, str], bands: Map
         if col in column_map:
             src = table[column_map[col]]
             values[col] = _epoch_values(src) if col == "epoch" else _values(src, unit)
+            if col == "epoch":
+                ep = values[col][np.isfinite(values[col])]
+                if ep.size and not (1900.0 <= ep.min() and ep.max() <= 2100.0):
+                    raise ConfigError(f"epoch column {column_map['epoch']!r} gives years {ep.min():g} to {ep.max():g}, "
+                                      "not Julian years of an observation; give the column a unit (d for MJD) "
+                                      "or leave it out and pass epoch_year (--epoch)")
         elif col == "epoch":
             values[col] = np.full(n, float(epoch_year))  # type: ignore[arg-type]
         else:
@@ -456,6 +462,22 @@ def refcat_from_table(table: Table, *, column_map: Mapping[str, str], bands: Map
     return out
 
 
+def _same_name_columns(table: Table, column_map: Mapping[str, str]) -> dict[str, str]:
+    """Standard columns the table has under our names, taken as they are unless mapped.
+
+    Not ``epoch`` (its unit and scale are too often implicit: map it on purpose, or give
+    ``epoch_year``) and not an ``id`` that is not integer (the ids are then 1..N).
+    """
+    out = {}
+    for c in REFCAT_COLUMNS:
+        if c in column_map or c not in table.colnames or c == "epoch":
+            continue
+        if c == "id" and not np.issubdtype(np.asarray(table[c]).dtype, np.integer):
+            continue
+        out[c] = c
+    return out
+
+
 def _has_unit(col: Any) -> bool:
     unit = getattr(col, "unit", None)
     return unit is not None and unit != u.dimensionless_unscaled
@@ -464,6 +486,9 @@ def _has_unit(col: Any) -> bool:
 def _check_photometry_units(table: Table, bands: Mapping[str, str], errs: Mapping[str, str], mag_columns: bool,
                             flux_unit: str | u.UnitBase | None) -> None:
     """Refuse band columns whose unit contradicts ``mag_columns``, and unitless fluxes without ``flux_unit``."""
+    if flux_unit is not None and mag_columns:
+        raise ConfigError("flux_unit (--flux-unit) applies to flux columns, but the band columns are read as "
+                          "magnitudes (--magnitudes); give one or the other")
     if flux_unit is not None:
         try:
             unit = u.Unit(flux_unit)

@@ -288,6 +288,14 @@ class ArtifactStore:
             data = bytes(self.fs.cat_file(path))
         recorded_size = sidecar.get("size_bytes") if isinstance(sidecar, dict) else None
         if isinstance(recorded_size, int) and len(data) != recorded_size:
+            with self._wrapped("read", what, path + PROVENANCE_SUFFIX, dtype.name):
+                try:
+                    now = _json_loads(bytes(self.fs.cat_file(path + PROVENANCE_SUFFIX)))
+                except FileNotFoundError:
+                    now = None
+            if now != sidecar:  # another writer replaced it between our two reads: not damage
+                raise TransientIOError(f"{what} at {self.url(path)} was being rewritten while read (retry)",
+                                       dataset_type=dtype.name, uri=self.url(path))
             raise DatasetError(f"{what} at {self.url(path)} has {len(data)} bytes, not the {recorded_size} the store "
                                "wrote: it was changed outside the store (truncated or replaced). Restore it, or "
                                "write it again (re-ingest an input; delete a product and re-run)",

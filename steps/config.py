@@ -192,7 +192,12 @@ def load_calibrate_config(path: str | Path | None = None, overrides: dict[str, A
     if overrides:
         merged = _deep_merge(base.to_dict(), overrides)
         base = config_from_dict(CalibrateImageConfig, merged)
-    base.validate()
+    try:
+        base.validate()
+    except ConfigError as exc:  # name the file the settings came from
+        if path is None or Path(path).name in str(exc):
+            raise
+        raise ConfigError(f"{Path(path).name}: {exc}") from None
     return base
 
 

@@ -76,7 +76,7 @@ def test_run_exit_status_says_whether_every_detector_was_calibrated(
         state = Completed(data=outcomes, message="done")
     monkeypatch.setattr(calibrate, "run_calibration", lambda *a, **k: state)
     monkeypatch.setattr(calibrate, "make_task_runner", lambda **k: None)
-    monkeypatch.setattr(calibrate, "prepare_run", lambda params: None)
+    monkeypatch.setattr(calibrate, "prepare_run", lambda params: (None, None, [], []))
     assert main(["run", "--store", "unused", "--quiet"]) == code
     out = capsys.readouterr().out
     assert out.count("failed in calibrate_astrometry") == statuses.count("failed")
@@ -100,26 +100,31 @@ def test_run_refuses_in_one_line_what_it_can_tell_before_starting(
     assert "no post_isr_image datasets in run 'raw'" in capsys.readouterr().err
     assert main(["run", "--store", root, "--workers", "0"]) == 2
     assert "invalid option: --workers" in capsys.readouterr().err
-    config = dataclasses.replace(SimulationConfig(), nx=200, ny=200, n_side=1, visits=_demo_visits()[1:])
+    config = dataclasses.replace(SimulationConfig(), nx=200, ny=200, n_side=1, visits=_demo_visits())
     write_simulated_survey(ArtifactStore(root), config)
     assert main(["run", "--store", root, "--visits", "999", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "no detector with visits=[999]" in err and "it holds visits 2 and detectors 0" in err
+    assert "no detector with visits=[999]" in err and "it holds visits 1, 2 and detectors 0" in err
     assert main(["run", "--store", root, "--refcat", "gaia", "--quiet"]) == 2
     assert "reference catalogue 'gaia' is not in the store" in capsys.readouterr().err
     # A catalogue without the images' band: said before any pixel, not after three stages.
     from astropy.table import Table
 
+    from singleframe.flows.calibrate import CalibrateParams, prepare_run
     from singleframe.io.refcat import write_refcat
 
-    band = ArtifactStore(root).get("post_isr_image", run="raw", instrument="SimCam", visit=2, detector=0,
-                                   snap=0).visit_info.band
-    other = "z" if band != "z" else "g"
-    write_refcat(root, "other_band", Table({"id": [1], "ra": [0.0], "dec": [0.0], "epoch": [2016.0], f"{other}_flux": [1.0],
-                                            f"{other}_fluxErr": [0.1]}))
-    assert main(["run", "--store", root, "--refcat", "other_band", "--quiet"]) == 2
+    def refcat(name: str, band: str) -> None:
+        write_refcat(root, name, Table({"id": [1], "ra": [0.0], "dec": [0.0], "epoch": [2016.0],
+                                        f"{band}_flux": [1.0], f"{band}_fluxErr": [0.1]}))
+
+    refcat("z_only", "z")  # visit 1 is in r, visit 2 in i: nothing can be calibrated
+    assert main(["run", "--store", root, "--refcat", "z_only", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert f"'other_band' has no fluxes in band '{band}': 1 detector(s)" in err and "--band BAND=COLUMN" in err
+    assert "'z_only' has no fluxes in band 'i' (it has ['z']): the 1 detector(s) of visit(s) 2 cannot be" in err
+    assert "band 'r'" in err and "--band BAND=COLUMN" in err
+    refcat("r_only", "r")  # visit 2 will fail in photometry; visit 1 is calibrated: a note, not a refusal
+    (note,) = prepare_run(CalibrateParams(store=root, refcat="r_only"))[3]
+    assert "no fluxes in band 'i'" in note and "visit(s) 2 will fail in photometry" in note
     assert not (tmp_path / "store" / "calib").exists()
 
 

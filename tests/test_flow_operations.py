@@ -412,3 +412,25 @@ def test_a_dead_detector_task_is_a_recorded_failure_not_a_failed_flow(
     assert store.get("detector_failure", **where)["stage"] == "orchestration"
     assert not store.exists("characterized_image", **where) and not store.exists("preliminary_visit_image", **where)
     assert store.exists("preliminary_visit_image", **_where(0, "dead"))
+
+
+def test_an_upgrade_that_adds_settings_does_not_refuse_the_runs_it_made(tmp_path: Path) -> None:
+    # A config record written before a setting existed reads, with today's defaults, as today's
+    # config: no refusal. A setting the user changed is refused, and named.
+    from singleframe.errors import ConfigError
+    from singleframe.flows.calibrate import RunContext, _check_config_record
+    from singleframe.steps.config import load_calibrate_config
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    config = load_calibrate_config(None)
+    ctx = RunContext(store=store.root, input_run="raw", output_run="calib", refcat="refcat",
+                     config=config.to_dict(), config_hash=config.hash, code_version="new")
+    old = config.to_dict()
+    del old["summary"]["warn_psf_delta_e"]  # as an earlier version wrote it
+    record = {"config": old, "config_hash": "0123456789abcdef", "refcat": "refcat", "code_version": "old"}
+    store.put("calibrate_config", record, run="calib", instrument="Cam")
+    assert _check_config_record(store, ctx, "Cam") is True  # rewritten with the new hash, not refused
+    old["astrometry"]["min_matches"] = 7
+    store.put("calibrate_config", {**record, "config": old}, run="calib", instrument="Cam")
+    with pytest.raises(ConfigError, match=r"they differ in astrometry.min_matches\)"):
+        _check_config_record(store, ctx, "Cam")

@@ -278,6 +278,14 @@ def test_observatory_site_from_the_keywords_observatories_write(tmp_path: Path) 
     kpno = site("kpno", AIRMASS=1.0 / math.cos(math.radians(20.0)), **cards)
     assert kpno == pytest.approx((-111.6, 31.96, 2120.0), abs=1e-9)
     assert site("kpno_no_airmass", **cards)[0] == pytest.approx(111.6)  # east: the FITS convention
+    # A comment stating a sign rule is no answer; nor is a card's old comment under an override.
+    assert site("rule", AIRMASS=1.0 / math.cos(math.radians(20.0)),
+                **{**cards, "OBS-LONG": ("111:36.0", "Telescope longitude [deg], W < 0")})[0] == pytest.approx(-111.6)
+    hdr = _header(**{"OBS-LAT": 31.96})
+    hdr["OBS-LONG"] = (111.6, "Longitude (degrees W)")
+    fits.PrimaryHDU(_image(1), header=hdr).writeto(tmp_path / "override.fits")
+    overridden = read_raw_file(str(tmp_path / "override.fits"), overrides={"OBS-LONG": -111.6})
+    assert overridden.exposure.visit_info.observatory_lon_lat_height[0] == -111.6  # as given, east
 
 
 def test_a_date_without_time_of_day_is_completed_or_refused(tmp_path: Path) -> None:
@@ -290,7 +298,7 @@ def test_a_date_without_time_of_day_is_completed_or_refused(tmp_path: Path) -> N
     start = Time("2015-12-14T02:17:23", scale="utc")
     assert read_raw_file(kpno).exposure.visit_info.mjd_tai == pytest.approx(start.tai.mjd + 15.0 / 86400, abs=1e-9)
     bare = _write(tmp_path / "bare.fits", **{"DATE-OBS": "2009-11-18"})
-    with pytest.raises(IngestError, match="not the time of day.*--set MJD-OBS="):
+    with pytest.raises(IngestError, match="not the time of day.*--set 'MJD-OBS=<start MJD>'"):
         read_raw_file(bare)
 
 
@@ -300,7 +308,9 @@ def test_decam_detector_serial_and_per_amplifier_gains(tmp_path: Path) -> None:
                   GAINA=4.0, GAINB=4.4, RDNOISEA=6.0, RDNOISEB=7.0)
     det = read_raw_file(path).exposure.detector
     assert det.id == 37 and det.gain_e_per_count == pytest.approx(4.2) and det.read_noise_e == pytest.approx(6.5)
-    with pytest.raises(IngestError, match=r"no integer detector id.*--set DETECTOR=<int>"):
+    # A whole-detector value given (here READNOIS, as --set would) wins over the amplifiers'.
+    assert read_raw_file(path, overrides={"READNOIS": 5.0}).exposure.detector.read_noise_e == 5.0
+    with pytest.raises(IngestError, match=r"no integer detector id.*--set 'DETECTOR=<int>'"):
         read_raw_file(_write(tmp_path / "serial.fits", DETECTOR="S3-177"))
 
 
@@ -315,7 +325,9 @@ def test_whole_file_compressed_fits_is_read(tmp_path: Path, suffix: str) -> None
     a, b = read_raw_file(str(plain)).exposure, read_raw_file(str(packed)).exposure
     np.testing.assert_array_equal(a.image, b.image)
     assert a.visit_info == b.visit_info
-    broken = tmp_path / f"broken{suffix}"
-    broken.write_bytes(packed.read_bytes()[:200])
-    with pytest.raises(IngestError, match="does not decompress"):
-        read_raw_file(str(broken))
+    data = packed.read_bytes()
+    for name, bad in (("truncated", data[:200]), ("corrupt", data[:20] + bytes(b ^ 0x5A for b in data[20:400]))):
+        broken = tmp_path / f"{name}{suffix}"
+        broken.write_bytes(bad)
+        with pytest.raises(IngestError, match="does not decompress"):  # zlib.error too, not a crash
+            read_raw_file(str(broken))

@@ -178,3 +178,19 @@ def test_refcat_from_table_refuses_fluxes_of_unknown_unit_and_maps_our_own_names
     with pytest.raises(ConfigError, match=r"no column 'ra'.*--column ra=COLUMN"):
         refcat_from_table(Table({"RA": [1.0], "dec": [2.0], "f": [1.0] * u.nJy}), column_map={}, bands={"r": "f"},
                           mag_columns=False, epoch_year=2016.0)
+
+
+def test_same_name_columns_are_taken_only_when_unambiguous() -> None:
+    # A text id is not an id (ids become 1..N); an epoch column is used only when mapped, and an
+    # MJD given without a unit is refused rather than read as the year 59000.
+    t = Table({"id": ["Gaia 1", "Gaia 2"], "ra": [150.0, 150.1], "dec": [2.0, 2.1], "epoch": [59000.0, 59000.0],
+               "g": [18.0, 19.0]})
+    cat = refcat_from_table(t, column_map={}, bands={"g": "g"}, epoch_year=2016.0)
+    assert cat["id"].tolist() == [1, 2] and np.all(cat["epoch"] == 2016.0)
+    with pytest.raises(ConfigError, match="gives years 59000 to 59000"):
+        refcat_from_table(t, column_map={"epoch": "epoch"}, bands={"g": "g"})
+    t["epoch"].unit = u.day  # an MJD, said so: converted
+    cat = refcat_from_table(t, column_map={"epoch": "epoch"}, bands={"g": "g"})
+    assert cat["epoch"][0] == pytest.approx(2020.41, abs=0.01)  # MJD 59000 = 2020 May 31
+    with pytest.raises(ConfigError, match="give one or the other"):
+        refcat_from_table(t, column_map={}, bands={"g": "g"}, epoch_year=2016.0, flux_unit="nJy")

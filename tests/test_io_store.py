@@ -255,3 +255,26 @@ def test_a_file_changed_outside_the_store_is_refused_on_read(tmp_path: Path) -> 
     store.get_ref(ref)  # decodes: only the checksum can tell
     with pytest.raises(DatasetError, match="checksum mismatch.*changed outside the store"):
         store.get_ref(ref, verify_checksum=True)
+
+
+def test_a_rewrite_between_the_two_reads_of_a_dataset_is_transient(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # Sidecar read, then data read: if another writer replaced both in between, the sizes
+    # disagree but nothing is damaged. A retry (TransientIOError) reads the new version.
+    store = ArtifactStore(str(tmp_path / "repo"))
+    store.put("detector_summary", {"v": 1}, run="r", **DATA_ID)
+    real = store.fs.cat_file
+    calls = []
+
+    def cat_file(path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:  # the data: meanwhile rewritten as a larger version...
+            store.put("detector_summary", {"v": 2, "pad": "x" * 100}, run="r", **DATA_ID)
+            return real(path, *a, **k)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(store.fs, "cat_file", cat_file)
+    with pytest.raises(TransientIOError, match="being rewritten while read"):
+        store.get("detector_summary", run="r", **DATA_ID)
+    monkeypatch.setattr(store.fs, "cat_file", real)
+    assert store.get("detector_summary", run="r", **DATA_ID)["v"] == 2

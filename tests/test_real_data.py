@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import math
 import warnings
 from pathlib import Path
 
@@ -184,3 +185,26 @@ def test_lco_frame_with_placeholder_keywords_ingests(real_data: Path, tmp_path: 
     c0 = SkyCoord(*exposure.pixel_to_sky(700.0, 500.0), unit="deg")
     c1 = SkyCoord(*exposure.pixel_to_sky(700.0, 600.0), unit="deg")
     assert exposure.visit_info.rotation_angle_deg == pytest.approx(c0.position_angle(c1).deg % 360, abs=0.1)
+
+
+@pytest.mark.parametrize("path", [
+    "lco-neox/banzai_test_frame.fits.fz",  # LONGITUD "[deg East]"
+    "legacypipe-decam/mzlsbass/images/90prime/deep2g_ra352_1-ccd1.fits",  # SITELONG "degrees W"
+    # OBS-LONG '111:36.0' with no direction: the sign that agrees with AIRMASS (west, Kitt Peak).
+    "legacypipe-decam/mzlsbass3/images/90prime/CP20160202/ksb_160203_115029_ooi_r_v1-ccd2.fits",
+])
+def test_observatory_site_of_real_headers_agrees_with_their_airmass(real_data: Path, path: str) -> None:
+    # Three conventions for the same quantity. The zenith distance our site, time and pointing
+    # give must match the header's own AIRMASS: airmass quoted to 0.01 at ~1.1-1.2 is ~1 deg of
+    # zenith distance, and the boresight is the detector centre (up to ~0.5 deg off the pointing).
+    from singleframe.exposure import zenith_distance_deg
+    from singleframe.io.ingest import read_raw_file
+
+    overrides = {"BUNIT": "adu", "GAIN": 1.5, "RDNOISE": 5.0, "SATURATE": 60000.0}  # not what is tested
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # non-standard header cards of these cameras
+        vi = read_raw_file(str(real_data / path), overrides=overrides).exposure.visit_info
+    lon, lat, _ = vi.observatory_lon_lat_height
+    assert lon < 0  # both observatories are west of Greenwich
+    zd = zenith_distance_deg(vi.boresight_ra_deg, vi.boresight_dec_deg, vi.mjd_tai, lon, lat)
+    assert zd == pytest.approx(math.degrees(math.acos(1.0 / vi.airmass)), abs=1.5)
