@@ -136,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not isinstance(outcomes, list):
         return EXIT_RUN_FAILED
     n_failed = 0
-    for o in outcomes if isinstance(outcomes, list) else []:
+    for o in outcomes:
         for text in o.get("warnings", []):
             d = o["data_id"]
             print(f"  visit {d['visit']} detector {d['detector']}: warning: {text}")
