@@ -164,10 +164,17 @@ def _input_version(store: ArtifactStore, ref: DatasetRef) -> str:
 
     A re-produced input is a new version even when its bytes come out the same, so deleting a
     dataset recomputes the stage that produces it *and* every stage downstream of it, while a
-    finished run, whose inputs are untouched, recomputes nothing.
+    finished run, whose inputs are untouched, recomputes nothing. An ingested image also
+    carries its size on disk (one ``stat``): one truncated or replaced by hand outside the store
+    is then a new version, whose stage reads it and says so, instead of a finished run that
+    keeps reporting success.
     """
-    return f"{ref.uri}#" + store.version(ref.dataset_type, run=ref.run, instrument=ref.instrument,
-                                         visit=ref.visit, detector=ref.detector, snap=ref.snap)
+    where = {"run": ref.run, "instrument": ref.instrument, "visit": ref.visit, "detector": ref.detector,
+             "snap": ref.snap}
+    version = f"{ref.uri}#" + store.version(ref.dataset_type, **where)
+    if ref.dataset_type == "post_isr_image":
+        version += f"#{store.stored_size(ref.dataset_type, **where)}"
+    return version
 
 
 def _cache_key(stage: Stage, data_id: DataId, input_refs: dict[str, list[DatasetRef]], ctx: RunContext,

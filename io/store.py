@@ -363,6 +363,14 @@ class ArtifactStore:
                                snap=snap)
         return f"{prov.get('checksum')}@{prov.get('created_utc')}"
 
+    def stored_size(self, dataset_type: str, *, run: str, instrument: str, visit: int | None = None,
+                    detector: int | None = None, snap: int | None = None) -> int:
+        """Bytes of the stored file as it is now (one ``stat``), to compare with the sidecar's ``size_bytes``."""
+        dtype, path, data_id = self._locate(dataset_type, run=run, instrument=instrument, visit=visit,
+                                            detector=detector, snap=snap)
+        with self._wrapped("check", f"dataset {dtype.name} {data_id} (run {run})", path, dtype.name):
+            return int(self.fs.size(path))
+
     def delete(self, dataset_type: str, *, run: str, instrument: str, visit: int | None = None,
                detector: int | None = None, snap: int | None = None) -> None:
         """Remove a dataset and its sidecar (sidecar first, so a half-deleted dataset reads as missing)."""

@@ -225,6 +225,27 @@ def _refcat_table(store: ArtifactStore, name: str):
                    for p in info.pixels])
 
 
+def test_an_input_truncated_outside_the_store_fails_its_detector_on_every_rerun(survey: dict) -> None:
+    # Not "8 of 8 calibrated, nothing rewritten" from the earlier bytes: the size on disk is part
+    # of the input's version, so the rerun reads it, and the read says what happened.
+    from singleframe.flows.calibrate import CalibrateParams, run_calibration
+
+    root: Path = survey["root"]
+    store: ArtifactStore = survey["store"]
+    store.put("post_isr_image", store.get("post_isr_image", **{**_where(0, "raw"), "snap": 0}),
+              **{**_where(0, "tampered_raw"), "snap": 0})
+    params = CalibrateParams(store=str(root), input_run="tampered_raw", output_run="tampered", max_workers=1)
+    assert run_calibration(params).message == "1 of 1 detectors calibrated, 0 failed"
+    path = next((root / "tampered_raw").rglob("snap-0.fits"))
+    path.write_bytes(path.read_bytes()[:100_000])
+    for _ in range(2):
+        state = run_calibration(params)
+        assert state.is_failed() and state.message == "0 of 1 detectors calibrated, 1 failed"
+        (outcome,) = state.result(raise_on_failure=False)
+        assert outcome["stage"] == "characterize" and "changed outside the store" in outcome["message"]
+        assert store.exists("detector_failure", **_where(0, "tampered"))
+
+
 def test_a_reingested_refcat_recomputes_the_calibrations_that_read_it(survey: dict) -> None:
     from singleframe.flows.calibrate import CalibrateParams, run_calibration
     from singleframe.io.refcat import refcat_version, write_refcat
