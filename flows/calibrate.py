@@ -33,6 +33,7 @@ import importlib.metadata
 import json
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -169,11 +170,9 @@ def _input_version(store: ArtifactStore, ref: DatasetRef) -> str:
     is then a new version, whose stage reads it and says so, instead of a finished run that
     keeps reporting success.
     """
-    where = {"run": ref.run, "instrument": ref.instrument, "visit": ref.visit, "detector": ref.detector,
-             "snap": ref.snap}
-    version = f"{ref.uri}#" + store.version(ref.dataset_type, **where)
+    version = f"{ref.uri}#" + store.version(ref.dataset_type, run=ref.run, **ref.data_id)
     if ref.dataset_type == "post_isr_image":
-        version += f"#{store.stored_size(ref.dataset_type, **where)}"
+        version += f"#{store.stored_size(ref.dataset_type, run=ref.run, **ref.data_id)}"
     return version
 
 
@@ -409,11 +408,21 @@ calibrate_detector = task(name="calibrate_detector", task_run_name="{data_id.lab
 
 
 def discover_data_ids(store: ArtifactStore, params: CalibrateParams) -> list[DataId]:
-    refs = store.query("post_isr_image", run=params.input_run, instrument=params.instrument)
-    ids = sorted({DataId(r.instrument, int(r.visit), int(r.detector)) for r in refs  # type: ignore[arg-type]
-                  if (params.visits is None or r.visit in params.visits)
-                  and (params.detectors is None or r.detector in params.detectors)})
-    return ids
+    return _selected(_input_refs_of_run(store, params), params)
+
+
+def _input_refs_of_run(store: ArtifactStore, params: CalibrateParams) -> list[DatasetRef]:
+    return store.query("post_isr_image", run=params.input_run, instrument=params.instrument)
+
+
+def _data_id(ref: DatasetRef) -> DataId:
+    return DataId(ref.instrument, int(ref.visit), int(ref.detector))  # type: ignore[arg-type]
+
+
+def _selected(refs: list[DatasetRef], params: CalibrateParams) -> list[DataId]:
+    """The detectors of ``refs`` that ``params.visits`` / ``params.detectors`` select, sorted."""
+    return sorted({_data_id(r) for r in refs if (params.visits is None or r.visit in params.visits)
+                   and (params.detectors is None or r.detector in params.detectors)})
 
 
 class NothingToCalibrateError(ConfigError):
@@ -434,18 +443,19 @@ def prepare_run(params: CalibrateParams) -> tuple[ArtifactStore, RunContext, lis
     """
     config = load_calibrate_config(params.config_file)
     store = ArtifactStore(params.store)
-    data_ids = discover_data_ids(store, params)
+    refs = _input_refs_of_run(store, params)
+    data_ids = _selected(refs, params)
     if not data_ids:
-        raise NothingToCalibrateError(_nothing_to_calibrate(store, params))
+        raise NothingToCalibrateError(_nothing_to_calibrate(store, params, refs))
     ctx = run_context(params, config, store)
-    notes = _check_refcat_bands(store, params, data_ids, config)
+    notes = _check_refcat_bands(store, params, refs, data_ids, config)
     for instrument in sorted({d.instrument for d in data_ids}):
         _check_config_record(store, ctx, instrument)
     return store, ctx, data_ids, notes
 
 
-def _check_refcat_bands(store: ArtifactStore, params: CalibrateParams, data_ids: list[DataId],
-                        config: CalibrateImageConfig) -> list[str]:
+def _check_refcat_bands(store: ArtifactStore, params: CalibrateParams, refs: list[DatasetRef],
+                        data_ids: list[DataId], config: CalibrateImageConfig) -> list[str]:
     """Compare the images' bands with the reference catalogue's, before any pixel.
 
     Returns a note per band the catalogue lacks (those detectors will fail in photometry, the
@@ -463,15 +473,13 @@ def _check_refcat_bands(store: ArtifactStore, params: CalibrateParams, data_ids:
                               f"{params.refcat!r} lacks (it has {sorted(have)})")
     selected = set(data_ids)
     first_ref: dict[tuple[str, int], DatasetRef] = {}
-    for r in store.query("post_isr_image", run=params.input_run, instrument=params.instrument):
-        d = DataId(r.instrument, int(r.visit), int(r.detector))  # type: ignore[arg-type]
-        if d in selected:
-            first_ref.setdefault((d.instrument, d.visit), r)
-    n_per_visit = {key: sum((d.instrument, d.visit) == key for d in data_ids) for key in first_ref}
+    for r in refs:
+        if _data_id(r) in selected:
+            first_ref.setdefault((r.instrument, int(r.visit)), r)  # type: ignore[arg-type]
+    n_per_visit = Counter((d.instrument, d.visit) for d in data_ids)
     missing: dict[str, list[tuple[str, int]]] = {}
     for key, r in first_ref.items():
-        band = store.provenance("post_isr_image", run=r.run, instrument=r.instrument, visit=r.visit,
-                                detector=r.detector, snap=r.snap).get("band")
+        band = store.provenance("post_isr_image", run=r.run, **r.data_id).get("band")
         if band and band not in have:
             missing.setdefault(str(band), []).append(key)
     notes = [f"reference catalogue {params.refcat!r} has no fluxes in band {b!r} (it has {sorted(have)}): the "
@@ -484,9 +492,8 @@ def _check_refcat_bands(store: ArtifactStore, params: CalibrateParams, data_ids:
     return notes
 
 
-def _nothing_to_calibrate(store: ArtifactStore, params: CalibrateParams) -> str:
-    """Why no detector is selected: an empty input run, or visits/detectors it does not hold."""
-    refs = store.query("post_isr_image", run=params.input_run, instrument=params.instrument)
+def _nothing_to_calibrate(store: ArtifactStore, params: CalibrateParams, refs: list[DatasetRef]) -> str:
+    """Why no detector of ``refs`` (the input run's) is selected: none there, or not those visits/detectors."""
     where = f"run {params.input_run!r}" + (f" (instrument {params.instrument!r})" if params.instrument else "")
     if not refs and not store.fs.exists(store.root_path):
         return f"the store {params.store} does not exist; check --store (a directory or an fsspec URL)"

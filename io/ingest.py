@@ -264,6 +264,7 @@ _EAST = re.compile(r"\bE(ast)?\b|degrees?\s*E\b", re.IGNORECASE)
 #: saying which way the value counts: undecided, like no comment.
 _SIGN_RULE = re.compile(r"negative|positive|[<>]", re.IGNORECASE)
 _UNKNOWN_SITE = (math.nan, math.nan, math.nan)
+_SITE_FIX = f"pass {_override_hint({'OBSGEO-L': '<east longitude, deg>', 'OBSGEO-B': '<deg>'})}"
 
 
 def _angle_deg(value: Any) -> float:
@@ -293,12 +294,9 @@ def _site(h: _Header, ra_deg: float, dec_deg: float, mjd_tai: float, airmass: fl
             height = float(h.first(height_key) or 0.0)
         except (TypeError, ValueError, u.UnitsError):
             raise IngestError(h.path, f"{lon_key}/{lat_key}/{height_key} = {lon_value!r}/{lat_value!r}/"
-                              f"{h.first(height_key)!r} is not a site (degrees, degrees, metres)",
-                              f"pass {_override_hint({'OBSGEO-L': '<east longitude, deg>', 'OBSGEO-B': '<deg>'})}"
-                              ) from None
+                              f"{h.first(height_key)!r} is not a site (degrees, degrees, metres)", _SITE_FIX) from None
         if not (-90.0 <= lat <= 90.0 and -360.0 <= lon <= 360.0):
-            raise IngestError(h.path, f"{lon_key} = {lon}, {lat_key} = {lat} is not a place on Earth",
-                              f"pass {_override_hint({'OBSGEO-L': '<east longitude, deg>', 'OBSGEO-B': '<deg>'})}")
+            raise IngestError(h.path, f"{lon_key} = {lon}, {lat_key} = {lat} is not a place on Earth", _SITE_FIX)
         if lon_key == "OBSGEO-L":
             return lon, lat, height
         comment = str(h.header.comments[lon_key]) if lon_key in h.header else ""

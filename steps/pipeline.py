@@ -510,7 +510,7 @@ def finalize(exposure: Exposure, background: BackgroundList, stars: Table, psf_s
     warnings = tuple(quality_warnings(summary, config.summary))
     exposure = exposure.replace(summary=dict(summary))
     if warnings:
-        exposure = exposure.replace(metadata={**exposure.metadata, "quality.warnings": list(warnings)})
+        exposure = exposure.with_metadata(**{"quality.warnings": list(warnings)})
     return FinalizeResult(exposure, background, stars, summary, warnings)
 
 
