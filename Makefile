@@ -42,10 +42,11 @@ bench-quick: $(STAMP)
 bench-orchestration: $(STAMP)
 	$(PY) -m singleframe.orchestration_bench --detectors 20 --size 4096
 
-## make bench-psf: our PSF model vs PSFEx over 8 independent simulated 4096² typical frames (rms of the median
-## residuals; a single frame's comparison is at the noise floor); writes benchmarks/results/psf-*.{md,json}.
+## make bench-psf: our PSF model vs PSFEx, and Piff on our stars, over 8 independent simulated 4096² typical frames
+## (rms of the median residuals; a single frame's comparison is at the noise floor; ~12 min);
+## writes benchmarks/results/psf-*.{md,json}.
 bench-psf: $(STAMP)
-	$(PY) -m singleframe.psf_bench --frame 4096-typical --seeds 8
+	$(PY) -m singleframe.psf_bench --frame 4096-typical --seeds 8 --piff
 
 ## make bench-stars: star/galaxy separation on the 4096² poor-seeing frame: the configured cut, uniform size
 ## cuts and the best per-S/N cut chosen with the truth (a bound); writes benchmarks/results/stars-*.{md,json}.

@@ -56,11 +56,17 @@ class PsfBenchConfig:
 
     frame: str = "4096-typical"
     seeds: tuple[int, ...] = tuple(range(101, 109))
+    #: Also fit Piff (``psf_fit.determiner = "piff"``: the stars our fit kept, Piff's model) on each frame.
+    piff: bool = False
 
     def validate(self) -> None:
         frame_spec(self.frame)
         if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"need at least two distinct seeds, got {self.seeds}")
+        if self.piff:
+            from .steps.psf_determination import PsfFitConfig
+
+            PsfFitConfig(determiner="piff").validate()  # Piff installed, or a ConfigError saying how
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -72,7 +78,9 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """
     tie = PEER_TIE_FRACTION * PSF_DE_MEDIAN_BAR
     out: dict[str, Any] = {"n_frames": len(rows), "tie": tie}
-    for system in ("ours", "psfex"):
+    for system in ("ours", "psfex", "piff"):
+        if system == "piff" and not any(r.get("piff") for r in rows):
+            continue
         stats = {}
         for comp in COMPONENTS:
             vals = [r[system][comp] for r in rows if r.get(system) and math.isfinite(r[system][comp])]
@@ -110,12 +118,12 @@ def run_psf_bench(config: PsfBenchConfig, *, work_dir: str | Path | None = None,
     if not peers:
         log("source-extractor/psfex not installed: PSFEx skipped (make bench-setup)")
     with scratch_dir(work_dir, "sf-psf-bench-") as work:
-        rows = _measure_seeds(spec, config.seeds, work, peers, log)
+        rows = _measure_seeds(spec, config.seeds, work, peers, log, piff=config.piff)
     return {"machine": _machine(), "config": dataclasses.asdict(config), "rows": rows, "summary": summarize(rows)}
 
 
 def _measure_seeds(spec: Any, seeds: Sequence[int], work: Path, peers: bool,
-                   log: Callable[[str], None]) -> list[dict[str, Any]]:
+                   log: Callable[[str], None], *, piff: bool = False) -> list[dict[str, Any]]:
     from .peers import PsfexPsf, run_sextractor_psfex
     from .sim.evaluation import psf_residuals_at_stars
     from .steps.config import load_calibrate_config
@@ -132,7 +140,11 @@ def _measure_seeds(spec: Any, seeds: Sequence[int], work: Path, peers: bool,
         psf = char.exposure.psf
         row: dict[str, Any] = {"seed": seed, "ours": _record(psf_residuals_at_stars(psf, truth)), "psfex": None,
                                "floor": mean_ellipticity_floor(char.psf_stars, psf)}
-        del snaps, psf, char
+        del psf, char
+        if piff:
+            piff_calib = dataclasses.replace(calib, psf_fit=dataclasses.replace(calib.psf_fit, determiner="piff"))
+            row["piff"] = _record(psf_residuals_at_stars(characterize(snaps, config=piff_calib).exposure.psf, truth))
+        del snaps
         if peers:
             _, _, psf_path = run_sextractor_psfex(frame_dir / "image.fits", workdir=frame_dir / "psfex")
             if psf_path is not None:
@@ -141,7 +153,7 @@ def _measure_seeds(spec: Any, seeds: Sequence[int], work: Path, peers: bool,
         rows.append(row)
         log(f"seed {seed}: " + "; ".join(f"{k} " + ("n/a" if row[k] is None else
                                                     " ".join(f"{c} {row[k][c]:+.2e}" for c in COMPONENTS))
-                                         for k in ("ours", "psfex")))
+                                         for k in ("ours", "psfex", "piff")[:3 if piff else 2]))
         shutil.rmtree(frame_dir, ignore_errors=True)
     return rows
 
@@ -170,10 +182,18 @@ def format_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['seed']} | {cell(r['ours'], 'de1')} | {cell(r['psfex'], 'de1')} | "
                      f"{cell(r['ours'], 'de2')} | {cell(r['psfex'], 'de2')} | "
                      f"{cell(r['ours'], 'size_err_pct')} | {cell(r['psfex'], 'size_err_pct')} | {floor} |")
-    lines += ["", "| over the frames | ours | PSFEx |", "|---|---|---|"]
+    systems = [("ours", "ours"), ("psfex", "PSFEx")] + ([("piff", "Piff")] if "piff" in s else [])
+    if "piff" in s:
+        lines += ["", "Piff (`psf_fit.determiner = piff`: the stars our fit kept, Piff's PixelGrid + BasisPolynomial):",
+                  "", "| seed | Piff δe1 | Piff δe2 | Piff size err % |", "|---|---|---|---|"]
+        lines += [f"| {r['seed']} | {cell(r.get('piff'), 'de1')} | {cell(r.get('piff'), 'de2')} | "
+                  f"{cell(r.get('piff'), 'size_err_pct')} |" for r in result["rows"]]
+    lines += ["", "| over the frames | " + " | ".join(name for _, name in systems) + " |",
+              "|---" * (len(systems) + 1) + "|"]
     for comp in COMPONENTS:
         for stat in ("rms", "mean"):
-            lines.append(f"| {stat} of median {comp} | {s['ours'][comp][stat]:+.2e} | {s['psfex'][comp][stat]:+.2e} |")
+            lines.append(f"| {stat} of median {comp} | " + " | ".join(f"{s[key][comp][stat]:+.2e}" for key, _ in systems)
+                         + " |")
     if s.get("floor_rms"):
         lines += ["", "Photon floor of the mean ellipticity of the stars our fit used (`mean_ellipticity_floor`), "
                       f"rms over the frames: δe1 {s['floor_rms']['de1']:.2e}, δe2 {s['floor_rms']['de2']:.2e}."]
@@ -189,9 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frame", default=PsfBenchConfig.frame, help="a `make bench` frame name")
     parser.add_argument("--seeds", type=int, default=8, help="number of independent frames")
     parser.add_argument("--first-seed", type=int, default=101)
+    parser.add_argument("--piff", action="store_true",
+                        help="also fit Piff on each frame (pip install 'singleframe[piff]'; ~1 min per 4096² frame)")
     parser.add_argument("--out", default="benchmarks/results", help="where the Markdown and JSON go")
     args = parser.parse_args(argv)
-    config = PsfBenchConfig(args.frame, tuple(range(args.first_seed, args.first_seed + args.seeds)))
+    config = PsfBenchConfig(args.frame, tuple(range(args.first_seed, args.first_seed + args.seeds)), args.piff)
     run_and_write(lambda: run_psf_bench(config), format_markdown, args.out, f"psf-{config.frame}", "psf-latest")
     return 0
 

@@ -10,8 +10,10 @@ Chebyshev polynomial in (x, y) across the detector, rejecting outlier stars
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -126,6 +128,10 @@ class PsfFitConfig:
     n_reject_iterations: int = 3
     #: Mask planes whose pixels are not fitted.
     bad_mask_planes: tuple[str, ...] = ("BAD", "SAT", "NO_DATA", "CR", "INTRP")
+    #: What fits the final model: ``pixel`` (ours) or ``piff`` (Piff's PixelGrid + BasisPolynomial of
+    #: the same order, fitted to the stars our rejection kept and stored as the same pixel model:
+    #: :mod:`.psf_piff`; needs ``pip install 'singleframe[piff]'``; 40-400x slower).
+    determiner: Literal["pixel", "piff"] = "pixel"
     #: Donut test: the model's core is the disc r <= max(1.5 px, ``donut_core_radius_sigma`` x the stars'
     #: Gaussian-equivalent sigma); a model is a donut when the mean of any 1-px-wide annulus outside the
     #: core exceeds ``max_ring_to_core_ratio`` x the core mean (a central dip). Monotonic profiles
@@ -148,6 +154,11 @@ class PsfFitConfig:
                               f"got {self.shape_reject_sigma} and {self.min_shape_reject_stars}")
         if self.donut_core_radius_sigma <= 0 or self.max_ring_to_core_ratio <= 0:
             raise ConfigError("donut_core_radius_sigma and max_ring_to_core_ratio must be > 0")
+        if self.determiner not in ("pixel", "piff"):
+            raise ConfigError(f"psf_fit.determiner must be 'pixel' or 'piff', got {self.determiner!r}")
+        if self.determiner == "piff" and importlib.util.find_spec("piff") is None:
+            raise ConfigError("psf_fit.determiner = 'piff' needs Piff, which is not installed: "
+                              "pip install 'singleframe[piff]' (or set psf_fit.determiner = 'pixel')")
         unknown = [p for p in self.bad_mask_planes if p not in MaskPlane.__members__]
         if unknown:
             raise ConfigError(f"unknown mask planes {unknown}; valid: {list(MaskPlane.__members__)}")
@@ -394,6 +405,14 @@ def fit_psf(exposure: Exposure, catalog: Table, candidates: npt.ArrayLike, *,
         keep &= ~bad
         n_rejected += int(bad.sum())
     assert model is not None
+    if config.determiner == "piff":
+        # Piff replaces the model fit only: the stars are those our selection and rejection kept.
+        from .psf_piff import fit_piff
+
+        piff_fit = fit_piff(exposure, xs[keep], ys[keep], half, order, config)
+        model = piff_fit.psf
+        chi2 = np.full(fit_idx.size, np.nan)
+        chi2[keep] = piff_fit.chi2
     _check_model(model, exposure, config, meta, sigma_est)
     used = np.zeros(n_rows, bool)
     used[fit_idx[keep]] = True

@@ -341,6 +341,9 @@ def test_psf_bench_summary_counts_rms_and_per_frame_wins():
     assert s["psfex"]["size_err_pct"]["rms"] == pytest.approx(math.sqrt((0.04 + 0.09) / 2))
     # Tie 5e-5: frame 1 de1 (3 <= 6.5) and de2 (1 <= 1.1) within; frame 2 de1 (1 > 0.9) not, de2 within.
     assert s["n_paired"] == 2 and s["ours_within"] == {"de1": 1, "de2": 2}
+    assert "piff" not in s  # not run: no column
+    rows[0]["piff"] = {"de1": 2e-4, "de2": -2e-4, "size_err_pct": 0.02}
+    assert summarize(rows)["piff"]["de1"] == {"rms": pytest.approx(2e-4), "mean": pytest.approx(2e-4), "n": 1}
     with pytest.raises(ConfigError):
         PsfBenchConfig(frame="4096-nowhere").validate()
     with pytest.raises(ConfigError):

@@ -69,6 +69,19 @@ def test_second_psf_pass_is_switchable(result, scene) -> None:
     assert int(np.sum(two.single_visit_psf_star["calib_psf_used"])) == 3
 
 
+def test_piff_determiner_calibrates_the_scene_alike(result, scene) -> None:
+    # psf_fit.determiner = piff: Piff fits the model to the same three stars, stored as our pixel
+    # model; calibration and PSF size agree with the default run within the same ~1 % (three stars).
+    pytest.importorskip("piff")
+    piff_run = calibrate_image([scene.exposure], scene.refcat,
+                               config=load_calibrate_config(None, {**SMALL_SCENE, "psf_fit": {
+                                   **SMALL_SCENE["psf_fit"], "determiner": "piff"}}))
+    assert piff_run.initial_photoCalib_detector.calibration_njy_per_count == pytest.approx(12.3, rel=0.01)
+    assert piff_run.preliminary_visit_image.summary["psfSigma"] == pytest.approx(math.sqrt(4 + 1 / 12), rel=0.01)
+    np.testing.assert_array_equal(piff_run.single_visit_psf_star["calib_psf_used"],
+                                  result.single_visit_psf_star["calib_psf_used"])
+
+
 def test_residual_search_is_switchable_and_adds_nothing_without_hidden_stars(result, scene) -> None:
     # The scene's sources are well separated: the residual pass around its bright stars finds
     # no merged neighbour, so switching it off leaves the same star catalogue.
