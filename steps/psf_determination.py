@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 from astropy.table import Table
+from scipy import ndimage
 
 from ..errors import ConfigError, PsfFitError
 from ..exposure import Exposure
@@ -126,6 +127,19 @@ class PsfFitConfig:
     min_shape_reject_stars: int = 20
     #: Rejection iterations.
     n_reject_iterations: int = 3
+    #: Neighbours in a star's stamp: from the first rejection pass on, pixels farther than
+    #: ``clip_radius_sigma`` PSF sigmas from the star's centre whose residual from the model exceeds
+    #: ``clip_neighbour_sigma`` noise sigmas and ``clip_min_excess_frac`` of the star's own modelled
+    #: light there (another source's light, not a bright star's wing), grown by one pixel, get zero
+    #: weight, before the chi² and shape tests: the star is kept without them instead of being
+    #: rejected whole. Over independent skies (rms of the median δe1/δe2 at the true star positions,
+    #: against None): 12 crowded 4096² frames 1.1e-4/1.2e-4 against 1.9e-4/1.6e-4 (268 stars kept of
+    #: 300, against 219), 6 poor-seeing 3.0e-4/2.2e-4 against 3.0e-4/3.4e-4, 8 typical 2.4e-4/2.0e-4
+    #: against 2.3e-4/2.2e-4; the characterization time is unchanged. A star whose core a neighbour
+    #: bends is still rejected by the shape test. None disables it.
+    clip_neighbour_sigma: float | None = 5.0
+    clip_radius_sigma: float = 2.0
+    clip_min_excess_frac: float = 0.5
     #: Mask planes whose pixels are not fitted.
     bad_mask_planes: tuple[str, ...] = ("BAD", "SAT", "NO_DATA", "CR", "INTRP")
     #: What fits the final model: ``pixel`` (ours) or ``piff`` (Piff's PixelGrid + BasisPolynomial of
@@ -154,6 +168,11 @@ class PsfFitConfig:
                               f"got {self.shape_reject_sigma} and {self.min_shape_reject_stars}")
         if self.donut_core_radius_sigma <= 0 or self.max_ring_to_core_ratio <= 0:
             raise ConfigError("donut_core_radius_sigma and max_ring_to_core_ratio must be > 0")
+        if ((self.clip_neighbour_sigma is not None and not self.clip_neighbour_sigma > 0)
+                or not self.clip_radius_sigma > 0 or not self.clip_min_excess_frac >= 0):
+            raise ConfigError("need clip_neighbour_sigma > 0 (or None), clip_radius_sigma > 0 and "
+                              f"clip_min_excess_frac >= 0, got {self.clip_neighbour_sigma}, "
+                              f"{self.clip_radius_sigma} and {self.clip_min_excess_frac}")
         if self.determiner not in ("pixel", "piff"):
             raise ConfigError(f"psf_fit.determiner must be 'pixel' or 'piff', got {self.determiner!r}")
         if self.determiner == "piff" and importlib.util.find_spec("piff") is None:
@@ -302,7 +321,8 @@ def fit_psf(exposure: Exposure, catalog: Table, candidates: npt.ArrayLike, *,
     normalised by a model-fitted amplitude, and each kernel pixel is fitted
     by inverse-variance weighted least squares as a triangular Chebyshev
     polynomial of the star position (order reduced until there are
-    ``min_stars_per_term`` stars per term). Stars whose chi² is far above the
+    ``min_stars_per_term`` stars per term). Pixels of neighbours in a stamp's
+    outskirts lose their weight (``clip_neighbour_sigma``); then stars whose chi² is far above the
     median (PSFEx's ``spatialReject``) or whose adaptive moments depart from
     the model's by more than ``shape_reject_sigma`` (blended neighbours) are
     rejected and the fit repeated.
@@ -379,6 +399,11 @@ def fit_psf(exposure: Exposure, catalog: Table, candidates: npt.ArrayLike, *,
         chi2 = np.sum(weights * resid * resid, axis=(1, 2)) / npix
         if it == config.n_reject_iterations:
             break
+        if config.clip_neighbour_sigma is not None:
+            weights, n_clipped = _clip_neighbours(resid, amp[:, None, None] * kern, weights, sigma_est, config)
+            if n_clipped:
+                npix = np.maximum((weights > 0).sum(axis=(1, 2)) - 1, 1)
+                chi2 = np.sum(weights * resid * resid, axis=(1, 2)) / npix
         med = float(np.median(chi2[keep]))
         sig = float(np.median(np.abs(chi2[keep] - med))) * 1.4826
         # Outlier scores in units of their thresholds (> 1: outlier), the larger of chi² and shape.
@@ -420,6 +445,28 @@ def fit_psf(exposure: Exposure, catalog: Table, candidates: npt.ArrayLike, *,
     fwhm = FWHM_PER_SIGMA * model.sigma(*exposure.center_pix)
     return PsfFitResult(model, used, reserved, int(used.sum()), int(reserved.sum()),
                         float(np.median(chi2[keep])), float(fwhm), False, order, n_rejected, size_res, res_res)
+
+
+def _clip_neighbours(resid: npt.NDArray[np.float64], model: npt.NDArray[np.float64], weights: npt.NDArray[np.float64],
+                     sigma_pix: float, config: PsfFitConfig) -> tuple[npt.NDArray[np.float64], int]:
+    """Zero the weight of stamp pixels holding a neighbour's light (``clip_neighbour_sigma``).
+
+    ``model`` is each star's fitted model stamp. Returns the new weights and how many pixels were
+    newly clipped. Only positive residuals count (light added by another source), only outside the
+    star's core, which the model must fit, and only where the excess is at least
+    ``clip_min_excess_frac`` of the star's own modelled light: a bright star's wings, which a model
+    misses by a few per cent at many noise sigmas, stay in the fit.
+    """
+    assert config.clip_neighbour_sigma is not None
+    side = resid.shape[1]
+    g = np.arange(side) - side // 2
+    outskirts = (g[:, None] ** 2 + g[None, :] ** 2) > (config.clip_radius_sigma * sigma_pix) ** 2
+    bad = ((resid * np.sqrt(weights) > config.clip_neighbour_sigma) & (resid > config.clip_min_excess_frac * model)
+           & outskirts[None])
+    if not bad.any():
+        return weights, 0
+    bad = ndimage.binary_dilation(bad, structure=np.ones((1, 3, 3), bool)) & outskirts[None] & (weights > 0)
+    return np.where(bad, 0.0, weights), int(bad.sum())
 
 
 def _core_slice(size: int, sigma_pix: float) -> slice:
