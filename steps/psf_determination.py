@@ -431,10 +431,10 @@ def fit_psf(exposure: Exposure, catalog: Table, candidates: npt.ArrayLike, *,
         n_rejected += int(bad.sum())
     assert model is not None
     if config.determiner == "piff":
-        # Piff replaces the model fit only: the stars are those our selection and rejection kept.
+        # Piff replaces the model fit only: the stamps and weights are those our fit ended with.
         from .psf_piff import fit_piff
 
-        piff_fit = fit_piff(exposure, xs[keep], ys[keep], half, order, config)
+        piff_fit = fit_piff(stamps[keep], weights[keep], xs[keep], ys[keep], order, bbox)  # type: ignore[arg-type]
         model = piff_fit.psf
         chi2 = np.full(fit_idx.size, np.nan)
         chi2[keep] = piff_fit.chi2

@@ -2,8 +2,9 @@
 
 `Piff <https://github.com/rmjarvis/Piff>`_ (DES, Rubin) fits the same kind of model as our own
 determiner: a pixel grid whose pixels vary as a polynomial of the position. Here it is given the
-stars our fit kept (the same candidates, reserve, brightest-first choice and outlier rejection as
-:func:`~singleframe.steps.psf_determination.fit_psf`) and fits a native-pixel ``PixelGrid`` with a
+stamps our fit used, with their weights (the same candidates, reserve, brightest-first choice,
+recentring, masked and neighbour pixels and outlier rejection as
+:func:`~singleframe.steps.psf_determination.fit_psf`), and fits a native-pixel ``PixelGrid`` with a
 ``BasisPolynomial`` of the same order. Piff's own chi² rejection is not used: its chi² is
 absolute, so a model short of the photon noise of a star at S/N ~ 1e4 flags the star (75 of 81 such
 stars with ``nsigma = 4`` on a test frame), and the brightest stars hold most of the information;
@@ -25,18 +26,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from ..errors import PsfFitError
-from ..exposure import Exposure
-from ..masks import MaskPlane
 from ..psf import PixelPsf, chebyshev_design
-
-if TYPE_CHECKING:
-    from .psf_determination import PsfFitConfig
 
 #: Positions per axis at which Piff's model is sampled to convert it (>= order + 1 for the exact fit).
 _CONVERSION_GRID = 7
@@ -50,17 +45,27 @@ class PiffFit:
     chi2: npt.NDArray[np.float64]
 
 
-def fit_piff(exposure: Exposure, x: npt.NDArray[np.float64], y: npt.NDArray[np.float64], half: int, order: int,
-             config: PsfFitConfig) -> PiffFit:
-    """Fit Piff to the stars at ``(x, y)`` (parent pixels) with ``(2 half + 1)²`` stamps.
+def fit_piff(stamps: npt.NDArray[np.float64], weights: npt.NDArray[np.float64], x: npt.NDArray[np.float64],
+             y: npt.NDArray[np.float64], order: int, bbox: tuple[float, float, float, float]) -> PiffFit:
+    """Fit Piff to star stamps: the recentred stamps and weights our fit used.
 
-    Pixels in ``config.bad_mask_planes`` get zero weight, the others their inverse variance.
+    Parameters
+    ----------
+    stamps, weights
+        ``(n, s, s)`` stamps with each star on the middle pixel, and their inverse-variance weights
+        (zero: masked, or a neighbour's pixel), as :func:`~singleframe.steps.psf_determination.fit_psf`
+        built them.
+    x, y
+        The stars' parent positions (the polynomial's variable).
+    order
+        Polynomial order of the spatial variation.
+    bbox
+        Parent ``(x0, y0, x1, y1)`` of the detector (the polynomial's domain).
 
     Returns
     -------
     PiffFit
-        The model as a :class:`PixelPsf` of ``order``, and each star's reduced chi² under it (NaN for a
-        star with no usable pixel, which is not fitted).
+        The model as a :class:`PixelPsf` of ``order``, and each star's reduced chi² under it.
 
     Raises
     ------
@@ -70,51 +75,35 @@ def fit_piff(exposure: Exposure, x: npt.NDArray[np.float64], y: npt.NDArray[np.f
     import galsim
     import piff
 
-    size = 2 * half + 1
-    bits = 0
-    for plane in config.bad_mask_planes:
-        bits |= int(MaskPlane[plane])
-    ox, oy = exposure.origin
-    ny, nx = exposure.shape
-    stars, fitted = [], []
-    for i, (xi, yi) in enumerate(zip(x, y, strict=True)):
-        ic, jc = int(round(xi - ox)), int(round(yi - oy))
-        r0, r1 = max(jc - half, 0), min(jc + half + 1, ny)
-        c0, c1 = max(ic - half, 0), min(ic + half + 1, nx)
-        if r1 <= r0 or c1 <= c0:
-            continue
-        img = np.asarray(exposure.image[r0:r1, c0:c1], float)
-        var = np.asarray(exposure.variance[r0:r1, c0:c1], float)
-        good = ((exposure.mask[r0:r1, c0:c1] & np.uint32(bits)) == 0) & (var > 0) & np.isfinite(img)
-        if not good.any():
-            continue
-        weight = np.where(good, 1.0 / np.where(good, var, 1.0), 0.0)
-        # GalSim images are 1-based with pixel centres on integers: parent pixel p is GalSim p + 1.
-        kw = {"xmin": c0 + ox + 1, "ymin": r0 + oy + 1, "scale": 1.0}
-        data = piff.StarData(galsim.Image(np.where(good, img, 0.0), **kw), galsim.PositionD(xi + 1.0, yi + 1.0),
-                             weight=galsim.Image(weight, **kw), properties={"chipnum": 0})
+    n, size, _ = stamps.shape
+    half = size // 2
+    stars = []
+    for k in range(n):
+        # The stamp's middle pixel holds the star's centre; GalSim images are 1-based, so the stamp is
+        # placed with that pixel at the star's rounded position + 1 and the star exactly on it.
+        cx, cy = int(round(x[k])) + 1, int(round(y[k])) + 1
+        kw = {"xmin": cx - half, "ymin": cy - half, "scale": 1.0}
+        data = piff.StarData(galsim.Image(np.ascontiguousarray(stamps[k], float), **kw), galsim.PositionD(cx, cy),
+                             weight=galsim.Image(np.ascontiguousarray(weights[k], float), **kw),
+                             properties={"chipnum": 0})
         stars.append(piff.Star(data, None))
-        fitted.append(i)
     psf = piff.SimplePSF(piff.PixelGrid(scale=1.0, size=size), piff.BasisPolynomial(order=order))
     psf.set_context({0: galsim.PixelScale(1.0)}, None)
     try:
         psf.fit(stars, logger=None)
     except Exception as exc:  # Piff raises plain exceptions of many kinds on degenerate input
-        raise PsfFitError(f"Piff could not fit the {len(stars)} PSF stars ({type(exc).__name__}: {exc}); "
+        raise PsfFitError(f"Piff could not fit the {n} PSF stars ({type(exc).__name__}: {exc}); "
                           "check the star selection, or use psf_fit.determiner = 'pixel'") from exc
-    if len(psf.stars) != len(fitted):  # no outlier removal here: Piff returns its input stars, in order
-        raise PsfFitError(f"Piff returned {len(psf.stars)} stars for {len(fitted)}; this Piff version is not "
+    if len(psf.stars) != n:  # no outlier removal here: Piff returns its input stars, in order
+        raise PsfFitError(f"Piff returned {len(psf.stars)} stars for {n}; this Piff version is not "
                           "supported, use psf_fit.determiner = 'pixel'")
-    chi2 = np.full(x.size, np.nan)
-    for i, star in zip(fitted, psf.stars, strict=True):
-        if star.fit.chisq is not None and star.fit.dof:
-            chi2[i] = star.fit.chisq / star.fit.dof
-    return PiffFit(_as_pixel_psf(psf, exposure, size, order), chi2)
+    chi2 = np.array([s.fit.chisq / s.fit.dof if s.fit.chisq is not None and s.fit.dof else np.nan
+                     for s in psf.stars])
+    return PiffFit(_as_pixel_psf(psf, bbox, size, order), chi2)
 
 
-def _as_pixel_psf(psf: object, exposure: Exposure, size: int, order: int) -> PixelPsf:
+def _as_pixel_psf(psf: object, bbox: tuple[float, float, float, float], size: int, order: int) -> PixelPsf:
     """Piff's centred, unit-sum model images on a grid of positions, fitted exactly by our Chebyshev basis."""
-    bbox = tuple(float(v) for v in exposure.bbox)
     gx, gy = np.meshgrid(np.linspace(bbox[0], bbox[2], _CONVERSION_GRID),
                          np.linspace(bbox[1], bbox[3], _CONVERSION_GRID))
     gx, gy = gx.ravel(), gy.ravel()
@@ -128,4 +117,4 @@ def _as_pixel_psf(psf: object, exposure: Exposure, size: int, order: int) -> Pix
         images[k] = (im / total).ravel()
     design = chebyshev_design(gx, gy, order=order, bbox=bbox)
     coef, *_ = np.linalg.lstsq(design, images, rcond=None)
-    return PixelPsf(coef.reshape(-1, size, size), np.eye(design.shape[1]), order, bbox)  # type: ignore[arg-type]
+    return PixelPsf(coef.reshape(-1, size, size), np.eye(design.shape[1]), order, bbox)
