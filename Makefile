@@ -42,7 +42,7 @@ bench-quick: $(STAMP)
 bench-orchestration: $(STAMP)
 	$(PY) -m singleframe.orchestration_bench --detectors 20 --size 4096
 
-## make bench-psf: our PSF model vs PSFEx, and Piff on our stars, over 8 independent simulated 4096² typical frames
+## make bench-psf: our PSF model vs PSFEx, and Piff on our stamps, over 8 independent simulated 4096² typical frames
 ## (rms of the median residuals; a single frame's comparison is at the noise floor; ~12 min);
 ## writes benchmarks/results/psf-*.{md,json}.
 bench-psf: $(STAMP)

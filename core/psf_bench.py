@@ -56,7 +56,7 @@ class PsfBenchConfig:
 
     frame: str = "4096-typical"
     seeds: tuple[int, ...] = tuple(range(101, 109))
-    #: Also fit Piff (``psf_fit.determiner = "piff"``: the stars our fit kept, Piff's model) on each frame.
+    #: Also fit Piff (``psf_fit.determiner = "piff"``: our fit's stamps and weights, Piff's model) on each frame.
     piff: bool = False
 
     def validate(self) -> None:
@@ -184,7 +184,7 @@ def format_markdown(result: dict[str, Any]) -> str:
                      f"{cell(r['ours'], 'size_err_pct')} | {cell(r['psfex'], 'size_err_pct')} | {floor} |")
     systems = [("ours", "ours"), ("psfex", "PSFEx")] + ([("piff", "Piff")] if "piff" in s else [])
     if "piff" in s:
-        lines += ["", "Piff (`psf_fit.determiner = piff`: the stars our fit kept, Piff's PixelGrid + BasisPolynomial):",
+        lines += ["", "Piff (`psf_fit.determiner = piff`: our fit's stamps and weights, Piff's PixelGrid + BasisPolynomial):",
                   "", "| seed | Piff δe1 | Piff δe2 | Piff size err % |", "|---|---|---|---|"]
         lines += [f"| {r['seed']} | {cell(r.get('piff'), 'de1')} | {cell(r.get('piff'), 'de2')} | "
                   f"{cell(r.get('piff'), 'size_err_pct')} |" for r in result["rows"]]
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=8, help="number of independent frames")
     parser.add_argument("--first-seed", type=int, default=101)
     parser.add_argument("--piff", action="store_true",
-                        help="also fit Piff on each frame (pip install 'singleframe[piff]'; ~1 min per 4096² frame)")
+                        help="also fit Piff on each frame (pip install 'singleframe[piff]'; ~30 s per 4096² frame)")
     parser.add_argument("--out", default="benchmarks/results", help="where the Markdown and JSON go")
     args = parser.parse_args(argv)
     config = PsfBenchConfig(args.frame, tuple(range(args.first_seed, args.first_seed + args.seeds)), args.piff)

@@ -15,10 +15,11 @@ grid of positions and solving for the Chebyshev coefficients reproduces them exa
 the peak on the typical 4096² frame). Everything downstream (PSF photometry, aperture corrections,
 persistence, the evaluator) sees one PSF type whatever fitted it.
 
-Measured on the 4096² benchmark frames with the same stars (median δe1/δe2 at the true star
-positions, size error): typical, Piff −2.5e-4/−3.8e-4, +0.011 %, ours −2.6e-4/−3.7e-4, −0.004 %
-(272 stars); crowded, Piff −1.2e-4/−1.8e-4, +0.064 %, ours −1.3e-4/−1.7e-4, +0.049 % (219 stars).
-Piff took 40-45 s where our fit takes 0.06 s. It is here for users whose downstream analyses are
+Measured on the 4096² benchmark frames with the same stamps (median δe1/δe2 at the true star
+positions, size error): typical, Piff −1.8e-4/−2.8e-4, 0.000 %, ours −1.8e-4/−2.7e-4, +0.001 %
+(296 stars); crowded, Piff −0.7e-4/−1.7e-4, +0.043 %, ours −0.9e-4/−1.4e-4, +0.051 % (262 stars);
+over 8 typical skies (``make bench-psf``) the rms of the median δe1/δe2 is 2.4e-4/2.0e-4 for both.
+Piff took ~32 s where our fit takes 0.06 s. It is here for users whose downstream analyses are
 validated on Piff models, and as an independent check of ours; the default stays ``pixel``.
 """
 
