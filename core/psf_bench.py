@@ -153,7 +153,7 @@ def _measure_seeds(spec: Any, seeds: Sequence[int], work: Path, peers: bool,
         rows.append(row)
         log(f"seed {seed}: " + "; ".join(f"{k} " + ("n/a" if row[k] is None else
                                                     " ".join(f"{c} {row[k][c]:+.2e}" for c in COMPONENTS))
-                                         for k in ("ours", "psfex", "piff")[:3 if piff else 2]))
+                                         for k in ("ours", "psfex", "piff") if k in row))
         shutil.rmtree(frame_dir, ignore_errors=True)
     return rows
 

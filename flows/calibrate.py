@@ -429,11 +429,12 @@ class NothingToCalibrateError(ConfigError):
     """The input run holds no detector the parameters select."""
 
 
-def prepare_run(params: CalibrateParams) -> tuple[ArtifactStore, RunContext, list[DataId], list[str]]:
+def prepare_run(params: CalibrateParams) -> tuple[ArtifactStore, RunContext, list[DataId], list[str], list[str]]:
     """Everything a run checks before any pixel is read: config, inputs, refcat, the output run's record.
 
-    Returns the store, the run context, the selected detectors and notes on what will fail
-    (detectors of a band the reference catalogue lacks).
+    Returns the store, the run context, the selected detectors, notes on what will fail
+    (detectors of a band the reference catalogue lacks) and the instruments whose config record
+    the output run does not hold yet (:func:`_check_config_record`).
 
     Raises
     ------
@@ -449,9 +450,8 @@ def prepare_run(params: CalibrateParams) -> tuple[ArtifactStore, RunContext, lis
         raise NothingToCalibrateError(_nothing_to_calibrate(store, params, refs))
     ctx = run_context(params, config, store)
     notes = _check_refcat_bands(store, params, refs, data_ids, config)
-    for instrument in sorted({d.instrument for d in data_ids}):
-        _check_config_record(store, ctx, instrument)
-    return store, ctx, data_ids, notes
+    to_record = [i for i in sorted({d.instrument for d in data_ids}) if _check_config_record(store, ctx, i)]
+    return store, ctx, data_ids, notes, to_record
 
 
 def _check_refcat_bands(store: ArtifactStore, params: CalibrateParams, refs: list[DatasetRef],
@@ -518,13 +518,13 @@ def calibrate_visits(params: CalibrateParams = CalibrateParams()) -> Any:  # noq
     logger = get_run_logger()
     # The config is loaded and validated, and the inputs found, before any pixel is touched.
     try:
-        store, ctx, data_ids, notes = prepare_run(params)
+        store, ctx, data_ids, notes, to_record = prepare_run(params)
     except NothingToCalibrateError as exc:
         return Failed(message=str(exc))
     for note in notes:
         logger.warning(note)
-    for instrument in sorted({d.instrument for d in data_ids}):
-        _record_config(store, ctx, instrument)
+    for instrument in to_record:  # the resolved config, saved with the outputs
+        store.put("calibrate_config", _config_record(ctx), run=ctx.output_run, instrument=instrument)
     logger.info("calibrating %d detectors of %d visits with config %s", len(data_ids),
                 len({d.visit for d in data_ids}), ctx.config_hash)
     futures = {calibrate_detector.submit(ctx, d): d for d in data_ids}
@@ -621,12 +621,6 @@ def _config_differences(previous: Any, current: dict[str, Any]) -> list[str]:
 
     a, b = flat(then), flat(current)
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-
-
-def _record_config(store: ArtifactStore, ctx: RunContext, instrument: str) -> None:
-    """Save the resolved config with the outputs (see :func:`_check_config_record`)."""
-    if _check_config_record(store, ctx, instrument):
-        store.put("calibrate_config", _config_record(ctx), run=ctx.output_run, instrument=instrument)
 
 
 #: Set in Dask worker processes that a LocalCluster of ours starts (see :mod:`singleframe.runtime`).

@@ -20,9 +20,10 @@ from .astrometry import AstrometryConfig
 from .background import BackgroundConfig
 from .cosmic_rays import CosmicRayConfig
 from .detection import DetectionConfig
+from .flag_propagation import PROPAGATED_FLAGS
 from .initial_psf import InitialPsfConfig
 from .interpolation import InterpolationConfig
-from .measurement import AP_CORR_FIELDS, MeasurementConfig, flag_columns
+from .measurement import MeasurementConfig, flag_columns
 from .photometry import PhotometryConfig
 from .psf_determination import PsfFitConfig, PsfStarSelectorConfig
 from .residual_detection import ResidualDetectionConfig
@@ -53,9 +54,7 @@ OPTIONAL_OUTPUTS: tuple[str, ...] = ("single_visit_psf_star", "single_visit_psf_
 
 
 #: Flags the pipeline adds to the measured catalogues (selection, calibration use, sky sources).
-_PIPELINE_FLAGS = frozenset({
-    "sky_source", "calib_psf_candidate", "calib_psf_used", "calib_psf_reserved", "calib_astrometry_used",
-    "calib_photometry_used", "calib_photometry_reserved", *(f"apcorr_{name}_used" for name in AP_CORR_FIELDS)})
+_PIPELINE_FLAGS = frozenset({"sky_source", "calib_photometry_used", "calib_photometry_reserved", *PROPAGATED_FLAGS})
 
 
 @dataclass(frozen=True)

@@ -395,15 +395,13 @@ def fit_psf(exposure: Exposure, catalog: Table, candidates: npt.ArrayLike, *,
             amp = np.where(amp > 0, amp, 1.0)
         kern = model.images(xs, ys, size=2 * half + 1)
         resid = stamps - amp[:, None, None] * kern
+        last = it == config.n_reject_iterations
+        if not last and config.clip_neighbour_sigma is not None:  # before the chi² and shape tests
+            weights, _ = _clip_neighbours(resid, amp[:, None, None] * kern, weights, sigma_est, config)
         npix = np.maximum((weights > 0).sum(axis=(1, 2)) - 1, 1)
         chi2 = np.sum(weights * resid * resid, axis=(1, 2)) / npix
-        if it == config.n_reject_iterations:
+        if last:
             break
-        if config.clip_neighbour_sigma is not None:
-            weights, n_clipped = _clip_neighbours(resid, amp[:, None, None] * kern, weights, sigma_est, config)
-            if n_clipped:
-                npix = np.maximum((weights > 0).sum(axis=(1, 2)) - 1, 1)
-                chi2 = np.sum(weights * resid * resid, axis=(1, 2)) / npix
         med = float(np.median(chi2[keep]))
         sig = float(np.median(np.abs(chi2[keep] - med))) * 1.4826
         # Outlier scores in units of their thresholds (> 1: outlier), the larger of chi² and shape.
