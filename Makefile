@@ -28,7 +28,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-## make bench: ours vs SExtractor+PSFEx+SCAMP, astrometry.net and astroscrappy on simulated 4096x4096 frames.
+## make bench: ours vs SExtractor+PSFEx+SCAMP, astrometry.net and astroscrappy on simulated 4096x4096 frames and one 2048x2048.
 bench: $(STAMP)
 	$(PY) -m singleframe.benchmarks --suite full --repeat 5 --peer-repeat 3
 
@@ -43,7 +43,7 @@ bench-orchestration: $(STAMP)
 	$(PY) -m singleframe.orchestration_bench --detectors 20 --size 4096
 
 ## make bench-psf: our PSF model vs PSFEx, and Piff on our stamps, over 8 independent simulated 4096² typical frames
-## (rms of the median residuals; a single frame's comparison is at the noise floor; ~12 min);
+## (rms of the median residuals; a single frame's comparison is at the noise floor; 5-12 min, Piff ~30 s a frame);
 ## writes benchmarks/results/psf-*.{md,json}.
 bench-psf: $(STAMP)
 	$(PY) -m singleframe.psf_bench --frame 4096-typical --seeds 8 --piff

@@ -1,4 +1,4 @@
-"""The ``singleframe`` command line: simulate, ingest, run, evaluate, serve."""
+"""The ``singleframe`` command line: simulate, ingest, ingest-refcat, run, evaluate, serve."""
 
 from __future__ import annotations
 
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refcat", default="refcat", help="reference catalogue name (default: %(default)s)")
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("ingest", help="ingest post-ISR FITS files (multi-extension or plain single-HDU)")
+    p = sub.add_parser("ingest", help="ingest post-ISR FITS files (multi-extension, or the first HDU holding a 2-D image)")
     _add_store(p)
     p.add_argument("files", nargs="+", help="FITS files")
     p.add_argument("--run", default="raw", help="run the images are written to (default: %(default)s)")
@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store(p)
     p.add_argument("--input-run", default="raw", help="run holding the simulator's truth (default: %(default)s)")
     p.add_argument("--output-run", default="calib", help="run holding the outputs (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print one JSON object per detector")
+    p.add_argument("--json", action="store_true", help="print the rows (one per detector) as a JSON list")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("serve", help="start a local Prefect server, register deployments and a worker")

@@ -30,6 +30,7 @@ import contextvars
 import functools
 import hashlib
 import importlib.metadata
+import itertools
 import json
 import time
 import traceback
@@ -40,6 +41,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -87,7 +89,8 @@ class CalibrateParams(BaseModel):
     detectors: list[int] | None = Field(None, description="Detectors to process (default: all)")
     config_file: str | None = Field(None, description="YAML/JSON pipeline config (default: built-in defaults)")
     refcat: str = Field("refcat", description="Reference catalogue name in the store")
-    max_workers: int = Field(2, ge=1, description="Detectors processed concurrently")
+    max_workers: int = Field(2, ge=1, description="Detectors processed at once on threads (a Dask runner's "
+                                                  "workers set their own pace)")
     rerun: bool = Field(False, description="Recompute every stage even when its outputs are current")
     max_failed_fraction: float = Field(
         0.0, ge=0.0, le=1.0,
@@ -511,8 +514,10 @@ def _listed(values: list[int], limit: int = 10) -> str:
     return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
 
 
+# The default runner's pool has no fixed size: the flow itself keeps ``params.max_workers``
+# detectors in flight on it, so the UI form's value holds for deployment runs too.
 @flow(name="calibrate-visits", flow_run_name="calibrate-{params.output_run}", log_prints=True,
-      task_runner=ThreadPoolTaskRunner(max_workers=2), persist_result=False)
+      task_runner=ThreadPoolTaskRunner(max_workers=None), persist_result=False)
 def calibrate_visits(params: CalibrateParams = CalibrateParams()) -> Any:  # noqa: B008 - pydantic default renders in the UI
     """Calibrate every (visit, detector) of the input run; returns per-detector outcomes."""
     logger = get_run_logger()
@@ -527,16 +532,25 @@ def calibrate_visits(params: CalibrateParams = CalibrateParams()) -> Any:  # noq
         store.put("calibrate_config", _config_record(ctx), run=ctx.output_run, instrument=instrument)
     logger.info("calibrating %d detectors of %d visits with config %s", len(data_ids),
                 len({d.visit for d in data_ids}), ctx.config_hash)
-    futures = {calibrate_detector.submit(ctx, d): d for d in data_ids}
+    # On threads, params.max_workers detectors at a time (each holds ~1 GB at 4096²); a Dask
+    # runner gets every detector at once and its workers set the pace.
+    in_flight_max = params.max_workers if isinstance(_current_task_runner(), ThreadPoolTaskRunner) else len(data_ids)
+    queue = iter(data_ids)
+    futures = {calibrate_detector.submit(ctx, d): d for d in itertools.islice(queue, in_flight_max)}
     visits = sorted({d.visit for d in data_ids})
     progress = VisitProgress(params.output_run, {v: sum(d.visit == v for d in data_ids) for v in visits})
     report = current_progress_callback()
     outcomes: list[dict[str, Any]] = []
-    for future in as_completed(list(futures)):
+    while futures:
+        waiter = as_completed(list(futures))
+        future = next(waiter)
+        waiter.close()
+        data_id = futures.pop(future)
+        for d in itertools.islice(queue, 1):
+            futures[calibrate_detector.submit(ctx, d)] = d
         try:
             outcome = future.result()
         except Exception as exc:  # the detector's task itself died (e.g. a Dask worker lost): not the visit
-            data_id = futures[future]
             logger.error("%s: the detector's task failed: %s: %s", data_id.label, type(exc).__name__, exc)
             outcome = {"data_id": data_id.to_dict(), "status": "failed", "stage": "orchestration",
                        "error": type(exc).__name__, "message": str(exc), "wall_s": None}
@@ -546,7 +560,7 @@ def calibrate_visits(params: CalibrateParams = CalibrateParams()) -> Any:  # noq
         visit = int(outcome["data_id"]["visit"])
         progress.update(visit, outcome["status"] == "ok")
         if report is not None:
-            report(len(outcomes), len(futures), sum(o["status"] != "ok" for o in outcomes))
+            report(len(outcomes), len(data_ids), sum(o["status"] != "ok" for o in outcomes))
         if progress.done[visit] == progress.total[visit]:
             publish_visit_artifacts(params.output_run, visit,
                                     [o for o in outcomes if o["data_id"]["visit"] == visit])
@@ -558,6 +572,12 @@ def calibrate_visits(params: CalibrateParams = CalibrateParams()) -> Any:  # noq
         # Every other detector is calibrated and stored; the state says the run is not whole.
         return Failed(message=message, data=outcomes)
     return Completed(message=message, data=outcomes)
+
+
+def _current_task_runner() -> Any:
+    """The task runner of the flow run in progress (None outside one)."""
+    ctx = FlowRunContext.get()
+    return None if ctx is None else ctx.task_runner
 
 
 def _config_record(ctx: RunContext) -> dict[str, Any]:

@@ -170,7 +170,8 @@ STAGES: tuple[Stage, ...] = (
           _calibrate_astrometry, "match PSF stars to the refcat; affine fit on the camera model", uses_refcat=True),
     Stage("find_stars", ("characterized_image", "aperture_correction", "astrometric_solution", "single_visit_psf_star"),
           ("star_catalog",), _find_stars,
-          "detect (S/N>=10), deblend, measure, normalise (star pass), aperture-correct, select stars, propagate flags"),
+          "detect (peaks 7 sigma, footprints 5), deblend, measure, select stars (S/N>=8), normalise (star pass), "
+          "aperture-correct, propagate flags"),
     Stage("calibrate_photometry", ("characterized_image", "star_catalog", "aperture_correction"),
           ("initial_photoCalib_detector", "initial_photometry_match_detector"), _calibrate_photometry,
           "fit the zero point to the refcat", uses_refcat=True),

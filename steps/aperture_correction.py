@@ -107,7 +107,11 @@ class ApertureCorrectionConfig:
     #: S/N thresholds tried in turn for the normalisation stars (first with >= min_norm_stars).
     normalization_snr_thresholds: tuple[float, ...] = (200.0, 100.0, 50.0, 20.0)
     min_norm_stars: int = 3
-    #: Minimum S/N of base_PsfFlux for aperture-correction stars.
+    #: Minimum S/N of base_PsfFlux for aperture-correction stars. With fewer than ``min_stars`` above
+    #: it, the thresholds of ``normalization_snr_thresholds`` below it are tried in turn (when none
+    #: reaches ``min_stars``, the first that holds any star): a short or sparse exposure whose PSF
+    #: stars are all below S/N 200 gets its corrections from them instead of failing (Rubin's
+    #: ``MeasureApCorrError``).
     min_snr: float = 200.0
     #: Below this many stars a field is a flagged constant (median ratio).
     min_stars: int = 8
@@ -128,6 +132,11 @@ class ApertureCorrectionConfig:
     #: Relative error added in quadrature to each star's ratio error in the weighted fits (keeps
     #: the brightest stars from dominating through unmodelled per-star effects).
     ratio_error_floor: float = 0.001
+    #: With no PSF star at all (``psf_fallback: seeing``), the normalisation and the (flagged, constant)
+    #: corrections are those of a noiseless star drawn from the installed PSF model; this relative
+    #: error is added to every flux scale: the header-seeing Gaussian is not the PSF (a Kolmogorov
+    #: star of the same FWHM has ~3-5 % of its light in wings the Gaussian lacks).
+    model_star_err: float = 0.05
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` if the fields are inconsistent."""
@@ -144,6 +153,8 @@ class ApertureCorrectionConfig:
             raise ConfigError("need clip_sigma > 0, n_clip_iterations >= 0 and min_snr >= 0")
         if self.cog_min_snr < 0 or self.cog_min_stars < 3 or self.cog_isolation_pix < 0:
             raise ConfigError("need cog_min_snr >= 0, cog_min_stars >= 3 and cog_isolation_pix >= 0")
+        if not self.model_star_err >= 0:
+            raise ConfigError(f"model_star_err must be >= 0, got {self.model_star_err}")
         if not self.cog_fallback_err >= 0:
             raise ConfigError(f"cog_fallback_err must be >= 0, got {self.cog_fallback_err}")
         if not self.normalization_snr_thresholds:
@@ -185,6 +196,8 @@ class ApertureCorrectionResult:
     #: flux): the normalisation error and, for a field, the error of its mean level. Pass it to
     #: ``fit_photometry(scale_err_mag=1.0857 * scale_err[flux_field])``.
     scale_err: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: The PSF-flux S/N the correction stars were selected at (``min_snr`` or a lower threshold).
+    min_snr_used: float = float("nan")
 
 
 def measure_aperture_correction(catalog: Table, *, bbox: tuple[float, float, float, float],
@@ -242,7 +255,15 @@ def measure_aperture_correction(catalog: Table, *, bbox: tuple[float, float, flo
     psf_flux = np.asarray(catalog["base_PsfFlux_instFlux"], float)
     with np.errstate(divide="ignore", invalid="ignore"):
         psf_snr = psf_flux / np.asarray(catalog["base_PsfFlux_instFluxErr"], float)
-    bright = clean & calib_ok & np.isfinite(psf_snr) & (psf_snr >= config.min_snr)
+    usable = clean & calib_ok & np.isfinite(psf_snr)
+    thresholds = [float(config.min_snr), *(float(t) for t in config.normalization_snr_thresholds if t < config.min_snr)]
+    counts = [int(np.count_nonzero(usable & (psf_snr >= t))) for t in thresholds]
+    # The first threshold with min_stars stars (a fitted field); failing that, the first with any
+    # (a flagged constant from the brightest there are).
+    pick = next((i for i, c in enumerate(counts) if c >= config.min_stars),
+                next((i for i, c in enumerate(counts) if c), len(thresholds) - 1))
+    min_snr_used = thresholds[pick]
+    bright = usable & (psf_snr >= min_snr_used)
     bridge = config.bridge_flux
     if bridge is not None and not all(f"{bridge}_{c}" in catalog.colnames for c in ("instFlux", "instFluxErr", "flag")):
         bridge = None  # no bridge flux measured: every field is fitted directly
@@ -261,8 +282,8 @@ def measure_aperture_correction(catalog: Table, *, bbox: tuple[float, float, flo
             idx = np.nonzero(sel)[0]
             if idx.size == 0:
                 raise ApertureCorrectionError(
-                    f"no PSF star with S/N >= {config.min_snr} and a clean {name} for the aperture correction; "
-                    "lower aperture_correction.min_snr",
+                    f"no PSF star with S/N >= {min_snr_used:g} and a clean {name} for the aperture correction; "
+                    "lower aperture_correction.min_snr and normalization_snr_thresholds",
                     metadata={"field": name, "n_psf_used": int(psf_used.sum()), "n_bright": int(bright.sum())})
             z = calib[idx] / flux[idx]
             if bridge is None:
@@ -276,10 +297,11 @@ def measure_aperture_correction(catalog: Table, *, bbox: tuple[float, float, flo
             b_flux, b_rel, b_ok = _flux_columns(catalog, bridge)
             with np.errstate(divide="ignore", invalid="ignore"):
                 snr = 1.0 / flux_rel
-            idx = np.nonzero(clean & flux_ok & b_ok & (snr >= config.bridge_min_snr))[0]
+            bridge_snr = min(config.bridge_min_snr, min_snr_used)
+            idx = np.nonzero(clean & flux_ok & b_ok & (snr >= bridge_snr))[0]
             if idx.size == 0:
                 raise ApertureCorrectionError(
-                    f"no PSF star with {name} S/N >= {config.bridge_min_snr} and a clean {bridge} for the "
+                    f"no PSF star with {name} S/N >= {bridge_snr:g} and a clean {bridge} for the "
                     f"aperture correction; lower aperture_correction.bridge_min_snr",
                     metadata={"field": name, "n_psf_used": int(psf_used.sum())})
             r = b_flux[idx] / flux[idx]
@@ -306,7 +328,7 @@ def measure_aperture_correction(catalog: Table, *, bbox: tuple[float, float, flo
     return ApertureCorrectionResult(ap_corr, normalization, used, bool(fallback), n_stars, out,
                                     norm.n_stars, norm.snr, normalization_err, norm.curve_of_growth,
                                     norm.curve_of_growth_err, norm.curve_of_growth_n_stars, norm.cog_fallback,
-                                    scale_err)
+                                    scale_err, min_snr_used)
 
 
 @dataclass(frozen=True)

@@ -146,6 +146,17 @@ class CalibrateImageConfig:
         if unknown:
             raise ConfigError(f"optional_outputs has unknown names {unknown}; choose from {list(OPTIONAL_OUTPUTS)}")
         known = self.flag_columns()
+        # Every measured flux has a <flux>_flag column: a flux the star catalogue does not have is
+        # refused here, not after the whole characterization (photometry is the last step).
+        fluxes = sorted(name[: -len("_flag")] for name in flag_columns(self.measurement)
+                        if "Flux" in name and name.endswith("_flag") and "_flag_" not in name)
+        for owner, flux in (("photometry.flux_field", self.photometry.flux_field),
+                            ("star_selector.flux_field", self.star_selector.flux_field)):
+            if flux not in fluxes:
+                near = difflib.get_close_matches(flux, fluxes, n=2)
+                raise ConfigError(f"{owner}={flux!r} is not a flux the star catalogue has"
+                                  + (f"; did you mean {' or '.join(map(repr, near))}?" if near
+                                     else f"; the fluxes are {fluxes}"))
         for owner, names in (("astrometry.bad_flags", self.astrometry.bad_flags),
                              ("astrometry.required_flags", self.astrometry.required_flags),
                              ("photometry.bad_flags", self.photometry.bad_flags),

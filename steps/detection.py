@@ -131,8 +131,13 @@ def _empty_sources() -> Table:
 
 def _sky_sigma_blocks(variance: npt.NDArray[np.float32], excluded: npt.NDArray[np.bool_],
                       bin_size: int) -> npt.NDArray[np.float32]:
-    """Binned-median sky noise sigma, one value per ``bin_size`` square (block-constant map)."""
-    step = max(1, bin_size // 16)
+    """Binned-median sky noise sigma, one value per ``bin_size`` square (block-constant map).
+
+    Each block is sampled every ``step`` pixels, ``step`` the largest divisor of ``bin_size`` up to
+    ``bin_size // 16``: the samples of a block are then exactly its ``bin_size`` pixels (as
+    :func:`_snr_image` spreads the values), whatever ``bin_size`` is.
+    """
+    step = max(d for d in range(1, max(1, bin_size // 16) + 1) if bin_size % d == 0)
     sub = np.where(excluded[::step, ::step] | ~(variance[::step, ::step] > 0), np.nan,
                    variance[::step, ::step]).astype(np.float32)
     per = bin_size // step

@@ -136,6 +136,9 @@ def match_psf_stars(psf_stars: Table, stars: Table, *, radius_pix: float) -> Fla
     if "psf_max_value" in psf_stars.colnames:
         max_value[closest_star] = np.asarray(psf_stars["psf_max_value"], np.float32)[closest_psf]
     out["psf_max_value"] = max_value
+    # The peak pixel of the PSF-pass image (counts): its unit goes with it, calibrated catalogue or not.
+    out["psf_max_value"].unit = getattr(psf_stars["psf_max_value"], "unit", None) \
+        if "psf_max_value" in psf_stars.colnames else None
     return FlagPropagationResult(out, n_matched, int(np.sum(counts > 1)), n_to_parent)
 
 

@@ -12,7 +12,7 @@ them back to back (used by benchmarks and tests).
    aperture corrections.
 3. :func:`calibrate_astrometry` — fit the WCS to the reference catalogue
    using the PSF stars.
-4. :func:`find_stars` — detect (S/N ≥ 10), deblend, measure, search the
+4. :func:`find_stars` — detect (peaks 7σ, footprints 5σ: every star of S/N ≥ 10), deblend, measure, search the
    PSF-subtracted residual of bright stars for merged faint ones, select
    unresolved stars, measure their apertures, re-measure the calibration-flux normalisation on them
    (neighbours masked), aperture correct, add sky sources, propagate PSF and
@@ -59,7 +59,12 @@ from .detection import detect_sources
 from .flag_propagation import match_psf_stars
 from .initial_psf import estimate_initial_psf
 from .interpolation import interpolate_masked
-from .measurement import apply_aperture_corrections, measure_aperture_fluxes, measure_sources
+from .measurement import (
+    apply_aperture_corrections,
+    measure_aperture_fluxes,
+    measure_at_positions,
+    measure_sources,
+)
 from .photometry import fit_photometry
 from .psf_determination import fit_psf, select_psf_candidates
 from .residual_detection import detect_residual_sources
@@ -259,11 +264,45 @@ class ApertureCorrectionStage:
 
 
 def correct_apertures(exposure: Exposure, psf_stars: Table, *, config: CalibrateImageConfig) -> ApertureCorrectionStage:
-    """Brief step 3: calibration-flux normalisation and aperture-correction fields."""
+    """Brief step 3: calibration-flux normalisation and aperture-correction fields.
+
+    Without a single PSF star (the header-seeing PSF of ``psf_fallback: seeing``), they are those
+    of a noiseless star drawn from the installed PSF model, measured as the PSF stars are: constant
+    fields, flagged as fallbacks, with ``aperture_correction.model_star_err`` added to every flux
+    scale error. The star pass re-measures the normalisation on its stars (:func:`find_stars`).
+    """
     bbox = tuple(float(v) for v in exposure.bbox)
-    res = measure_aperture_correction(psf_stars, bbox=bbox, config=config.psf_aperture_correction)  # type: ignore[arg-type]
-    return ApertureCorrectionStage(res.catalog, dict(res.ap_corr), float(res.normalization), bool(res.fallback),
-                                   dict(res.scale_err), bool(res.cog_fallback))
+    ac_config = config.psf_aperture_correction
+    if len(psf_stars) and np.any(np.asarray(psf_stars["calib_psf_used"], bool)):
+        res = measure_aperture_correction(psf_stars, bbox=bbox, config=ac_config)  # type: ignore[arg-type]
+        return ApertureCorrectionStage(res.catalog, dict(res.ap_corr), float(res.normalization), bool(res.fallback),
+                                       dict(res.scale_err), bool(res.cog_fallback))
+    res = measure_aperture_correction(_model_star(exposure, config), bbox=bbox, config=ac_config)  # type: ignore[arg-type]
+    stars = apply_normalization(psf_stars, res.normalization, raw_calib_flux=ac_config.raw_calib_flux)
+    for name in res.ap_corr:
+        stars[f"apcorr_{name}_used"] = np.zeros(len(stars), bool)
+    ap_corr = {name: dataclasses.replace(f, error=float(np.hypot(f.error, ac_config.model_star_err)),
+                                         flagged_fallback=True) for name, f in res.ap_corr.items()}
+    scale_err = {name: float(np.hypot(err, ac_config.model_star_err)) for name, err in res.scale_err.items()}
+    return ApertureCorrectionStage(stars, ap_corr, float(res.normalization), True, scale_err, bool(res.cog_fallback))
+
+
+def _model_star(exposure: Exposure, config: CalibrateImageConfig) -> Table:
+    """The PSF-pass measurement of a noiseless star of the installed PSF at the detector's centre."""
+    assert exposure.psf is not None
+    m = config.psf_measurement
+    reach = max(max(m.aperture_radii_pix), m.compensated_radius_pix * m.compensated_annulus_outer_factor)
+    half = int(math.ceil(reach)) + 3
+    xc, yc = (float(round(v)) for v in exposure.center_pix)
+    flux = 1.0e6  # counts, on a variance of 1: the measured S/N passes every threshold
+    image = (flux * exposure.psf.image(xc, yc, size=2 * half + 1)).astype(np.float32)
+    model = exposure.replace(image=image, mask=np.zeros(image.shape, MASK_DTYPE),
+                             variance=np.ones(image.shape, np.float32), background=None,
+                             origin=(int(xc) - half, int(yc) - half))
+    star = measure_at_positions(model, [xc], [yc], config=m)
+    star["calib_psf_candidate"] = star["calib_psf_used"] = [True]
+    star["calib_psf_reserved"] = [False]
+    return star
 
 
 # --------------------------------------------------------------------------------------

@@ -17,7 +17,12 @@ from singleframe.errors import AllCentroidsFlaggedError, ConfigError, NoPsfStars
 from singleframe.sim.scenes import rubin_test_scene, two_snap_version
 from singleframe.steps.config import load_calibrate_config
 from singleframe.steps.flag_propagation import match_psf_stars
-from singleframe.steps.pipeline import calibrate_image, characterize, require_good_centroids
+from singleframe.steps.pipeline import (
+    calibrate_image,
+    characterize,
+    correct_apertures,
+    require_good_centroids,
+)
 
 # Like Rubin's test config: with only three S/N >= 50 stars the PSF and astrometry minimums come
 # down, and two sky sources suffice; 64-px background bins fit a 201x181 image.
@@ -54,6 +59,18 @@ def test_calibration_and_psf(result) -> None:
     assert result.preliminary_visit_image.photo_calib.calibration_njy_per_count == 1.0
     # Initial background and one re-estimate per PSF pass (one pass by default).
     assert len(result.preliminary_visit_image_background) == 2
+
+
+def test_the_propagated_psf_peak_keeps_its_unit(result) -> None:
+    # psf_max_value is the PSF pass's peak pixel, in counts: copied onto the nJy star catalogue it
+    # must still say so (a bare number beside nJy fluxes reads as nJy).
+    stars, psf_stars = result.single_visit_star_unstandardized, result.single_visit_psf_star
+    assert psf_stars["psf_max_value"].unit == "ct" and stars["psf_max_value"].unit == "ct"
+    matched = np.asarray(stars["psf_id"]) > 0
+    peak = dict(zip(np.asarray(psf_stars["id"]), np.asarray(psf_stars["psf_max_value"]), strict=True))
+    assert matched.any()
+    assert np.array_equal(np.asarray(stars["psf_max_value"])[matched],
+                          np.array([peak[i] for i in np.asarray(stars["psf_id"])[matched]], np.float32))
 
 
 def test_second_psf_pass_is_switchable(result, scene) -> None:
@@ -258,6 +275,36 @@ def test_star_less_frame_fails_or_falls_back_to_the_header_seeing(scene) -> None
     assert not np.any(np.asarray(res.psf_stars["calib_psf_used"], bool))
 
 
+def test_the_seeing_fallback_calibrates_the_frame_with_flagged_model_star_corrections(scene) -> None:
+    # psf_fallback: seeing promises a frame that goes on with the header seeing's Gaussian. With no
+    # PSF star at all the aperture corrections cannot come from stars: they come from a noiseless
+    # star of that Gaussian, flagged, with model_star_err in every scale error; the star pass then
+    # normalises the calibration flux on its own stars, and the zero point is fitted as usual.
+    cfg = load_calibrate_config(None, {**SMALL_SCENE, "psf_fit": {"min_stars": 5, "allow_gaussian_fallback": False},
+                                       "initial_psf": {"min_stars": 5}, "psf_fallback": "seeing"})
+    exposure = scene.exposure.with_metadata(seeing_fwhm_pix=4.7)  # the scene's PSF: sigma 2 px = 4.71 px FWHM
+    ch = characterize([exposure], config=cfg)
+    assert ch.exposure.metadata["PSF_FALLBACK"] == "seeing"
+    assert not np.any(np.asarray(ch.psf_stars["calib_psf_used"], bool))
+    stage = correct_apertures(ch.exposure, ch.psf_stars, config=cfg)
+    model_err = cfg.psf_aperture_correction.model_star_err
+    assert stage.fallback
+    for name, field in stage.ap_corr.items():
+        assert field.flagged_fallback and field.order == 0 and field.error >= model_err
+        # A Gaussian star measured with its own Gaussian model: PSF flux = total flux, and the
+        # calibration flux is normalised to the 12-px aperture, which holds all but 1e-8 of it.
+        assert field.evaluate(*ch.exposure.center_pix) == pytest.approx(1.0, abs=0.01)
+        assert stage.scale_err[name] >= model_err
+        assert not np.any(np.asarray(stage.psf_stars[f"apcorr_{name}_used"], bool))
+
+    res = calibrate_image([exposure], scene.refcat, config=cfg)
+    assert res.preliminary_visit_image.metadata["PSF_FALLBACK"] == "seeing"
+    calib = res.initial_photoCalib_detector
+    # Truth 12.3 nJy/count; measured within 1.0 % with a 1.8 % error: 3 sigma of the fit's own error.
+    assert calib.calibration_njy_per_count == pytest.approx(scene.calibration_njy_per_count,
+                                                            abs=3 * calib.calibration_err_njy_per_count)
+
+
 def test_the_few_stars_gaussian_psf_is_flagged(scene) -> None:
     # The scene has three S/N >= 50 stars; with the default psf_fit.min_stars (5) fit_psf falls back
     # to a Gaussian of their moments. That PSF is usable but not a fitted model: it must say so in
@@ -341,3 +388,13 @@ def test_the_config_knows_every_flag_column_the_catalogues_have(result) -> None:
     assert written == set(config.flag_columns())
     with pytest.raises(ConfigError, match="did you mean 'base_PixelFlags_flag_edge'"):
         load_calibrate_config(None, {"astrometry": {"bad_flags": ["base_PixelFlags_flag_edgee"]}})
+    # The same for the fluxes photometry and star selection read: every one the config accepts is
+    # a column of the star catalogue, and a typo is refused before any pixel.
+    stars = result.single_visit_star_unstandardized
+    for flux in ("base_PsfFlux", "base_NormalizedCompensatedTophatFlux", "base_CircularApertureFlux_12_0"):
+        load_calibrate_config(None, {"photometry": {"flux_field": flux}})
+        assert f"{flux}_instFlux" in stars.colnames
+    with pytest.raises(ConfigError, match="photometry.flux_field='base_PSFFlux'.*did you mean 'base_PsfFlux'"):
+        load_calibrate_config(None, {"photometry": {"flux_field": "base_PSFFlux"}})
+    with pytest.raises(ConfigError, match="star_selector.flux_field"):
+        load_calibrate_config(None, {"star_selector": {"flux_field": "base_CircularApertureFlux_50_0"}})

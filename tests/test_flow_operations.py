@@ -435,6 +435,41 @@ def test_a_dead_detector_task_is_a_recorded_failure_not_a_failed_flow(
     assert store.exists("preliminary_visit_image", **_where(0, "dead"))
 
 
+def test_a_deployment_run_keeps_max_workers_detectors_in_flight(
+        survey: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A UI or scheduled run calls the flow itself (its decorator's task runner), not run_calibration:
+    # the form's max_workers must still bound how many detectors run at once (each holds ~1 GB at 4096²).
+    import threading
+
+    from singleframe.flows import calibrate
+    from singleframe.flows.calibrate import CalibrateParams
+
+    original = calibrate.calibrate_detector.fn
+    lock = threading.Lock()
+    running = [0]
+    most = [0]
+
+    def counted(ctx, data_id):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.3)  # the finished run's stages are cached: make the detectors overlap if allowed to
+            return original(ctx, data_id)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(calibrate.calibrate_detector, "fn", counted)
+    for workers in (1, 3):  # the second run finds the first's outputs current: only the sleep is left
+        most[0] = 0
+        params = CalibrateParams(store=str(survey["root"]), output_run="in-flight", detectors=[0, 1, 2],
+                                 max_workers=workers)
+        state = calibrate.calibrate_visits(params, return_state=True)
+        assert len(state.result(raise_on_failure=False)) == 3
+        assert most[0] == workers
+
+
 def test_an_upgrade_that_adds_settings_does_not_refuse_the_runs_it_made(tmp_path: Path) -> None:
     # A config record written before a setting existed reads, with today's defaults, as today's
     # config: no refusal. A setting the user changed is refused, and named.
