@@ -64,11 +64,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest_refcat(args: argparse.Namespace) -> int:
+    from astropy.io.registry import IORegistryError
     from astropy.table import Table
 
     from .io.refcat import refcat_from_table, write_refcat
 
     read_kw: dict[str, Any] = {}
+    if args.format is not None:
+        read_kw["format"] = args.format
     if args.hdu is not None:
         read_kw["hdu"] = int(args.hdu) if args.hdu.isdigit() else args.hdu
     try:
@@ -78,9 +81,13 @@ def cmd_ingest_refcat(args: argparse.Namespace) -> int:
         for w in caught:  # e.g. "multiple tables are present, reading in the first": say it, go on
             hint = "; choose the table with --hdu" if "hdu=" in str(w.message) else ""
             print(f"note: {w.message}{hint}", file=sys.stderr)
+    except IORegistryError:  # astropy cannot tell the format from the name (e.g. .txt, .csv.gz)
+        raise ConfigError(f"cannot tell the table format of {args.table} from its name; name it with --format (e.g. "
+                          "ascii.csv, ascii.ecsv, fits, parquet)") from None
     except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
         raise ConfigError(f"cannot read {args.table} as a table ({type(exc).__name__}: {exc}); give a FITS, Parquet, "
-                          "CSV or ECSV table, and for a FITS file with several tables the one to read (--hdu)") from None
+                          "CSV or ECSV table (--format if its name does not say which), and for a FITS file with "
+                          "several tables the one to read (--hdu)") from None
     pairs = {}
     for option, items in (("--column", args.column), ("--band", args.band), ("--band-err", args.band_err)):
         pairs[option] = {}
@@ -214,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest-refcat", help="build a HEALPix-partitioned reference catalogue from any table")
     _add_store(p)
     p.add_argument("table", help="FITS, Parquet, CSV or ECSV table")
+    p.add_argument("--format", default=None, metavar="FORMAT",
+                   help="astropy table format when the file name does not tell it (e.g. ascii.csv for a .csv.gz "
+                        "or .txt file, ascii.ecsv, fits, parquet)")
     p.add_argument("--hdu", default=None, help="FITS HDU holding the table, number or name (default: the first table; "
                    "2 for an LDAC catalogue)")
     p.add_argument("--name", default="refcat", help="catalogue name, as `run --refcat` takes it (default: %(default)s)")

@@ -173,7 +173,10 @@ def _input_version(store: ArtifactStore, ref: DatasetRef) -> str:
     is then a new version, whose stage reads it and says so, instead of a finished run that
     keeps reporting success.
     """
-    version = f"{ref.uri}#" + store.version(ref.dataset_type, run=ref.run, **ref.data_id)
+    # The dataset's identity within the store, not its URI: a store moved, copied or reached
+    # through another path (a symlink, another mount point) keeps its caches.
+    identity = json.dumps([ref.dataset_type, ref.run, ref.data_id], sort_keys=True)
+    version = f"{identity}#" + store.version(ref.dataset_type, run=ref.run, **ref.data_id)
     if ref.dataset_type == "post_isr_image":
         version += f"#{store.stored_size(ref.dataset_type, run=ref.run, **ref.data_id)}"
     return version
@@ -228,7 +231,10 @@ def run_stage(stage: Stage, ctx: RunContext, data_id: DataId,
         for name in outputs:
             if not store.exists(name, **where):
                 break
-            if store.provenance(name, **where).get("cache_key") != key:
+            prov = store.provenance(name, **where)
+            # An output truncated or replaced outside the store (its size on disk is not the one
+            # written; one stat) is recomputed, not reported as a finished product.
+            if prov.get("cache_key") != key or store.stored_size(name, **where) != prov.get("size_bytes"):
                 break
             cached[name] = store.ref(name, **where)
         else:
@@ -254,7 +260,12 @@ def run_stage(stage: Stage, ctx: RunContext, data_id: DataId,
         "config_hash": ctx.config_hash,
         "inputs": [{"dataset_type": k, "uri": r.uri, "checksum": r.checksum} for k, v in input_refs.items() for r in v],
     }
-    return {name: store.put(name, products[name], provenance=provenance, **where) for name in outputs}
+    written = {name: store.put(name, products[name], provenance=provenance, **where) for name in outputs}
+    for name in stage.outputs:
+        if name not in written and store.exists(name, **where):
+            # Switched off in this config: an earlier config's product would pass for this one's.
+            store.delete(name, **where)
+    return written
 
 
 def release_traceback_locals(exc: BaseException) -> None:
@@ -453,7 +464,8 @@ def prepare_run(params: CalibrateParams) -> tuple[ArtifactStore, RunContext, lis
         raise NothingToCalibrateError(_nothing_to_calibrate(store, params, refs))
     ctx = run_context(params, config, store)
     notes = _check_refcat_bands(store, params, refs, data_ids, config)
-    to_record = [i for i in sorted({d.instrument for d in data_ids}) if _check_config_record(store, ctx, i)]
+    to_record = [i for i in sorted({d.instrument for d in data_ids})
+                 if _check_config_record(store, ctx, i, selected={d for d in data_ids if d.instrument == i})]
     return store, ctx, data_ids, notes, to_record
 
 
@@ -585,14 +597,17 @@ def _config_record(ctx: RunContext) -> dict[str, Any]:
             "code_version": ctx.code_version or code_version()}
 
 
-def _check_config_record(store: ArtifactStore, ctx: RunContext, instrument: str) -> bool:
+def _check_config_record(store: ArtifactStore, ctx: RunContext, instrument: str,
+                         selected: set[DataId] | None = None) -> bool:
     """Whether the output run's record must be (re)written; raises if the run must not be touched.
 
     One output run holds the products of one config and one refcat: another config, or a
     reference catalogue of another name, is refused unless ``rerun``, because recalibrating
-    would replace the run's products (and delete them where the new setting fails). A new
-    version of the *same* catalogue is not refused: its checksum is in the cache keys of the
-    stages that read it, which recompute.
+    would replace the run's products (and delete them where the new setting fails). With
+    ``rerun`` it is still refused while the run holds products of detectors outside ``selected``
+    (the detectors of this run; None: not checked): the record would then relabel them as made
+    with the new config. A new version of the *same* catalogue is not refused: its checksum is
+    in the cache keys of the stages that read it, which recompute.
     """
     where = {"run": ctx.output_run, "instrument": instrument}
     if not store.exists("calibrate_config", **where):
@@ -600,21 +615,43 @@ def _check_config_record(store: ArtifactStore, ctx: RunContext, instrument: str)
     previous, record = store.get("calibrate_config", **where), _config_record(ctx)
     if all(previous.get(k) == record[k] for k in ("config_hash", "code_version", "refcat")):
         return False
+    differing = _config_differences(previous.get("config"), ctx.config)
+    new_config = previous.get("config_hash") != ctx.config_hash and bool(differing)
+    # Records written before the refcat was recorded hold none: nothing to compare with.
+    new_refcat = previous.get("refcat", ctx.refcat) != ctx.refcat
+    if ctx.rerun and (new_config or new_refcat) and selected is not None:
+        others = sorted(_detectors_with_products(store, ctx.output_run, instrument)
+                        - {(d.visit, d.detector) for d in selected})
+        if others:
+            what = "config" if new_config else "reference catalogue"
+            raise ConfigError(
+                f"output run {ctx.output_run!r} holds products of {len(others)} detector(s) outside this selection "
+                f"(visit, detector {others[0]}{', ...' if len(others) > 1 else ''}) made with another {what}: "
+                f"a --rerun of part of it would label them as made with this one. Rerun all of it (drop "
+                "--visits/--detectors), or write to a new output run (--output-run NAME)")
     if not ctx.rerun:
-        differing = _config_differences(previous.get("config"), ctx.config)
-        if previous.get("config_hash") != ctx.config_hash and differing:
+        if new_config:
             raise ConfigError(
                 f"output run {ctx.output_run!r} was made with config {previous.get('config_hash')}, not "
                 f"{ctx.config_hash} (they differ in {', '.join(differing[:8])}"
                 f"{', ...' if len(differing) > 8 else ''}); write to a new output run (--output-run NAME), or "
                 "pass --rerun (rerun=True) to recompute it with this config")
-        # Records written before the refcat was recorded hold none: nothing to compare with.
-        if previous.get("refcat", ctx.refcat) != ctx.refcat:
+        if new_refcat:
             raise ConfigError(
                 f"output run {ctx.output_run!r} was calibrated against reference catalogue "
                 f"{previous['refcat']!r}, not {ctx.refcat!r}; write to a new output run (--output-run NAME), "
                 f"or pass --rerun (rerun=True) to recalibrate it against {ctx.refcat!r}")
     return True
+
+
+def _detectors_with_products(store: ArtifactStore, run: str, instrument: str) -> set[tuple[int, int]]:
+    """``(visit, detector)`` of every detector of ``run`` that holds a stage's output or a failure record."""
+    names = {name for stage in STAGES for name in stage.outputs} | {"detector_failure"}
+    found: set[tuple[int, int]] = set()
+    for name in sorted(names):
+        found |= {(int(r.visit), int(r.detector)) for r in store.query(name, run=run, instrument=instrument)  # type: ignore[arg-type]
+                  if r.visit is not None and r.detector is not None}
+    return found
 
 
 def _config_differences(previous: Any, current: dict[str, Any]) -> list[str]:

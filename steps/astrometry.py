@@ -1088,8 +1088,7 @@ def _match_table(sources: Table, refcat: Table, s_rows: npt.NDArray[np.int64], r
     t["src_coord_dec"] = s_dec * u.rad
     for c in ("base_SdssCentroid_x", "base_SdssCentroid_y", "base_PsfFlux_instFlux"):
         t[f"src_{c}"] = np.asarray(sources[c], float)[s_rows]
-    t["src_base_SdssCentroid_x"].unit = u.pix
-    t["src_base_SdssCentroid_y"].unit = u.pix
+        t[f"src_{c}"].unit = sources[c].unit  # pix, ct: the source catalogue's
     t["distance"] = dist * u.rad
     t["distance_arcsec"] = dist * ARCSEC_PER_RAD * u.arcsec
     return t

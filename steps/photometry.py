@@ -366,5 +366,6 @@ def _match_table(stars: Table, refcat: Table, s_idx: npt.NDArray[np.int64], r_id
               "base_PsfFlux_instFlux", "base_PsfFlux_instFluxErr"):
         if c in stars.colnames and f"src_{c}" not in t.colnames:
             t[f"src_{c}"] = np.asarray(stars[c], float)[s_idx]
+            t[f"src_{c}"].unit = stars[c].unit  # pix, ct: the source catalogue's
     t["distance"] = dist * u.rad
     return t

@@ -145,6 +145,17 @@ def test_ingest_refcat_from_a_csv_and_from_the_table_hdu_of_a_fits_file(
     assert "columns ra<-ra, dec<-dec" in capsys.readouterr().out
     ref = load_refcat(store, "refcat", ra_deg=150.0, dec_deg=2.0, radius_deg=0.1)
     np.testing.assert_allclose(sorted(ref["r_flux"]), [1e6, 2e6], rtol=1e-12)  # µJy -> nJy
+    # A compressed CSV: astropy cannot tell the format from the name; one line says how to name it.
+    import gzip
+
+    (tmp_path / "cat.csv.gz").write_bytes(gzip.compress((tmp_path / "cat.csv").read_bytes()))
+    gz = ["ingest-refcat", str(tmp_path / "cat.csv.gz"), "--store", store, "--name", "gz", "--band", "r=rf",
+          "--flux-unit", "uJy"]
+    assert main(gz) == 2
+    assert "name it with --format (e.g. ascii.csv" in capsys.readouterr().err
+    assert main([*gz, "--format", "ascii.csv"]) == 0
+    np.testing.assert_allclose(sorted(load_refcat(store, "gz", ra_deg=150.0, dec_deg=2.0, radius_deg=0.1)["r_flux"]),
+                               [1e6, 2e6], rtol=1e-12)
     # An LDAC-like file: the table is in HDU 2, HDU 1 holds something else.
     table = fits.BinTableHDU(Table({"ra": [150.0], "dec": [2.0], "mag": [18.0]}), name="LDAC_OBJECTS")
     fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU(Table({"Field Header Card": ["x" * 10]})), table]).writeto(

@@ -136,6 +136,10 @@ def test_every_output_exists_and_opens_with_astropy(survey: dict, detector: int)
     assert {"ref_id", "src_id", "distance"} <= set(astrom.colnames) and len(astrom) >= 15
     photom = Table.read(root / "initial_photometry_match_detector" / f"{stem}.parquet")
     assert {"ref_id", "src_id", "src_psf_id", "distance"} <= set(photom.colnames) and len(photom) >= 20
+    # Every numeric column of the match tables says its unit, as the catalogues they come from.
+    for table in (astrom, photom):
+        assert table["src_base_SdssCentroid_x"].unit == "pix" and table["src_base_PsfFlux_instFlux"].unit == "ct"
+        assert table["ref_coord_ra"].unit == "rad" and table["distance"].unit == "rad"
 
     calib = json.loads((root / "initial_photoCalib_detector" / f"{stem}.json").read_text())
     truth = json.loads((Path(survey["root"]) / "raw" / "truth_calib" / f"{stem}.json").read_text())

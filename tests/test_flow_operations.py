@@ -100,6 +100,40 @@ def test_rerun_of_a_finished_visit_recomputes_nothing(survey: dict) -> None:
           f"({100 * rerun_s / survey['first_s']:.1f} %)")
 
 
+def test_a_moved_store_keeps_its_caches_and_a_truncated_output_is_recomputed(
+        survey: dict, tmp_path: Path) -> None:
+    import shutil
+
+    from singleframe.flows.calibrate import run_calibration
+
+    # A finished store copied elsewhere (moved, mounted at another path, reached through a
+    # symlink) is the same store: the caches are keyed on datasets, not on where the root is.
+    moved = tmp_path / "moved store"
+    shutil.copytree(survey["root"], moved)
+    params = survey["params"].model_copy(update={"store": str(moved)})
+    before = _data_files(moved)
+    state = run_calibration(params)
+    assert state.is_completed(), state.message
+    assert _data_files(moved) == before, "a moved store must recompute nothing"
+
+    # An output truncated outside the store is not a finished product: its stage and the stages
+    # downstream of it run again; the other detectors stay as they are.
+    store = ArtifactStore(str(moved))
+    image = moved / "calib" / "preliminary_visit_image" / "SimCam" / f"visit-{VISIT}" / "det-000.fits"
+    characterized = moved / "calib" / "characterized_image" / "SimCam" / f"visit-{VISIT}" / "det-001.fits"
+    for path in (image, characterized):
+        with open(path, "r+b") as f:
+            f.truncate(100_000)
+    untouched = {p: t for p, t in before.items() if "det-002" in p.name or "det-003" in p.name}
+    state = run_calibration(params)
+    assert state.message == "4 of 4 detectors calibrated, 0 failed"
+    for det in range(4):
+        for name in OUTPUTS:
+            store.get(name, **_where(det))  # every size matches the store's record again
+    assert image.stat().st_size > 100_000 and characterized.stat().st_size > 100_000
+    assert {p: p.stat().st_mtime_ns for p in untouched} == untouched
+
+
 def test_artifacts_per_visit_table_progress_and_plot_links(survey: dict) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -468,6 +502,31 @@ def test_a_deployment_run_keeps_max_workers_detectors_in_flight(
         state = calibrate.calibrate_visits(params, return_state=True)
         assert len(state.result(raise_on_failure=False)) == 3
         assert most[0] == workers
+
+
+def test_a_new_config_reruns_a_whole_output_run_or_none_of_it(survey: dict, tmp_path: Path) -> None:
+    # An output run holds one config's products. A --rerun with another config on part of its
+    # detectors would leave the others under a record that names the new config: refused before
+    # any pixel. Rerunning all of it is fine, and an output the new config switches off is
+    # deleted, not left behind as if the new config had made it.
+    from singleframe.errors import ConfigError
+    from singleframe.flows.calibrate import CalibrateParams, prepare_run, run_calibration
+
+    store: ArtifactStore = survey["store"]
+    first = CalibrateParams(store=str(survey["root"]), output_run="reconfigured", detectors=[0, 1], max_workers=2)
+    assert run_calibration(first).message == "2 of 2 detectors calibrated, 0 failed"
+    assert store.exists("single_visit_psf_star_footprints", **_where(0, "reconfigured"))
+    config_file = tmp_path / "no_optional_outputs.yaml"
+    config_file.write_text("optional_outputs: []\n")
+    partial = first.model_copy(update={"config_file": str(config_file), "rerun": True, "detectors": [0]})
+    with pytest.raises(ConfigError, match=r"holds products of 1 detector\(s\) outside this selection \(visit, "
+                                          r"detector \(2, 1\)\).*drop --visits/--detectors"):
+        prepare_run(partial)
+    whole = partial.model_copy(update={"detectors": [0, 1]})
+    assert run_calibration(whole).message == "2 of 2 detectors calibrated, 0 failed"
+    for det in (0, 1):
+        assert not store.exists("single_visit_psf_star_footprints", **_where(det, "reconfigured"))
+        assert store.exists("single_visit_psf_star", **_where(det, "reconfigured"))  # a later stage reads it
 
 
 def test_an_upgrade_that_adds_settings_does_not_refuse_the_runs_it_made(tmp_path: Path) -> None:
