@@ -60,7 +60,7 @@ ROW_KEYS = ("frame", "system", "wall_s_median", "wall_s_min", "wall_s_max", "n_r
             "wcs_rms_mas", "psf_size_err_pct", "cr_completeness_pct", "zp_err_mmag", "ratio_to_ours", "notes",
             "psf_size_scatter_pct", "psf_de1_median", "psf_de2_median", "apcorr_err_mmag_rms",
             "star_recovered_pct", "star_contaminant_pct", "n_pixels", "wcs_floor_mas", "psf_de1_floor",
-            "psf_de2_floor")
+            "psf_de2_floor", "cr_star_centre_pct")
 #: Environment of every timed subprocess: one thread everywhere.
 _ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "NUMEXPR_NUM_THREADS": "1"}
@@ -78,6 +78,7 @@ PSF_SIZE_SCATTER_BAR_PCT = 1.0
 PSF_DE_MEDIAN_BAR = 5e-4
 APCORR_RMS_BAR_MMAG = 3.0
 STAR_RECOVERED_BAR_PCT = 98.0
+CR_STAR_CENTRE_BAR_PCT = 0.1
 STAR_CONTAMINANT_BAR_PCT = 2.0
 #: "At least as good as PSFEx": ties within this fraction of the absolute bar count as met. Both
 #: models are judged at the same stars, but which stars were drawn still moves the difference of
@@ -285,6 +286,10 @@ def _peak_rss_mb() -> float:
 # --------------------------------------------------------------------------------------
 # Workers (each in a fresh subprocess)
 # --------------------------------------------------------------------------------------
+#: Environment variable holding the time (``time.time()``) a worker process was spawned.
+_SPAWN_TIME_ENV = "SINGLEFRAME_BENCH_SPAWN_TIME"
+
+
 def _worker_ours(frame_dir: Path, quality: bool = True) -> dict[str, Any]:
     """One timed calibration: read, calibrate, write; then (if ``quality``) the quality against the truth."""
     import numpy as np
@@ -306,6 +311,10 @@ def _worker_ours(frame_dir: Path, quality: bool = True) -> dict[str, Any]:
 
     pa.array([0.0]).to_numpy()
     t_startup = time.perf_counter() - t0
+    # Everything before the clock starts, from the spawn: interpreter, imports, config, pyarrow's.
+    # A survey worker pays it once; a fresh process per frame (as the peers run) every time.
+    spawned = os.environ.get(_SPAWN_TIME_ENV)
+    t_process_startup = time.time() - float(spawned) if spawned else None
     t0 = time.perf_counter()
     snaps = _load_snaps(frame_dir)
     t_read = time.perf_counter() - t0
@@ -335,7 +344,8 @@ def _worker_ours(frame_dir: Path, quality: bool = True) -> dict[str, Any]:
         "wall_s": t_read + t_refcat + t_cal + t_write, "calibrate_s": t_cal, "read_s": t_read,
         "refcat_s": t_refcat, "write_s": t_write, "convolution_s": t_conv,
         "stages_s": {k: float(v) for k, v in result.timings_s.items()}, "peak_rss_mb": peak_rss_mb,
-        "startup_s": t_startup, "n_stars": int(len(result.single_visit_star_unstandardized)),
+        "startup_s": t_startup, "process_startup_s": t_process_startup,
+        "n_stars": int(len(result.single_visit_star_unstandardized)),
         "n_psf_stars": int(len(result.single_visit_psf_star)), "n_pixels": int(np.prod(exp.shape)),
     }
     if quality:
@@ -357,6 +367,7 @@ def _quality_ours(frame_dir: Path, result: Any, config: Any) -> dict[str, Any]:
 
     from .sim.evaluation import (
         aperture_correction_error_mmag,
+        cr_flagged_star_centres_pct,
         cr_masked_pct,
         mean_ellipticity_floor,
         star_recovery,
@@ -373,6 +384,8 @@ def _quality_ours(frame_dir: Path, result: Any, config: Any) -> dict[str, Any]:
         "zp_err_mmag": zero_point_error_mmag(result.initial_photoCalib_detector.calibration_njy_per_count,
                                              truth.calibration_njy_per_count),
         "cr_completeness_pct": cr_masked_pct(exp.mask, truth.cr_masks),
+        "cr_star_centre_pct": cr_flagged_star_centres_pct(exp.mask, truth.sources, truth.cr_masks,
+                                                          origin=truth.origin),
     }
     # Frames simulated before the star-position truth existed have no PSF truth: those metrics stay null.
     if exp.psf is not None and (frame_dir / _TRUTH_ARRAYS).exists():
@@ -474,9 +487,10 @@ _WORKERS = {"ours": _worker_ours, "cr": _worker_cr, "astroscrappy": _worker_astr
 
 
 def _spawn(kind: str, frame_dir: Path, out_json: Path, repeat: int = 1, *, quality: bool = True) -> dict[str, Any]:
-    env = {**os.environ, **_ONE_THREAD}
     argv = [sys.executable, "-m", "singleframe.benchmarks", "--worker", kind, str(frame_dir), str(out_json),
             "--repeat", str(repeat)] + ([] if quality else ["--no-quality"])
+    # The worker measures its whole start-up (interpreter, imports) from this moment.
+    env = {**os.environ, **_ONE_THREAD, _SPAWN_TIME_ENV: repr(time.time())}
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} worker failed on {frame_dir.name}:\n{proc.stderr[-3000:]}")
@@ -561,8 +575,15 @@ def make_row(frame: str, system: str, walls: Sequence[float], *, peak_rss_mb: fl
 #: Quality keys of a PSF model (ours and PSFEx, measured the same way at the star positions).
 _PSF_QUALITY = ("psf_size_err_pct", "psf_size_scatter_pct", "psf_de1_median", "psf_de2_median")
 #: Quality keys of our row.
-_OURS_QUALITY = ("wcs_rms_mas", "wcs_floor_mas", "cr_completeness_pct", "zp_err_mmag", *_PSF_QUALITY, "apcorr_err_mmag_rms",
+_OURS_QUALITY = ("wcs_rms_mas", "wcs_floor_mas", "cr_completeness_pct", "cr_star_centre_pct", "zp_err_mmag",
+                 *_PSF_QUALITY, "apcorr_err_mmag_rms",
                  "star_recovered_pct", "star_contaminant_pct", "psf_de1_floor", "psf_de2_floor")
+
+
+def _process_startup_s(runs: Sequence[dict[str, Any]]) -> float | None:
+    """Median start-up of our worker processes (spawn to the clock's start), None if not measured."""
+    values = [r["process_startup_s"] for r in runs if r.get("process_startup_s") is not None]
+    return float(statistics.median(values)) if values else None
 
 
 def _finite(v: Any) -> float | None:
@@ -587,7 +608,8 @@ def bench_frame(spec: FrameSpec, frame_dir: Path, work: Path, *, repeat: int, pe
     io_note = (f"read={statistics.median(r['read_s'] for r in ours):.2f} "
                f"refcat={statistics.median(r['refcat_s'] for r in ours):.2f} "
                f"write={statistics.median(r['write_s'] for r in ours):.2f} "
-               f"(process start-up, not timed: {statistics.median(r.get('startup_s', 0.0) for r in ours):.2f})")
+               f"(process start-up, not timed: {_f(_process_startup_s(ours))} s from the spawn, of which pyarrow's "
+               f"first conversion {statistics.median(r.get('startup_s', 0.0) for r in ours):.2f})")
     qnote = (f"PSF judged at {q.get('psf_n_stars', 0)} true stars (S/N >= 50); apcorr mean "
              f"{_f(_finite(q.get('apcorr_err_mmag_mean')))} mmag"
              + (" (constant fallback)" if q.get("apcorr_fallback") else ""))
@@ -595,6 +617,7 @@ def bench_frame(spec: FrameSpec, frame_dir: Path, work: Path, *, repeat: int, pe
                         peak_rss_mb=max(r["peak_rss_mb"] for r in ours), notes=f"{stages} {io_note}; {qnote}",
                         **{k: q.get(k) for k in _OURS_QUALITY})
     row_ours["ratio_to_ours"] = 1.0
+    row_ours["process_startup_s"] = _process_startup_s(ours)
     row_ours["n_pixels"] = spec.size * spec.size
     row_ours["stages_s_median"] = {k: statistics.median(r["stages_s"][k] for r in ours) for k in q["stages_s"]}
     row_ours["characterize_steady_s_median"] = statistics.median(r["characterize_steady_s"] for r in ours)
@@ -679,16 +702,21 @@ def check_bars(rows: Sequence[dict[str, Any]]) -> list[Bar]:
         w, fl = ours["wcs_rms_mas"], ours.get("wcs_floor_mas")
         # Asserted where the frame's stars can resolve it: with N astrometric matches of residual
         # rms r, an affine fit is good to ~r sqrt(6/N) (2.8 mas for the 39 matches of 2048-sparse).
+        # A value of ours that is missing fails (the pipeline must produce it); a missing peer
+        # value leaves the comparison n/a.
         bars.append(Bar(frame, "WCS rms <= 2 mas", f"{_f(w)} (floor {_f(fl)})", f"<= {WCS_RMS_BAR_MAS}",
-                        None if w is None else w <= WCS_RMS_BAR_MAS, fl is None or fl <= WCS_RMS_BAR_MAS))
+                        w is not None and w <= WCS_RMS_BAR_MAS, fl is None or fl <= WCS_RMS_BAR_MAS))
         sw = scamp["wcs_rms_mas"] if scamp else None
         bars.append(Bar(frame, "WCS rms <= SCAMP", f"{_f(w)} vs {_f(sw)}", "ours <= SCAMP",
-                        None if w is None or sw is None else w <= sw, True))
+                        None if sw is None else w is not None and w <= sw, True))
         bars += _issue3_bars(frame, ours, by.get((frame, "psfex")) or scamp,
                              full_size=(ours.get("n_pixels") or 0) >= ISSUE3_FRAME_PIXELS)
         c = ours["cr_completeness_pct"]
         bars.append(Bar(frame, "CR completeness >= 95 %", f"{_f(c)} %", f">= {CR_COMPLETENESS_BAR_PCT}",
-                        None if c is None else c >= CR_COMPLETENESS_BAR_PCT, True))
+                        c is not None and c >= CR_COMPLETENESS_BAR_PCT, True))
+        cc = ours.get("cr_star_centre_pct")
+        bars.append(Bar(frame, "unsaturated stars with a CR-flagged centre <= 0.1 %", f"{_f(cc, 3)} %",
+                        f"<= {CR_STAR_CENTRE_BAR_PCT}", cc is not None and cc <= CR_STAR_CENTRE_BAR_PCT, True))
         cr, sc = by.get((frame, "ours:cr_step")), by.get((frame, "astroscrappy"))
         if cr and sc:
             speed = _ratio(sc["wall_s_median"], cr["wall_s_median"])
@@ -713,8 +741,17 @@ def check_bars(rows: Sequence[dict[str, Any]]) -> list[Bar]:
                             None if ratio is None else ratio <= PHYSICAL_LIMIT_RATIO_BAR, False))
         if frame == MAIN_FRAME:
             ratio = _ratio(ours["wall_s_median"], scamp["wall_s_median"]) if scamp else None
-            bars.append(Bar(frame, "time <= 0.5x SEx+PSFEx+SCAMP", f"{_f(ratio)}x", f"<= {TIME_RATIO_BAR}x",
+            bars.append(Bar(frame, "time <= 0.5x SEx+PSFEx+SCAMP, per detector in a running worker",
+                            f"{_f(ratio)}x", f"<= {TIME_RATIO_BAR}x",
                             None if ratio is None else ratio <= TIME_RATIO_BAR, False))
+            # The same with the worker's start-up (interpreter, imports) paid for this one frame, as
+            # the peers' processes pay theirs: what a fresh process per frame costs.
+            start = ours.get("process_startup_s")
+            cold = _ratio(ours["wall_s_median"] + start, scamp["wall_s_median"]) if scamp and start else None
+            bars.append(Bar(frame, "time <= 0.5x SEx+PSFEx+SCAMP, a fresh process for the frame",
+                            f"{_f(cold)}x (start-up {_f(start)} s)", f"<= {TIME_RATIO_BAR}x",
+                            None if cold is None else cold <= TIME_RATIO_BAR, False))
+        if frame == MAIN_FRAME or (ours.get("n_pixels") or 0) >= ISSUE3_FRAME_PIXELS:  # issue 7: 4096² detectors
             m = ours["peak_rss_mb"]
             bars.append(Bar(frame, "peak RSS <= 1.5 GB", f"{_f(m)} MB", f"<= {PEAK_RSS_BAR_MB:.0f} MB",
                             None if m is None else m <= PEAK_RSS_BAR_MB, False))

@@ -31,6 +31,7 @@ from singleframe.sim.evaluation import (
     PsfTruthAtStars,
     _adaptive_moments,
     aperture_correction_error_mmag,
+    cr_flagged_star_centres_pct,
     psf_residuals_at_stars,
     psf_truth_positions,
     true_psf_at_stars,
@@ -159,6 +160,27 @@ def test_cr_masked_pct() -> None:
     image[10, 20:30] = 3.0
     assert cr_masked_pct(mask, truth, image=image, variance=np.ones(SHAPE)) == pytest.approx(100.0)
     assert math.isnan(cr_masked_pct(mask, np.zeros(SHAPE, bool)))
+
+
+def test_cr_flagged_star_centres_count_false_positives_on_unsaturated_stars_only() -> None:
+    # Parent positions (ORIGIN): mask[y - 3, x - 7]. Stars 0-3 are unsaturated on the image; star 2
+    # was hit by a real cosmic ray next to its centre (flagged rightly: left out); star 4 is
+    # saturated, star 5 a galaxy, star 6 off the image: none of them counts.
+    x = np.array([20.0, 60.0, 100.0, 140.0, 180.0, 220.0, 900.0]) + ORIGIN[0]
+    y = np.array([30.0, 30.0, 30.0, 30.0, 30.0, 30.0, 30.0]) + ORIGIN[1]
+    sources = Table({"x": x, "y": y, "is_star": [True, True, True, True, True, False, True],
+                     "saturated": [False, False, False, False, True, False, False]})
+    truth = np.zeros(SHAPE, bool)
+    truth[31, 101] = True  # a real hit 1 px from star 2's centre
+    mask = np.zeros(SHAPE, MASK_DTYPE)
+    for col in (20, 100, 180, 220):  # star 0 (a false positive), 2, 4 and the galaxy
+        mask[30, col] = MASK_DTYPE(MaskPlane.CR)
+    # One of the three stars that count (0, 1, 3) is flagged.
+    assert cr_flagged_star_centres_pct(mask, sources, truth, origin=ORIGIN) == pytest.approx(100.0 / 3.0)
+    assert cr_flagged_star_centres_pct(mask, sources, (truth, truth), origin=ORIGIN) == pytest.approx(100.0 / 3.0)
+    mask[30, 20] = 0
+    assert cr_flagged_star_centres_pct(mask, sources, truth, origin=ORIGIN) == 0.0
+    assert math.isnan(cr_flagged_star_centres_pct(mask, sources[4:], truth, origin=ORIGIN))
 
 
 @pytest.fixture(scope="module")
