@@ -453,6 +453,17 @@ def star_recovery(stars_table: Table, truth_sources: Table, *, match_radius_pix:
     return recovered, contaminant
 
 
+def _cr_truth_map(cr_truth: npt.NDArray[np.bool_] | Sequence[npt.NDArray[np.bool_]],
+                  shape: tuple[int, ...]) -> npt.NDArray[np.bool_]:
+    """Injected CR pixels as one map (per-snap masks OR-ed); ValueError if not of ``shape``."""
+    truth = np.asarray(cr_truth, bool)
+    if truth.ndim == 3:
+        truth = truth.any(axis=0)
+    if truth.shape != shape:
+        raise ValueError(f"cr_truth shape {truth.shape} differs from mask shape {shape}")
+    return truth
+
+
 def cr_masked_pct(mask: npt.NDArray[np.integer], cr_truth: npt.NDArray[np.bool_] | Sequence[npt.NDArray[np.bool_]], *,
                   image: npt.NDArray[np.floating] | None = None, variance: npt.NDArray[np.floating] | None = None,
                   nsigma: float = 5.0) -> float:
@@ -478,11 +489,7 @@ def cr_masked_pct(mask: npt.NDArray[np.integer], cr_truth: npt.NDArray[np.bool_]
     float
         Percentage; NaN when no truth pixel remains.
     """
-    truth = np.asarray(cr_truth, bool)
-    if truth.ndim == 3:
-        truth = truth.any(axis=0)
-    if truth.shape != mask.shape:
-        raise ValueError(f"cr_truth shape {truth.shape} differs from mask shape {mask.shape}")
+    truth = _cr_truth_map(cr_truth, mask.shape)
     if image is not None and variance is not None:
         img = np.asarray(image, float)
         truth = truth & (img - np.median(img) >= nsigma * np.sqrt(np.maximum(np.asarray(variance, float), 0)))
@@ -502,11 +509,7 @@ def cr_flagged_star_centres_pct(mask: npt.NDArray[np.integer], truth_sources: Ta
     snap or OR-ed) are left out, as are stars off the image. Positions are parent pixels
     (``origin`` = parent position of ``mask[0, 0]``). NaN when no star remains.
     """
-    truth = np.asarray(cr_truth, bool)
-    if truth.ndim == 3:
-        truth = truth.any(axis=0)
-    if truth.shape != mask.shape:
-        raise ValueError(f"cr_truth shape {truth.shape} differs from mask shape {mask.shape}")
+    truth = _cr_truth_map(cr_truth, mask.shape)
     ny, nx = mask.shape
     x = np.rint(np.asarray(truth_sources["x"], float) - origin[0]).astype(np.int64)
     y = np.rint(np.asarray(truth_sources["y"], float) - origin[1]).astype(np.int64)

@@ -133,12 +133,12 @@ def match_psf_stars(psf_stars: Table, stars: Table, *, radius_pix: float) -> Fla
     psf_id[closest_star] = psf_ids[closest_psf]
     out["psf_id"] = psf_id
     max_value = np.full(n_star, np.nan, np.float32)
+    unit = None
     if "psf_max_value" in psf_stars.colnames:
         max_value[closest_star] = np.asarray(psf_stars["psf_max_value"], np.float32)[closest_psf]
+        unit = psf_stars["psf_max_value"].unit  # the PSF pass's peak pixel (counts), calibrated catalogue or not
     out["psf_max_value"] = max_value
-    # The peak pixel of the PSF-pass image (counts): its unit goes with it, calibrated catalogue or not.
-    out["psf_max_value"].unit = getattr(psf_stars["psf_max_value"], "unit", None) \
-        if "psf_max_value" in psf_stars.colnames else None
+    out["psf_max_value"].unit = unit
     return FlagPropagationResult(out, n_matched, int(np.sum(counts > 1)), n_to_parent)
 
 
