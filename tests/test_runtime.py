@@ -63,3 +63,54 @@ def test_local_dask_workers_get_one_malloc_arena():
         env = dask.config.get("distributed.nanny.pre-spawn-environ")
         assert env["MALLOC_ARENA_MAX"] == "1"
         assert int(env["MALLOC_TRIM_THRESHOLD_"]) >= 1 << 30  # above any 4096² frame
+
+
+def test_thp_defrag_policy_is_the_bracketed_choice(tmp_path):
+    path = tmp_path / "defrag"
+    path.write_text("always defer defer+madvise [madvise] never\n")
+    assert runtime.thp_defrag_policy(str(path)) == "madvise"
+    path.write_text("[always] defer defer+madvise madvise never\n")
+    assert runtime.thp_defrag_policy(str(path)) == "always"
+    assert runtime.thp_defrag_policy(str(tmp_path / "absent")) is None  # not Linux, or no THP
+
+
+def _numpy_hugepage_advice() -> bool:
+    multiarray = runtime._numpy_multiarray()
+    enabled = multiarray._set_madvise_hugepage(True)  # returns the previous setting
+    multiarray._set_madvise_hugepage(enabled)
+    return bool(enabled)
+
+
+@pytest.fixture
+def restore_numpy_hugepages():
+    multiarray = runtime._numpy_multiarray()
+    before = _numpy_hugepage_advice()
+    yield
+    multiarray._set_madvise_hugepage(before)
+
+
+@pytest.mark.parametrize(("policy", "turned_off"), [("madvise", True), ("always", True), ("defer+madvise", True),
+                                                    ("defer", False), ("never", False), (None, False)])
+def test_numpy_hugepage_advice_is_off_only_where_faults_would_compact(monkeypatch, restore_numpy_hugepages,
+                                                                      policy, turned_off):
+    # Under "defer" or "never" a fault never waits for compaction: numpy's advice costs nothing there.
+    multiarray = runtime._numpy_multiarray()
+    multiarray._set_madvise_hugepage(True)
+    monkeypatch.delenv("SINGLEFRAME_MALLOC_TUNING", raising=False)
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+    monkeypatch.setattr(runtime, "thp_defrag_policy", lambda path=None: policy)
+    assert runtime._apply_hugepages() is turned_off
+    assert _numpy_hugepage_advice() is not turned_off
+
+
+@pytest.mark.parametrize("env", [{"NUMPY_MADVISE_HUGEPAGE": "1"}, {"SINGLEFRAME_MALLOC_TUNING": "0"}])
+def test_numpy_hugepage_advice_respects_explicit_settings(monkeypatch, restore_numpy_hugepages, env):
+    multiarray = runtime._numpy_multiarray()
+    multiarray._set_madvise_hugepage(True)
+    for key in ("SINGLEFRAME_MALLOC_TUNING", "NUMPY_MADVISE_HUGEPAGE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(runtime, "thp_defrag_policy", lambda path=None: "madvise")
+    assert runtime._apply_hugepages() is False
+    assert _numpy_hugepage_advice() is True
