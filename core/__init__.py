@@ -12,6 +12,12 @@ The package is laid out in three layers whose dependencies point one way:
 The data model shared by all three (exposures, mask planes, PSF and background
 models, photometric calibration, camera geometry, errors, configuration) lives
 at the top level of the package.
+
+Importing the package tunes the process for frame-sized arrays
+(:mod:`singleframe.runtime`): glibc's allocator keeps freed memory in one
+heap, and numpy stops advising huge pages where the kernel would stall to
+provide them. Both are process-wide; ``SINGLEFRAME_MALLOC_TUNING=0`` leaves
+the process as it was.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -29,7 +35,7 @@ from .runtime import tune_memory_allocator, tune_numpy_hugepages
 tune_memory_allocator()
 # Before the first frame is allocated: where the kernel compacts memory to serve numpy's huge-page
 # advice, every first touch of a frame waits (a 4096² detector read, calibrated and written in a
-# fresh process: 5.3 s with the advice, 3.9 s without; see singleframe.runtime).
+# fresh process: 5.28 s with the advice, 3.85 s without; see singleframe.runtime).
 tune_numpy_hugepages()
 
 __all__ = ["__version__"]

@@ -44,20 +44,26 @@ outside glibc (macOS, musl), where the allocators behave differently.
 Huge pages. On Linux numpy asks the kernel for transparent huge pages
 (``madvise(MADV_HUGEPAGE)``) on every array of 4 MB or more. Whether that pays
 depends on the kernel's ``/sys/kernel/mm/transparent_hugepage/defrag`` policy:
-under ``always``, ``madvise`` or ``defer+madvise`` a fault in such a region
-compacts memory synchronously to find a free 2 MB page, and the faulting
-thread waits. With the heap kept (above), the advice also lands on the heap
-that later holds the output buffers. On this VM (``defrag`` ``madvise``),
-read + calibrate + write of one detector in a fresh process, medians of 3
-interleaved runs with the advice on → off: 4096² typical 5.28 → 3.85 s,
-sparse 3.62 → 2.58 s, poor seeing 5.20 → 4.14 s, crowded
-9.39 → 8.82 s, 2048² typical 1.41 → 1.26 s; of which the FITS and Parquet
-writes 0.72–0.88 → 0.22–0.48 s. :func:`tune_numpy_hugepages`
-therefore turns numpy's advice off under those policies, once, when
-``singleframe`` is imported; under ``defer`` or ``never`` nothing waits and
-numpy is left alone. An explicit ``NUMPY_MADVISE_HUGEPAGE`` in the
-environment (numpy's own switch) always wins, and
-``SINGLEFRAME_MALLOC_TUNING=0`` leaves this alone too.
+under ``always``, ``madvise`` (the kernel's default) or ``defer+madvise`` a
+fault in such a region compacts memory synchronously to find a free 2 MB page,
+and the faulting thread waits. With the heap kept (above), the advice also
+lands on the heap that later holds the output buffers. On this VM (``enabled``
+``madvise``, ``defrag`` ``madvise``: with the advice off, no huge pages at
+all), read + calibrate + write of one detector in a fresh process, medians of
+3 interleaved runs with the advice on → off: 4096² typical 5.28 → 3.85 s,
+sparse 3.62 → 2.58 s, poor seeing 5.20 → 4.14 s, crowded 9.39 → 8.82 s,
+2048² typical 1.41 → 1.26 s, of which the FITS and Parquet writes
+0.72–0.88 → 0.22–0.48 s; the later detectors of a process 4.08 → 3.92 s
+(4096² typical, medians of 16; ``benchmarks/results/hugepages-ab-20261127.md``).
+:func:`tune_numpy_hugepages` therefore turns numpy's advice off under those
+defrag policies, once, when ``singleframe`` is imported, in every process
+that imports it (the advice is process-wide: other code in the process
+allocates without it too). Under ``defer`` or ``never`` nothing waits, and
+with ``enabled`` ``never`` the kernel gives no huge pages anyway: numpy is
+left alone. With ``enabled`` ``always`` the arrays still get huge pages
+where the kernel has them free, without waiting (not measured here). An
+explicit ``NUMPY_MADVISE_HUGEPAGE`` in the environment (numpy's own switch)
+always wins, and ``SINGLEFRAME_MALLOC_TUNING=0`` leaves this alone too.
 """
 
 from __future__ import annotations
@@ -67,9 +73,9 @@ import ctypes.util
 import os
 import platform
 import threading
-from typing import Any
 
-__all__ = ["MMAP_THRESHOLD_BYTES", "TRIM_THRESHOLD_BYTES", "tune_memory_allocator", "tune_numpy_hugepages"]
+__all__ = ["MMAP_THRESHOLD_BYTES", "TRIM_THRESHOLD_BYTES", "thp_policy", "tune_memory_allocator",
+           "tune_numpy_hugepages"]
 
 #: Blocks below this size come from the heap and are reused after ``free``
 #: (1 GiB: above any single frame of a 4k×4k detector in float64).
@@ -84,7 +90,7 @@ _lock = threading.Lock()
 _state: dict[str, bool] = {}
 #: The kernel's THP defrag policies under which a fault in a madvised region compacts synchronously.
 _STALLING_DEFRAG_POLICIES = frozenset({"always", "madvise", "defer+madvise"})
-_THP_DEFRAG = "/sys/kernel/mm/transparent_hugepage/defrag"
+_THP_DIR = "/sys/kernel/mm/transparent_hugepage"
 
 
 def tune_memory_allocator() -> bool:
@@ -96,7 +102,10 @@ def tune_memory_allocator() -> bool:
 
 
 def tune_numpy_hugepages() -> bool:
-    """Stop numpy advising huge pages where the kernel would stall to provide them (idempotent); True when off."""
+    """Stop numpy advising huge pages where the kernel would stall to provide them (idempotent).
+
+    True when this call (or the first one in the process) turned numpy's advice off.
+    """
     with _lock:
         if "hugepages_off" not in _state:
             _state["hugepages_off"] = _apply_hugepages()
@@ -107,10 +116,13 @@ def _opted_out() -> bool:
     return os.environ.get("SINGLEFRAME_MALLOC_TUNING", "1").strip().lower() in {"0", "false", "no", "off"}
 
 
-def thp_defrag_policy(path: str = _THP_DEFRAG) -> str | None:
-    """The kernel's selected transparent-huge-page defrag policy (``madvise``, ...), or None where unknown."""
+def thp_policy(setting: str, directory: str = _THP_DIR) -> str | None:
+    """The kernel's selected transparent-huge-page policy for ``setting`` (``enabled``, ``defrag``), or None.
+
+    None where the file is absent or unreadable (not Linux, or a kernel without THP).
+    """
     try:
-        with open(path, encoding="ascii") as fh:
+        with open(os.path.join(directory, setting), encoding="ascii") as fh:
             text = fh.read()
     except (OSError, UnicodeDecodeError):
         return None
@@ -121,22 +133,15 @@ def thp_defrag_policy(path: str = _THP_DEFRAG) -> str | None:
 def _apply_hugepages() -> bool:
     if _opted_out() or "NUMPY_MADVISE_HUGEPAGE" in os.environ:
         return False
-    if thp_defrag_policy() not in _STALLING_DEFRAG_POLICIES:
+    if thp_policy("enabled") in (None, "never") or thp_policy("defrag") not in _STALLING_DEFRAG_POLICIES:
         return False
-    setter = getattr(_numpy_multiarray(), "_set_madvise_hugepage", None)
+    from numpy._core import multiarray  # numpy >= 1.26 (1.26 re-exports numpy.core's)
+
+    setter = getattr(multiarray, "_set_madvise_hugepage", None)
     if setter is None:
         return False
     setter(False)
     return True
-
-
-def _numpy_multiarray() -> Any:
-    """numpy's ``multiarray`` module, which holds the huge-page switch (``numpy.core`` before numpy 2)."""
-    try:
-        from numpy._core import multiarray
-    except ImportError:  # numpy 1.x
-        from numpy.core import multiarray  # type: ignore[no-redef]
-    return multiarray
 
 
 def _apply() -> bool:

@@ -65,52 +65,85 @@ def test_local_dask_workers_get_one_malloc_arena():
         assert int(env["MALLOC_TRIM_THRESHOLD_"]) >= 1 << 30  # above any 4096² frame
 
 
-def test_thp_defrag_policy_is_the_bracketed_choice(tmp_path):
-    path = tmp_path / "defrag"
-    path.write_text("always defer defer+madvise [madvise] never\n")
-    assert runtime.thp_defrag_policy(str(path)) == "madvise"
-    path.write_text("[always] defer defer+madvise madvise never\n")
-    assert runtime.thp_defrag_policy(str(path)) == "always"
-    assert runtime.thp_defrag_policy(str(tmp_path / "absent")) is None  # not Linux, or no THP
+
+def test_thp_policy_is_the_bracketed_choice(tmp_path):
+    (tmp_path / "defrag").write_text("always defer defer+madvise [madvise] never\n")
+    (tmp_path / "enabled").write_text("[always] madvise never\n")
+    assert runtime.thp_policy("defrag", str(tmp_path)) == "madvise"
+    assert runtime.thp_policy("enabled", str(tmp_path)) == "always"
+    assert runtime.thp_policy("defrag", str(tmp_path / "absent")) is None  # not Linux, or no THP
 
 
 def _numpy_hugepage_advice() -> bool:
-    multiarray = runtime._numpy_multiarray()
-    enabled = multiarray._set_madvise_hugepage(True)  # returns the previous setting
-    multiarray._set_madvise_hugepage(enabled)
-    return bool(enabled)
+    from numpy._core import multiarray
+
+    return bool(multiarray._get_madvise_hugepage())
 
 
 @pytest.fixture
-def restore_numpy_hugepages():
-    multiarray = runtime._numpy_multiarray()
+def numpy_advice_on(monkeypatch):
+    """numpy's advice on, no explicit settings in the environment; numpy's state restored afterwards."""
+    from numpy._core import multiarray
+
     before = _numpy_hugepage_advice()
+    multiarray._set_madvise_hugepage(True)
+    for key in ("SINGLEFRAME_MALLOC_TUNING", "NUMPY_MADVISE_HUGEPAGE"):
+        monkeypatch.delenv(key, raising=False)
     yield
     multiarray._set_madvise_hugepage(before)
 
 
-@pytest.mark.parametrize(("policy", "turned_off"), [("madvise", True), ("always", True), ("defer+madvise", True),
-                                                    ("defer", False), ("never", False), (None, False)])
-def test_numpy_hugepage_advice_is_off_only_where_faults_would_compact(monkeypatch, restore_numpy_hugepages,
-                                                                      policy, turned_off):
-    # Under "defer" or "never" a fault never waits for compaction: numpy's advice costs nothing there.
-    multiarray = runtime._numpy_multiarray()
-    multiarray._set_madvise_hugepage(True)
-    monkeypatch.delenv("SINGLEFRAME_MALLOC_TUNING", raising=False)
-    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
-    monkeypatch.setattr(runtime, "thp_defrag_policy", lambda path=None: policy)
+def _kernel(monkeypatch, enabled, defrag):
+    monkeypatch.setattr(runtime, "thp_policy", lambda setting, directory=None: {"enabled": enabled,
+                                                                                "defrag": defrag}[setting])
+
+
+@pytest.mark.parametrize(("enabled", "defrag", "turned_off"), [
+    ("madvise", "madvise", True), ("always", "madvise", True), ("madvise", "always", True),
+    ("madvise", "defer+madvise", True),
+    # A fault never waits for compaction under "defer" or "never": numpy's advice costs nothing there.
+    ("madvise", "defer", False), ("always", "never", False),
+    # No huge pages at all, or no THP in this kernel: nothing to turn off.
+    ("never", "madvise", False), (None, None, False)])
+def test_numpy_hugepage_advice_is_off_only_where_faults_would_compact(monkeypatch, numpy_advice_on,
+                                                                      enabled, defrag, turned_off):
+    _kernel(monkeypatch, enabled, defrag)
     assert runtime._apply_hugepages() is turned_off
     assert _numpy_hugepage_advice() is not turned_off
 
 
 @pytest.mark.parametrize("env", [{"NUMPY_MADVISE_HUGEPAGE": "1"}, {"SINGLEFRAME_MALLOC_TUNING": "0"}])
-def test_numpy_hugepage_advice_respects_explicit_settings(monkeypatch, restore_numpy_hugepages, env):
-    multiarray = runtime._numpy_multiarray()
-    multiarray._set_madvise_hugepage(True)
-    for key in ("SINGLEFRAME_MALLOC_TUNING", "NUMPY_MADVISE_HUGEPAGE"):
-        monkeypatch.delenv(key, raising=False)
+def test_numpy_hugepage_advice_respects_explicit_settings(monkeypatch, numpy_advice_on, env):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(runtime, "thp_defrag_policy", lambda path=None: "madvise")
+    _kernel(monkeypatch, "madvise", "madvise")
     assert runtime._apply_hugepages() is False
     assert _numpy_hugepage_advice() is True
+
+
+def test_numpy_hugepage_tuning_is_decided_once_per_process(monkeypatch, numpy_advice_on):
+    calls = []
+    monkeypatch.setattr(runtime, "_apply_hugepages", lambda: calls.append(1) or True)
+    monkeypatch.setattr(runtime, "_state", {})
+    assert runtime.tune_numpy_hugepages() is True
+    assert runtime.tune_numpy_hugepages() is True
+    assert calls == [1]
+
+
+_IMPORT_ADVICE = """
+from numpy._core import multiarray
+import singleframe
+from singleframe import runtime
+print(runtime.thp_policy("enabled"), runtime.thp_policy("defrag"), bool(multiarray._get_madvise_hugepage()))
+"""
+
+
+def test_importing_singleframe_applies_the_kernel_rule():
+    env = {k: v for k, v in os.environ.items() if k not in {"SINGLEFRAME_MALLOC_TUNING", "NUMPY_MADVISE_HUGEPAGE"}}
+    done = subprocess.run([sys.executable, "-c", _IMPORT_ADVICE], capture_output=True, text=True, env=env,
+                          check=True, timeout=60)
+    enabled, defrag, advice = done.stdout.split()
+    if enabled == "None":
+        pytest.skip("this kernel has no transparent huge pages")
+    stalls = enabled != "never" and defrag in {"always", "madvise", "defer+madvise"}
+    assert advice == str(not stalls), done.stdout  # numpy advises by default on Linux
