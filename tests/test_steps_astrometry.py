@@ -197,6 +197,37 @@ def test_only_psf_candidates_are_matched_unless_too_few():
     assert res.required_flags_dropped and res.used.sum() > 5 and _grid_error_mas(truth, res.wcs) <= 5.0
 
 
+def test_a_failed_solution_on_the_candidates_is_retried_on_every_usable_source():
+    # The candidate flag is a preference: when the solution on the flagged sources fails (here 12
+    # candidates whose centroids are each moved 20-60 px in a random direction, so no offset
+    # gathers their votes), the fit is tried again on every usable source before any blind
+    # search, and says so.
+    truth, src, ref = _scene(1)
+    initial = _camera().initial_wcs(DETECTOR, RA0, DEC0, ROT0)
+    cand = np.arange(len(src)) < 12
+    src["calib_psf_candidate"] = cand
+    rng = np.random.default_rng(5)
+    step, angle = rng.uniform(20.0, 60.0, 12), rng.uniform(0.0, 2 * np.pi, 12)
+    for col, move in (("base_SdssCentroid_x", step * np.cos(angle)), ("base_SdssCentroid_y", step * np.sin(angle))):
+        values = np.asarray(src[col], float).copy()
+        values[:12] += move
+        src[col] = values
+    config = AstrometryConfig(blind_search_radius_deg=0.0)
+    with pytest.raises(AstrometryError):
+        _solve_candidates_only(src, ref, initial, config)
+    res = fit_astrometry(src, ref, initial_wcs=initial, origin=ORIGIN, shape=(NY, NX), config=config)
+    assert res.required_flags_dropped and _grid_error_mas(truth, res.wcs) <= 5.0
+    assert np.any(res.used & ~cand)  # the other sources carried the solution,
+    assert not np.any(res.used & cand)  # and the moved centroids were clipped
+
+
+def _solve_candidates_only(src, ref, initial, config):
+    """The candidates alone (non-candidates made unusable): the solution must fail."""
+    only = src.copy()
+    only["base_SdssCentroid_flag"] = ~np.asarray(only["calib_psf_candidate"], bool)
+    return fit_astrometry(only, ref, initial_wcs=initial, origin=ORIGIN, shape=(NY, NX), config=config)
+
+
 def test_nearest_neighbour_matching_with_no_pair_in_reach_is_empty():
     # Regression: with no source within the radius of any reference the one-to-one selection
     # used to be a length-1 mask (np.r_[True, empty]) and raised IndexError instead of letting
