@@ -661,6 +661,22 @@ def _balanced_brightest(x: npt.NDArray[np.float64], y: npt.NDArray[np.float64], 
     return order[rank < k]
 
 
+def _similarity_grid(step: float, config: AstrometryConfig) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Rotations (rad) and log-scales the pattern stage tries: 0 and the configured limits, spacing <= ``step``.
+
+    The grid spans the limits exactly: one of whole steps would reach beyond them on a small
+    detector (512²: rotations to ±7.9° for a 4° limit, scales to ±7 % for 3 %), where false
+    peaks in a dense reference catalogue beat the true one (detectors 44 and 91 of the
+    100 × 512² memory run of ``make bench-orchestration``: 1.9-2.2″ rms, no solution).
+    """
+    rot_max, lscale_max = math.radians(config.max_rotation_deg), math.log1p(config.max_scale_change)
+    n_rot = int(math.ceil(rot_max / step))
+    n_scl = int(math.ceil(lscale_max / step))
+    thetas = np.linspace(-rot_max, rot_max, 2 * n_rot + 1) if n_rot else np.zeros(1)
+    lscales = np.linspace(-lscale_max, lscale_max, 2 * n_scl + 1) if n_scl else np.zeros(1)
+    return thetas, lscales
+
+
 def _pattern_match(src_tp: npt.NDArray[np.float64], s_flux: npt.NDArray[np.float64],
                    corners_tp: npt.NDArray[np.float64], rxi: npt.NDArray[np.float64], reta: npt.NDArray[np.float64],
                    r_flux: npt.NDArray[np.float64], *, pix_scale_arcsec: float, detector_radius_pix: float,
@@ -669,10 +685,7 @@ def _pattern_match(src_tp: npt.NDArray[np.float64], s_flux: npt.NDArray[np.float
     max_off = config.max_offset_arcsec
     # Grid steps keep the smear at the detector edge (step/2 × radius) within half a bin.
     step = config.pattern_bin_pix / detector_radius_pix
-    n_rot = int(math.ceil(math.radians(config.max_rotation_deg) / step))
-    n_scl = int(math.ceil(math.log1p(config.max_scale_change) / step))
-    thetas = np.arange(-n_rot, n_rot + 1) * step if n_rot else np.zeros(1)
-    lscales = np.arange(-n_scl, n_scl + 1) * step if n_scl else np.zeros(1)
+    thetas, lscales = _similarity_grid(step, config)
 
     # Spatially balanced bright subsets with the same cell size and count per cell.
     area = abs(_polygon_area(corners_tp))

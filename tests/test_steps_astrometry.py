@@ -221,6 +221,19 @@ def test_a_failed_solution_on_the_candidates_is_retried_on_every_usable_source()
     assert not np.any(res.used & cand)  # and the moved centroids were clipped
 
 
+@pytest.mark.parametrize("detector_radius_pix", [362.0, 1448.0, 2896.0])  # 512², 2048², 4096² detectors
+def test_pattern_grid_stays_within_the_configured_rotation_and_scale(detector_radius_pix):
+    # Beyond the limits the pattern stage found false peaks on 512² detectors (1.9-2.2" fits).
+    from singleframe.steps.astrometry import _similarity_grid
+
+    config = AstrometryConfig()
+    step = config.pattern_bin_pix / detector_radius_pix
+    thetas, lscales = _similarity_grid(step, config)
+    for grid, limit in ((thetas, np.radians(config.max_rotation_deg)), (lscales, np.log1p(config.max_scale_change))):
+        assert grid.min() == pytest.approx(-limit) and grid.max() == pytest.approx(limit)
+        assert np.any(grid == 0.0) and np.all(np.diff(grid) <= step + 1e-12)
+
+
 def _solve_candidates_only(src, ref, initial, config):
     """The candidates alone (non-candidates made unusable): the solution must fail."""
     only = src.copy()
