@@ -605,10 +605,11 @@ def bench_frame(spec: FrameSpec, frame_dir: Path, work: Path, *, repeat: int, pe
     q = ours[0]
     stages = " ".join(f"{k}={statistics.median(r['stages_s'][k] for r in ours):.2f}" for k in q["stages_s"])
     stages += f" characterize_next_detector={statistics.median(r['characterize_steady_s'] for r in ours):.2f}"
+    startup = _process_startup_s(ours)
     io_note = (f"read={statistics.median(r['read_s'] for r in ours):.2f} "
                f"refcat={statistics.median(r['refcat_s'] for r in ours):.2f} "
                f"write={statistics.median(r['write_s'] for r in ours):.2f} "
-               f"(process start-up, not timed: {_f(_process_startup_s(ours))} s from the spawn, of which pyarrow's "
+               f"(process start-up, not timed: {_f(startup)} s from the spawn, of which pyarrow's "
                f"first conversion {statistics.median(r.get('startup_s', 0.0) for r in ours):.2f})")
     qnote = (f"PSF judged at {q.get('psf_n_stars', 0)} true stars (S/N >= 50); apcorr mean "
              f"{_f(_finite(q.get('apcorr_err_mmag_mean')))} mmag"
@@ -617,7 +618,7 @@ def bench_frame(spec: FrameSpec, frame_dir: Path, work: Path, *, repeat: int, pe
                         peak_rss_mb=max(r["peak_rss_mb"] for r in ours), notes=f"{stages} {io_note}; {qnote}",
                         **{k: q.get(k) for k in _OURS_QUALITY})
     row_ours["ratio_to_ours"] = 1.0
-    row_ours["process_startup_s"] = _process_startup_s(ours)
+    row_ours["process_startup_s"] = startup
     row_ours["n_pixels"] = spec.size * spec.size
     row_ours["stages_s_median"] = {k: statistics.median(r["stages_s"][k] for r in ours) for k in q["stages_s"]}
     row_ours["characterize_steady_s_median"] = statistics.median(r["characterize_steady_s"] for r in ours)

@@ -229,14 +229,11 @@ def run_stage(stage: Stage, ctx: RunContext, data_id: DataId,
     if not ctx.rerun:
         cached = {}
         for name in outputs:
-            if not store.exists(name, **where):
+            # An output truncated or replaced outside the store is recomputed, not reported as finished.
+            ref = store.cached_ref(name, cache_key=key, **where)
+            if ref is None:
                 break
-            prov = store.provenance(name, **where)
-            # An output truncated or replaced outside the store (its size on disk is not the one
-            # written; one stat) is recomputed, not reported as a finished product.
-            if prov.get("cache_key") != key or store.stored_size(name, **where) != prov.get("size_bytes"):
-                break
-            cached[name] = store.ref(name, **where)
+            cached[name] = ref
         else:
             return cached
     loaded: dict[str, Any] = {}

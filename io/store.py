@@ -352,6 +352,23 @@ class ArtifactStore:
                                        f"{self.url(path)}", dataset_type=dtype.name, uri=self.url(path))
         return self._make_ref(dtype, path, run, data_id, str(prov.get("checksum")) if prov.get("checksum") else None)
 
+    def cached_ref(self, dataset_type: str, *, cache_key: str, run: str, instrument: str, visit: int | None = None,
+                   detector: int | None = None, snap: int | None = None) -> DatasetRef | None:
+        """Reference of a dataset written under ``cache_key`` and unchanged since, else None.
+
+        Unchanged: its size on disk is the size the store wrote (one ``stat``), so an output
+        truncated or replaced outside the store is not taken for a finished product. One sidecar
+        read, where ``exists`` + ``provenance`` + ``ref`` would read it twice.
+        """
+        where = {"run": run, "instrument": instrument, "visit": visit, "detector": detector, "snap": snap}
+        if not self.exists(dataset_type, **where):
+            return None
+        prov = self.provenance(dataset_type, **where)
+        if prov.get("cache_key") != cache_key or self.stored_size(dataset_type, **where) != prov.get("size_bytes"):
+            return None
+        dtype, path, data_id = self._locate(dataset_type, **where)
+        return self._make_ref(dtype, path, run, data_id, str(prov.get("checksum")) if prov.get("checksum") else None)
+
     def version(self, dataset_type: str, *, run: str, instrument: str, visit: int | None = None,
                 detector: int | None = None, snap: int | None = None) -> str:
         """Identity of the stored version of a dataset: ``<checksum>@<write time>``.

@@ -88,6 +88,16 @@ def test_key_layout_and_provenance_sidecar(store: ArtifactStore, tmp_path: Path)
     assert DatasetRef.model_validate_json(ref.model_dump_json()) == ref
 
 
+def test_cached_ref_only_for_the_same_cache_key_and_the_bytes_written(store: ArtifactStore, tmp_path: Path) -> None:
+    assert store.cached_ref("detector_summary", cache_key="k1", run="run1", **DATA_ID) is None  # nothing stored
+    ref = store.put("detector_summary", {"psfSigma": 1.9}, run="run1", **DATA_ID, provenance={"cache_key": "k1"})
+    assert store.cached_ref("detector_summary", cache_key="k1", run="run1", **DATA_ID) == ref
+    assert store.cached_ref("detector_summary", cache_key="k2", run="run1", **DATA_ID) is None
+    # Truncated outside the store: not the product the key names any more.
+    path = tmp_path / "repo/run1/detector_summary/sim/visit-42/det-007.json"
+    path.write_bytes(path.read_bytes()[:-1])
+    assert store.cached_ref("detector_summary", cache_key="k1", run="run1", **DATA_ID) is None
+
 @pytest.mark.parametrize("which", ["exposure", "background", "catalog", "json", "image"])
 @pytest.mark.parametrize("kind", ["local", "memory"])
 def test_round_trip_every_storage_kind(which: str, kind: str, store: ArtifactStore,
