@@ -304,14 +304,7 @@ def _worker_ours(frame_dir: Path, quality: bool = True) -> dict[str, Any]:
     from .steps.pipeline import calibrate_image, characterize, correct_apertures
 
     config = load_calibrate_config(None)
-    # Process start-up, paid once per worker process and reported apart: pyarrow imports pandas
-    # (0.2 s) at its first array conversion, which would otherwise land in the refcat load.
-    t0 = time.perf_counter()
-    import pyarrow as pa
-
-    pa.array([0.0]).to_numpy()
-    t_startup = time.perf_counter() - t0
-    # Everything before the clock starts, from the spawn: interpreter, imports, config, pyarrow's.
+    # Everything before the clock starts, from the spawn: interpreter, imports, config.
     # A survey worker pays it once; a fresh process per frame (as the peers run) every time.
     spawned = os.environ.get(_SPAWN_TIME_ENV)
     t_process_startup = time.time() - float(spawned) if spawned else None
@@ -344,7 +337,7 @@ def _worker_ours(frame_dir: Path, quality: bool = True) -> dict[str, Any]:
         "wall_s": t_read + t_refcat + t_cal + t_write, "calibrate_s": t_cal, "read_s": t_read,
         "refcat_s": t_refcat, "write_s": t_write, "convolution_s": t_conv,
         "stages_s": {k: float(v) for k, v in result.timings_s.items()}, "peak_rss_mb": peak_rss_mb,
-        "startup_s": t_startup, "process_startup_s": t_process_startup,
+        "process_startup_s": t_process_startup, "pandas_imported": "pandas" in sys.modules,
         "n_stars": int(len(result.single_visit_star_unstandardized)),
         "n_psf_stars": int(len(result.single_visit_psf_star)), "n_pixels": int(np.prod(exp.shape)),
     }
@@ -609,8 +602,8 @@ def bench_frame(spec: FrameSpec, frame_dir: Path, work: Path, *, repeat: int, pe
     io_note = (f"read={statistics.median(r['read_s'] for r in ours):.2f} "
                f"refcat={statistics.median(r['refcat_s'] for r in ours):.2f} "
                f"write={statistics.median(r['write_s'] for r in ours):.2f} "
-               f"(process start-up, not timed: {_f(startup)} s from the spawn, of which pyarrow's "
-               f"first conversion {statistics.median(r.get('startup_s', 0.0) for r in ours):.2f})")
+               f"(process start-up, not timed: {_f(startup)} s from the spawn"
+               f"{'; pandas was imported' if any(r.get('pandas_imported') for r in ours) else ''})")
     qnote = (f"PSF judged at {q.get('psf_n_stars', 0)} true stars (S/N >= 50); apcorr mean "
              f"{_f(_finite(q.get('apcorr_err_mmag_mean')))} mmag"
              + (" (constant fallback)" if q.get("apcorr_fallback") else ""))

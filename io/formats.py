@@ -185,13 +185,11 @@ def table_to_parquet_bytes(table: Table) -> bytes:
         if col.ndim > 1:
             # Fixed-size lists, as astropy writes multidimensional columns.
             size = int(np.prod(col.shape[1:]))
-            flat = np.ascontiguousarray(col.reshape(len(col), size).astype(dt.base.newbyteorder("<"), copy=False))
             arrow_type = pa.list_(pa.from_numpy_dtype(dt.base.type), size)
-            arr = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), size)
+            arr = pa.FixedSizeListArray.from_arrays(_numpy_to_arrow(col.reshape(len(col), size).ravel()), size)
         else:
             arrow_type = pa.from_numpy_dtype(dt.type)
-            arr = pa.array(col.astype(dt.newbyteorder("<"), copy=False) if dt.kind not in "US" else col,
-                           type=arrow_type)
+            arr = _numpy_to_arrow(col)
         fields.append(pa.field(name, arrow_type))
         arrays.append(arr)
     schema = pa.schema(fields, metadata={k.encode(): v.encode() for k, v in metadata.items()})
@@ -200,21 +198,72 @@ def table_to_parquet_bytes(table: Table) -> bytes:
     return bytes(sink.getvalue().to_pybytes())
 
 
+#: Arrow types of the little-endian numpy dtypes they share a memory layout with.
+_ARROW_OF_NUMPY = {np.dtype(f"<{kind}{size}"): arrow for kind, size, arrow in (
+    ("i", 1, pa.int8()), ("i", 2, pa.int16()), ("i", 4, pa.int32()), ("i", 8, pa.int64()),
+    ("u", 1, pa.uint8()), ("u", 2, pa.uint16()), ("u", 4, pa.uint32()), ("u", 8, pa.uint64()),
+    ("f", 2, pa.float16()), ("f", 4, pa.float32()), ("f", 8, pa.float64()))}
+_NUMPY_OF_ARROW = {arrow: dtype for dtype, arrow in _ARROW_OF_NUMPY.items()}
+
+
+def _numpy_to_arrow(values: npt.NDArray[Any]) -> pa.Array:
+    """A 1-D numeric or boolean numpy array as an Arrow array, built from its buffer.
+
+    ``pa.array`` asks pandas whether its input is a pandas object, which imports pandas
+    (0.2-0.3 s) at the first catalogue a process writes; the buffer route does not.
+    Fixed-width strings become UTF-8 (``U``) or binary (``S``) arrays. Other dtypes go
+    through ``pa.array``.
+    """
+    if values.dtype.kind in "US":
+        items = [v.encode("utf-8") for v in values.tolist()] if values.dtype.kind == "U" else values.tolist()
+        offsets = np.zeros(len(items) + 1, np.int32)
+        np.cumsum(np.fromiter(map(len, items), np.int64, len(items)), out=offsets[1:])
+        return pa.Array.from_buffers(pa.string() if values.dtype.kind == "U" else pa.binary(), len(items),
+                                     [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(items))])
+    if values.dtype == np.bool_:
+        bits = np.packbits(np.ascontiguousarray(values), bitorder="little")
+        return pa.Array.from_buffers(pa.bool_(), len(values), [None, pa.py_buffer(bits)])
+    little = values.dtype.newbyteorder("<") if values.dtype.byteorder != "|" else values.dtype
+    arrow_type = _ARROW_OF_NUMPY.get(little)
+    if arrow_type is None:
+        return pa.array(values)
+    data = np.ascontiguousarray(values, dtype=little)
+    return pa.Array.from_buffers(arrow_type, len(data), [None, pa.py_buffer(data)])
+
+
+def _arrow_to_numpy(arr: pa.Array) -> npt.NDArray[Any]:
+    """Inverse of :func:`_numpy_to_arrow` (a writable copy; null slots keep whatever the buffer holds).
+
+    ``Array.to_numpy`` imports pandas at its first call; numeric and boolean arrays are read
+    from their buffers instead. Other types go through ``to_numpy``.
+    """
+    t = arr.type
+    start, stop = arr.offset, arr.offset + len(arr)
+    if pa.types.is_boolean(t):
+        packed = np.frombuffer(arr.buffers()[1], np.uint8)
+        return np.unpackbits(packed, count=stop, bitorder="little")[start:].astype(bool)
+    dtype = _NUMPY_OF_ARROW.get(t)
+    if dtype is None:
+        return np.asarray(arr.to_numpy(zero_copy_only=False))
+    return np.frombuffer(arr.buffers()[1], dtype=dtype, count=stop)[start:].astype(dtype.newbyteorder("="))
+
+
 def _arrow_column_to_numpy(chunked: pa.ChunkedArray, strlen: int | None) -> npt.NDArray[Any] | np.ma.MaskedArray:
     arr = chunked.combine_chunks() if chunked.num_chunks != 1 else chunked.chunk(0)
     t = arr.type
-    mask = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else None
+    mask = _arrow_to_numpy(arr.is_null()) if arr.null_count else None
     if pa.types.is_fixed_size_list(t):
-        values = arr.flatten().to_numpy(zero_copy_only=False)
+        values = _arrow_to_numpy(arr.flatten())
         out: npt.NDArray[Any] = values.reshape(len(arr), t.list_size)
     elif pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
-        raw = arr.fill_null("" if pa.types.is_string(t) or pa.types.is_large_string(t) else b"")
-        objs = raw.to_numpy(zero_copy_only=False)
+        # Python objects, not to_numpy or fill_null: both import pandas (0.2-0.3 s).
         kind = "U" if pa.types.is_string(t) or pa.types.is_large_string(t) else "S"
+        empty = "" if kind == "U" else b""
+        objs = [empty if v is None else v for v in arr.to_pylist()]
         n = strlen if strlen is not None else max((len(v) for v in objs), default=1)
-        out = objs.astype(f"{kind}{max(n, 1)}")
+        out = np.array(objs, dtype=f"{kind}{max(n, 1)}")
     else:
-        out = arr.to_numpy(zero_copy_only=False)
+        out = _arrow_to_numpy(arr)
     if mask is not None:
         return np.ma.MaskedArray(out, mask=mask)
     return out

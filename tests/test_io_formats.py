@@ -292,6 +292,60 @@ def test_catalog_file_reads_back_with_astropy_table_read(catalog: Table, tmp_pat
     np.testing.assert_array_equal(back["masked_mag"].mask, catalog["masked_mag"].mask)
 
 
+@pytest.mark.parametrize("dtype", [np.bool_, np.int8, np.uint16, ">i4", "<i8", np.float16, ">f4", np.float64])
+def test_catalog_columns_round_trip_bit_for_bit_through_arrow_buffers(dtype: str) -> None:
+    # Odd lengths (bit-packed booleans end mid-byte), byte-swapped input, a 2-D column
+    # (fixed-size list) and NaN payloads: the buffer route must give back exactly the values.
+    rng = np.random.default_rng(3)
+    values = (rng.normal(size=(37, 3)) * 50).astype(dtype) if np.dtype(dtype) != np.bool_ else rng.random((37, 3)) > 0.5
+    if np.dtype(dtype).kind == "f":
+        values[5, 1] = np.nan
+    t = Table({"vec": values, "one": values[:, 0].copy()})
+    back = formats.table_from_parquet_bytes(formats.table_to_parquet_bytes(t))
+    for name in t.colnames:
+        assert back[name].dtype == np.dtype(dtype).newbyteorder("="), name
+        assert back[name].shape == t[name].shape
+        np.testing.assert_array_equal(np.asarray(back[name]), np.asarray(t[name]))
+        back[name][0] = back[name][1]  # a writable copy, not a view of Arrow's buffer
+
+
+def test_string_columns_round_trip_with_unicode_and_empty_values() -> None:
+    t = Table({"name": np.array(["", "Ångström", "M31", "x" * 20]), "raw": np.array([b"", b"\x00a", b"bb", b"c"])})
+    back = formats.table_from_parquet_bytes(formats.table_to_parquet_bytes(t))
+    assert back["name"].dtype == t["name"].dtype and back["raw"].dtype == t["raw"].dtype
+    assert list(back["name"]) == list(t["name"]) and list(back["raw"]) == list(t["raw"])
+
+
+def test_sliced_and_null_arrow_arrays_convert_with_their_offset() -> None:
+    import pyarrow as pa
+
+    ints = pa.array([1, 2, None, 4, 5], type=pa.int32()).slice(1, 3)
+    bools = pa.array([True, False, True, True, False, True, False, False, True, True]).slice(3, 6)
+    np.testing.assert_array_equal(formats._arrow_to_numpy(ints)[[0, 2]], [2, 4])
+    np.testing.assert_array_equal(formats._arrow_to_numpy(ints.is_null()), [False, True, False])
+    np.testing.assert_array_equal(formats._arrow_to_numpy(bools), [True, False, True, False, False, True])
+
+
+def test_catalog_write_and_read_do_not_import_pandas(catalog: Table) -> None:
+    # pyarrow imports pandas (0.2-0.3 s) at its first pa.array or to_numpy call; catalogues go
+    # through Arrow buffers instead, so a worker's first detector does not pay for it.
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np, astropy.units as u\n"
+            "from astropy.table import Table\n"
+            "from singleframe.io import formats\n"
+            "t = Table({'id': np.arange(5), 'flux': np.ones(5) * u.nJy, 'ok': np.ones(5, bool),\n"
+            "           'xy': np.zeros((5, 2), np.float32), 'band': np.array(list('grizy')),\n"
+            "           'raw': np.array([b'a', b'', b'ccc', b'd', b'e'])})\n"
+            "back = formats.table_from_parquet_bytes(formats.table_to_parquet_bytes(t))\n"
+            "assert list(back['id']) == list(range(5)) and back['flux'].unit == u.nJy\n"
+            "assert list(back['band']) == list('grizy') and np.asarray(back['raw'])[2] == b'ccc'\n"
+            "print('pandas' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
 def test_empty_catalog_round_trip() -> None:
     t = Table({"id": np.zeros(0, np.int64), "flux": np.zeros(0) * u.nJy, "name": np.zeros(0, "U4")})
     back = formats.table_from_parquet_bytes(formats.table_to_parquet_bytes(t))
