@@ -66,6 +66,55 @@ def test_local_dask_workers_get_one_malloc_arena():
 
 
 
+_DASK_WORKER_PROBE = """
+import ctypes, os, sys, tempfile
+from distributed import Client, LocalCluster
+
+# Nothing from singleframe at module level: a worker re-imports this file as __mp_main__.
+
+def probe(modules):
+    # In the worker's task thread: were the modules imported before this task arrived (it
+    # references none of them), and the allocator's arenas after a frame-sized allocation
+    # (malloc_stats writes to fd 2, redirected to a file here).
+    preloaded = all(name in sys.modules for name in modules)
+    import numpy as np
+    frame = np.ones((2048, 2048))
+    frame.sum()
+    with tempfile.TemporaryFile() as fh:
+        saved = os.dup(2)
+        os.dup2(fh.fileno(), 2)
+        try:
+            ctypes.CDLL("libc.so.6").malloc_stats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        fh.seek(0)
+        arenas = [line for line in fh.read().decode().splitlines() if line.startswith("Arena ")]
+    return preloaded, arenas
+
+if __name__ == "__main__":
+    from singleframe.flows.calibrate import _WORKER_PRELOAD, make_task_runner
+    runner = make_task_runner(dask_workers=1)
+    with LocalCluster(**runner.cluster_kwargs) as cluster, Client(cluster) as client:
+        print(client.submit(probe, list(_WORKER_PRELOAD)).result())
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_local_dask_workers_are_forked_warm_with_one_malloc_arena(tmp_path):
+    # make_task_runner's local cluster forks its workers from a server that has imported the
+    # calibration (no per-worker import of distributed, Prefect and singleframe before the first
+    # detector), and the allocator tuning of that import reaches the worker's task thread.
+    pytest.importorskip("prefect_dask")
+    script = tmp_path / "probe.py"
+    script.write_text(_DASK_WORKER_PROBE)
+    env = {k: v for k, v in os.environ.items() if k not in {"SINGLEFRAME_MALLOC_TUNING", "MALLOC_ARENA_MAX"}}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                          timeout=180, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "(True, ['Arena 0:'])", done.stdout + done.stderr[-2000:]
+
+
 def test_thp_policy_is_the_bracketed_choice(tmp_path):
     (tmp_path / "defrag").write_text("always defer defer+madvise [madvise] never\n")
     (tmp_path / "enabled").write_text("[always] madvise never\n")
