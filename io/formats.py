@@ -207,7 +207,7 @@ _NUMPY_OF_ARROW = {arrow: dtype for dtype, arrow in _ARROW_OF_NUMPY.items()}
 
 
 def _numpy_to_arrow(values: npt.NDArray[Any]) -> pa.Array:
-    """A 1-D numeric or boolean numpy array as an Arrow array, built from its buffer.
+    """A 1-D numeric, boolean or fixed-width string numpy array as an Arrow array, built from buffers.
 
     ``pa.array`` asks pandas whether its input is a pandas object, which imports pandas
     (0.2-0.3 s) at the first catalogue a process writes; the buffer route does not.
@@ -216,8 +216,11 @@ def _numpy_to_arrow(values: npt.NDArray[Any]) -> pa.Array:
     """
     if values.dtype.kind in "US":
         items = [v.encode("utf-8") for v in values.tolist()] if values.dtype.kind == "U" else values.tolist()
+        ends = np.cumsum(np.fromiter(map(len, items), np.int64, len(items)))
+        if ends.size and ends[-1] > np.iinfo(np.int32).max:  # beyond 32-bit offsets: let pyarrow choose
+            return pa.array(values)
         offsets = np.zeros(len(items) + 1, np.int32)
-        np.cumsum(np.fromiter(map(len, items), np.int64, len(items)), out=offsets[1:])
+        offsets[1:] = ends
         return pa.Array.from_buffers(pa.string() if values.dtype.kind == "U" else pa.binary(), len(items),
                                      [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(items))])
     if values.dtype == np.bool_:
