@@ -326,7 +326,7 @@ def test_sliced_and_null_arrow_arrays_convert_with_their_offset() -> None:
     np.testing.assert_array_equal(formats._arrow_to_numpy(bools), [True, False, True, False, False, True])
 
 
-def test_catalog_write_and_read_do_not_import_pandas(catalog: Table) -> None:
+def test_catalog_write_and_read_do_not_import_pandas() -> None:
     # pyarrow imports pandas (0.2-0.3 s) at its first pa.array or to_numpy call; catalogues go
     # through Arrow buffers instead, so a worker's first detector does not pay for it.
     import subprocess

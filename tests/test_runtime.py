@@ -65,7 +65,6 @@ def test_local_dask_workers_get_one_malloc_arena():
         assert int(env["MALLOC_TRIM_THRESHOLD_"]) >= 1 << 30  # above any 4096² frame
 
 
-
 _DASK_WORKER_PROBE = """
 import ctypes, os, sys, tempfile
 from distributed import Client, LocalCluster
