@@ -98,6 +98,7 @@ def test_cached_ref_only_for_the_same_cache_key_and_the_bytes_written(store: Art
     path.write_bytes(path.read_bytes()[:-1])
     assert store.cached_ref("detector_summary", cache_key="k1", run="run1", **DATA_ID) is None
 
+
 @pytest.mark.parametrize("which", ["exposure", "background", "catalog", "json", "image"])
 @pytest.mark.parametrize("kind", ["local", "memory"])
 def test_round_trip_every_storage_kind(which: str, kind: str, store: ArtifactStore,
