@@ -8,14 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 from astropy.io import fits
-from scipy.interpolate import BSpline, RectBivariateSpline
 
 from .errors import DatasetError
-
-
-def _design_matrix(x: npt.NDArray[np.float64], knots: npt.NDArray[np.float64], degree: int) -> npt.NDArray[np.float32]:
-    """Dense B-spline basis (len(x), n_coeffs) at positions inside the knot span."""
-    return np.asarray(BSpline.design_matrix(x, knots, degree).toarray(), dtype=np.float32)
+from .splines import GridSpline
 
 
 def _extend_axis(centers: npt.NDArray[np.float64], values: npt.NDArray[np.float64], lo: float, hi: float,
@@ -75,7 +70,7 @@ class BackgroundModel:
             raise ValueError("background values must be finite (fill empty bins before building the model)")
         object.__setattr__(self, "values", v)
 
-    def _spline(self) -> RectBivariateSpline | None:
+    def _spline(self) -> GridSpline | None:
         ny, nx = self.values.shape
         if ny == 1 and nx == 1:
             return None
@@ -84,7 +79,7 @@ class BackgroundModel:
         xc, v = _extend_axis(self.x_centers, v, x_lo, x_hi, axis=1)
         ky = min(3, len(yc) - 1)
         kx = min(3, len(xc) - 1)
-        return RectBivariateSpline(yc, xc, v, kx=ky, ky=kx)
+        return GridSpline.fit(yc, xc, v, degree_u=ky, degree_v=kx)
 
     def _extent(self) -> tuple[float, float, float, float]:
         """``(y_min, y_max, x_min, x_max)`` of the fitted image in parent coordinates (pixel edges)."""
@@ -150,12 +145,9 @@ class BackgroundModel:
             return None
         xs = np.arange(nx, dtype=float) + x0
         ys = np.arange(ny, dtype=float) + y0
-        ty, tx = spl.get_knots()
-        ky, kx = spl.degrees
-        coeffs = spl.get_coeffs().reshape(len(ty) - ky - 1, len(tx) - kx - 1)
-        by = _design_matrix(ys, ty, ky).astype(np.float32)
-        bx = _design_matrix(xs, tx, kx).astype(np.float32)
-        return by @ coeffs.astype(np.float32), np.ascontiguousarray(bx.T)
+        by = spl.basis_u(ys).astype(np.float32)
+        bx = spl.basis_v(xs).astype(np.float32)
+        return by @ spl.coeffs.astype(np.float32), np.ascontiguousarray(bx.T)
 
     def scaled(self, factor: float) -> BackgroundModel:
         """The same model multiplied by ``factor`` (e.g. counts → nJy)."""

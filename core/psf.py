@@ -16,9 +16,10 @@ import numpy as np
 import numpy.typing as npt
 from astropy.io import fits
 from scipy import fft as sp_fft
-from scipy import interpolate, special
+from scipy import special
 
 from .errors import DatasetError
+from .splines import GridSpline
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
@@ -615,8 +616,7 @@ class PixelPsf(PsfModel):
                 if np.all(np.isfinite(nodes)):
                     out = np.empty((xs.size, 3))
                     for j in range(3):
-                        spline = interpolate.RectBivariateSpline(gx, gy, nodes[:, j].reshape(mx.shape), kx=3, ky=3)
-                        out[:, j] = spline.ev(xs, ys)
+                        out[:, j] = GridSpline.fit(gx, gy, nodes[:, j].reshape(mx.shape)).ev(xs, ys)
                     return out
         return self._exact_moments(xs, ys)
 

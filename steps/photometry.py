@@ -37,7 +37,6 @@ import numpy as np
 import numpy.typing as npt
 from astropy import units as u
 from astropy.table import Table
-from scipy.optimize import brentq
 from scipy.spatial import cKDTree
 
 from ..errors import ConfigError, PhotometryError
@@ -317,7 +316,12 @@ def _fit_with_scatter(d: npt.NDArray[np.float64], s: npt.NDArray[np.float64], x:
         hi = max(float(np.std(d)), 1e-6)
         while solve(hi)[2] > dof:
             hi *= 2.0
-        sig_int = float(brentq(lambda t: solve(t)[2] - dof, 0.0, hi, xtol=1e-7))
+        # chi2 falls monotonically with sig_int: bisect the bracket [0, hi] to 1e-7 mag.
+        lo = 0.0
+        while hi - lo > 1e-7:
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if solve(mid)[2] > dof else (lo, mid)
+        sig_int = 0.5 * (lo + hi)
         p, cov, chi2 = solve(sig_int)
     full_p = np.array([p[0], p[1] if use_colour else 0.0])
     full_cov = np.zeros((2, 2))

@@ -18,6 +18,7 @@ from singleframe.benchmarks import (
     _load_truth,
     _write_truth,
     check_bars,
+    compile_package_bytecode,
     format_markdown,
     make_row,
 )
@@ -734,3 +735,21 @@ def test_results_name_the_commit_they_were_measured_on():
     # An editable checkout (tests, CI) reports its commit, "+" when files changed; anything else nothing.
     assert re.fullmatch(r"(, commit [0-9a-f]{4,40}\+?)?", version), version
     assert _machine().endswith(version)
+
+
+def test_package_bytecode_is_compiled_for_every_subpackage() -> None:
+    # The benchmark's fresh workers must import our modules from bytecode, as a wheel install
+    # does, even where PYTHONDONTWRITEBYTECODE stops Python from writing it on import.
+    import importlib
+    import importlib.util
+    import os
+
+    dirs = compile_package_bytecode()
+    for name in ("singleframe", "singleframe.steps", "singleframe.io", "singleframe.flows"):
+        mod_dir = importlib.import_module(name).__path__[0]
+        if not os.access(mod_dir, os.W_OK):
+            continue  # a read-only install: pip compiled it
+        assert mod_dir in dirs
+        source = os.path.join(mod_dir, "__init__.py")
+        cached = importlib.util.cache_from_source(source)
+        assert os.path.exists(cached) and os.path.getmtime(cached) >= os.path.getmtime(source)
