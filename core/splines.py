@@ -37,38 +37,50 @@ def interpolation_knots(x: npt.ArrayLike, degree: int) -> npt.NDArray[np.float64
     return np.concatenate([np.full(degree + 1, xs[0]), interior, np.full(degree + 1, xs[-1])])
 
 
+def _nonzero_basis(x: npt.NDArray[np.float64], t: npt.NDArray[np.float64], degree: int
+                   ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.intp]]:
+    """The ``degree + 1`` basis functions that do not vanish at each ``x``, and the index of the first.
+
+    ``x`` must lie in the knot span. de Boor's triangle (Cox–de Boor recursion), vectorised over ``x``.
+    """
+    n_coef = len(t) - degree - 1
+    # Interval index mu with t[mu] <= x < t[mu + 1], degree <= mu <= n_coef - 1.
+    mu = np.clip(np.searchsorted(t, x, side="right") - 1, degree, n_coef - 1)
+    b = np.zeros((len(x), degree + 1))
+    b[:, 0] = 1.0
+    left = np.empty((len(x), degree + 1))
+    right = np.empty((len(x), degree + 1))
+    for j in range(1, degree + 1):
+        left[:, j] = x - t[mu + 1 - j]
+        right[:, j] = t[mu + j] - x
+        saved = np.zeros(len(x))
+        for r in range(j):
+            den = right[:, r + 1] + left[:, j - r]  # spans [t[mu], t[mu + 1]]: never zero
+            term = b[:, r] / den
+            b[:, r] = saved + right[:, r + 1] * term
+            saved = left[:, j - r] * term
+        b[:, j] = saved
+    return b, mu - degree
+
+
+def _clip_to_span(x: npt.ArrayLike, t: npt.NDArray[np.float64], degree: int) -> npt.NDArray[np.float64]:
+    n_coef = len(t) - degree - 1
+    if n_coef < 1:
+        raise ValueError(f"{len(t)} knots carry no degree-{degree} basis function")
+    return np.clip(np.asarray(x, float).ravel(), t[degree], t[n_coef])
+
+
 def basis_matrix(x: npt.ArrayLike, knots: npt.ArrayLike, degree: int) -> npt.NDArray[np.float64]:
-    """Dense B-spline basis ``(len(x), len(knots) - degree - 1)`` at ``x`` (Cox–de Boor).
+    """Dense B-spline basis ``(len(x), len(knots) - degree - 1)`` at ``x``.
 
     Positions are clipped to the knot span ``[knots[degree], knots[-degree - 1]]``; the right
     end belongs to the last interval, as in :meth:`scipy.interpolate.BSpline.design_matrix`.
     """
     t = np.asarray(knots, float)
-    xs = np.asarray(x, float).ravel()
-    n_coef = len(t) - degree - 1
-    if n_coef < 1:
-        raise ValueError(f"{len(t)} knots carry no degree-{degree} basis function")
-    xs = np.clip(xs, t[degree], t[n_coef])
-    # Interval index mu with t[mu] <= x < t[mu + 1], degree <= mu <= n_coef - 1.
-    mu = np.clip(np.searchsorted(t, xs, side="right") - 1, degree, n_coef - 1)
-    # de Boor's triangle: b[:, j] is the basis function mu - degree + j at x.
-    b = np.zeros((len(xs), degree + 1))
-    b[:, 0] = 1.0
-    left = np.empty((len(xs), degree + 1))
-    right = np.empty((len(xs), degree + 1))
-    for j in range(1, degree + 1):
-        left[:, j] = xs - t[mu + 1 - j]
-        right[:, j] = t[mu + j] - xs
-        saved = np.zeros(len(xs))
-        for r in range(j):
-            den = right[:, r + 1] + left[:, j - r]
-            term = np.divide(b[:, r], den, out=np.zeros(len(xs)), where=den != 0)
-            b[:, r] = saved + right[:, r + 1] * term
-            saved = left[:, j - r] * term
-        b[:, j] = saved
-    out = np.zeros((len(xs), n_coef))
-    cols = mu[:, None] - degree + np.arange(degree + 1)[None, :]
-    np.put_along_axis(out, cols, b, axis=1)
+    xs = _clip_to_span(x, t, degree)
+    b, first = _nonzero_basis(xs, t, degree)
+    out = np.zeros((len(xs), len(t) - degree - 1))
+    np.put_along_axis(out, first[:, None] + np.arange(degree + 1)[None, :], b, axis=1)
     return out
 
 
@@ -113,7 +125,19 @@ class GridSpline:
         return basis_matrix(v, self.knots_v, self.degree_v)
 
     def ev(self, u: npt.ArrayLike, v: npt.ArrayLike) -> npt.NDArray[np.float64]:
-        """The spline at the points ``(u[k], v[k])`` (broadcast; clipped to the grid's span)."""
+        """The spline at the points ``(u[k], v[k])`` (broadcast; clipped to the grid's span).
+
+        Sums the ``(degree_u + 1) (degree_v + 1)`` non-zero terms of each point: memory and time
+        linear in the number of points, whatever the grid's size.
+        """
         ub, vb = np.broadcast_arrays(np.asarray(u, float), np.asarray(v, float))
-        vals = np.einsum("pi,ij,pj->p", self.basis_u(ub), self.coeffs, self.basis_v(vb), optimize=True)
-        return vals.reshape(ub.shape)
+        bu, iu = _nonzero_basis(_clip_to_span(ub, self.knots_u, self.degree_u), self.knots_u, self.degree_u)
+        bv, iv = _nonzero_basis(_clip_to_span(vb, self.knots_v, self.degree_v), self.knots_v, self.degree_v)
+        flat = self.coeffs.ravel()
+        n_v = self.coeffs.shape[1]
+        out = np.zeros(bu.shape[0])
+        for a in range(self.degree_u + 1):
+            row_start = (iu + a) * n_v + iv
+            for c in range(self.degree_v + 1):
+                out += bu[:, a] * bv[:, c] * flat[row_start + c]
+        return out.reshape(ub.shape)
