@@ -288,8 +288,8 @@ def compile_package_bytecode() -> list[str]:
 
     A wheel install has its bytecode written by ``pip``; an editable install writes it on
     first import, unless ``PYTHONDONTWRITEBYTECODE`` is set (as on the development machines),
-    when every fresh process compiles our sources again: 0.15 s of a 4096² benchmark
-    worker's 1.0 s start-up. Directories without write access (a system install) are
+    when every fresh process compiles our sources again: about 0.1 s of a benchmark
+    worker's 0.9–1.0 s start-up. Directories without write access (a system install) are
     skipped; Python ignores bytecode older than its source, so a stale file is never run.
     """
     import compileall
