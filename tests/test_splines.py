@@ -80,3 +80,16 @@ def test_calibration_imports_neither_scipy_interpolate_nor_optimize() -> None:
             "print(sorted(m for m in ('scipy.interpolate', 'scipy.optimize') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_grid_evaluation_equals_pointwise_evaluation() -> None:
+    # The separable product and the point-by-point sum are the same sums in another order.
+    rng = np.random.default_rng(7)
+    xc = np.arange(64.0, 1024.0, 128.0)
+    yc = np.arange(32.0, 768.0, 64.0)
+    model = BackgroundModel(1000.0 + rng.normal(size=(yc.size, xc.size)), xc, yc, (768, 1024))
+    xs = np.concatenate([[-5.0], np.arange(0.0, 1024.0, 8.0), [2000.0]])  # beyond the edges: clipped
+    ys = np.arange(0.0, 768.0, 8.0)
+    np.testing.assert_allclose(model.grid(xs, ys), model.evaluate(xs[None, :], ys[:, None]), rtol=0, atol=1e-9)
+    spline = GridSpline.fit(yc, xc, model.values)
+    np.testing.assert_allclose(spline.grid(ys, xs[1:-1]), spline.ev(ys[:, None], xs[None, 1:-1]), rtol=0, atol=1e-9)
