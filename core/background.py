@@ -87,11 +87,16 @@ class BackgroundModel:
         ny, nx = self.shape
         return (y0 - 0.5, y0 + ny - 0.5, x0 - 0.5, x0 + nx - 0.5)
 
-    def evaluate(self, x: npt.ArrayLike, y: npt.ArrayLike) -> npt.NDArray[np.float64]:
-        """Background at parent positions ``(x, y)`` (constant beyond the image edges)."""
+    def _clipped(self, x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """Positions moved inside the spline's span: the model is constant beyond the image edges."""
         y_lo, y_hi, x_lo, x_hi = self._extent()
         xa = np.clip(np.asarray(x, float), min(x_lo, self.x_centers[0]), max(x_hi, self.x_centers[-1]))
         ya = np.clip(np.asarray(y, float), min(y_lo, self.y_centers[0]), max(y_hi, self.y_centers[-1]))
+        return xa, ya
+
+    def evaluate(self, x: npt.ArrayLike, y: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """Background at parent positions ``(x, y)`` (constant beyond the image edges)."""
+        xa, ya = self._clipped(x, y)
         spl = self._spline()
         if spl is None:
             return np.full(np.broadcast(xa, ya).shape, float(self.values[0, 0]))
@@ -102,9 +107,7 @@ class BackgroundModel:
 
         Equal to ``evaluate(x[None, :], y[:, None])``, through the separable form.
         """
-        y_lo, y_hi, x_lo, x_hi = self._extent()
-        xa = np.clip(np.asarray(x, float).ravel(), min(x_lo, self.x_centers[0]), max(x_hi, self.x_centers[-1]))
-        ya = np.clip(np.asarray(y, float).ravel(), min(y_lo, self.y_centers[0]), max(y_hi, self.y_centers[-1]))
+        xa, ya = self._clipped(np.ravel(x), np.ravel(y))
         spl = self._spline()
         if spl is None:
             return np.full((ya.size, xa.size), float(self.values[0, 0]))
