@@ -107,6 +107,11 @@ def cmd_ingest_refcat(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.dask_workers is not None:
+        # The local cluster's fork server imports the calibration while this process imports Prefect.
+        from .runtime import start_worker_forkserver
+
+        start_worker_forkserver()
     from pydantic import ValidationError
 
     from .flows import calibrate

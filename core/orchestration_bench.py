@@ -12,8 +12,9 @@ start`` (SQLite, its own temporary ``PREFECT_HOME``) is started on a free
     diagnostic plot, called in a plain loop). Bar: ≤ 10 % of the direct time.
 (b) **Dask throughput** — the flow on a ``DaskTaskRunner`` with a LocalCluster
     of 2 single-threaded processes (:func:`~singleframe.flows.calibrate.make_task_runner`)
-    against the one-thread flow of (a). Bar: ≥ 1.7×. The cluster's start-up is
-    inside the timed run, as it is for a user.
+    against the one-thread flow of (a). Bar: ≥ 1.7×. Both are timed as whole
+    commands (interpreter start, imports, the cluster's start-up and exit), as a
+    user would time them; the time from the flow's call on is reported too.
 (c) **re-run** — the finished run of (a) run again: no file may be rewritten
     and it must take ≤ 5 % of the first run. Then one dataset
     (``--delete-dataset``, default ``star_catalog``) of one detector is deleted
@@ -345,6 +346,10 @@ def _worker_direct(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _worker_flow(spec: dict[str, Any]) -> dict[str, Any]:
     """One flow run of ``calibrate_visits`` against the server in ``PREFECT_API_URL``."""
+    if spec.get("dask_workers"):  # as ``singleframe run --dask-workers`` does, before Prefect is imported
+        from .runtime import start_worker_forkserver
+
+        start_worker_forkserver()
     from .flows.calibrate import CalibrateParams, make_task_runner, run_calibration
 
     params = CalibrateParams(store=spec["store"], output_run=spec["output_run"], detectors=spec["detectors"],
@@ -431,6 +436,7 @@ class _Bench:
         self.n += 1
         out_json = self.work / f"run-{self.n:02d}-{kind}.json"
         log_path = self.work / f"run-{self.n:02d}-{kind}.log"
+        t0 = time.perf_counter()
         with log_path.open("wb") as log_fh:
             proc = subprocess.run([sys.executable, "-m", "singleframe.orchestration_bench", "--worker", kind,
                                    json.dumps(spec), str(out_json)], env=self.env, stdout=log_fh,
@@ -439,6 +445,8 @@ class _Bench:
             tail = log_path.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"{kind} run failed (exit {proc.returncode}); log {log_path}:\n{tail}")
         record: dict[str, Any] = json.loads(out_json.read_text())
+        # The whole command, interpreter start, imports and exit included, as a user would time it.
+        record["process_wall_s"] = time.perf_counter() - t0
         if kind == "flow" and record["state"] != "Completed":
             raise RuntimeError(f"flow run ended {record['state']}: {record['message']} (log {log_path})")
         return record
@@ -508,7 +516,7 @@ def _measure_visit(bench: _Bench, config: OrchestrationBenchConfig, api: str,
         _wait_server_idle(api)
         rec = bench.spawn("flow", {**base, "output_run": f"flow{i}"})
         flow.append(rec)
-        bench.log(f"flow (1 thread) #{i}: {rec['wall_s']:.1f} s, {rec['message']}")
+        bench.log(f"flow (1 thread) #{i}: {rec['wall_s']:.1f} s ({rec['process_wall_s']:.1f} s as a command), {rec['message']}")
         if i == 0 and "c" in config.bars:
             # Right after the first run, so no code or config change can come in between.
             rerun_bars = _measure_rerun(bench, config, api, store_root, f"flow{i}", rec, runs)
@@ -517,7 +525,7 @@ def _measure_visit(bench: _Bench, config: OrchestrationBenchConfig, api: str,
             _wait_server_idle(api)
             rec = bench.spawn("flow", {**base, "output_run": f"dask{i}", "dask_workers": config.dask_workers})
             dask.append(rec)
-            bench.log(f"flow (Dask {config.dask_workers} processes) #{i}: {rec['wall_s']:.1f} s, {rec['message']}")
+            bench.log(f"flow (Dask {config.dask_workers} processes) #{i}: {rec['wall_s']:.1f} s ({rec['process_wall_s']:.1f} s as a command), {rec['message']}")
             shutil.rmtree(store_root / f"dask{i}", ignore_errors=True)
     runs.update({"direct": direct, "flow_1_thread": flow, "flow_dask": dask})
     n = config.detectors
@@ -532,16 +540,17 @@ def _measure_visit(bench: _Bench, config: OrchestrationBenchConfig, api: str,
                               f"{overhead:.1f} %", f"<= {OVERHEAD_BAR_PCT:.0f} %",
                               overhead <= OVERHEAD_BAR_PCT, overhead, note))
     if dask:
-        dask_s = _median([r["wall_s"] for r in dask])
-        speedup = flow_s / dask_s
+        dask_s, flow_cmd_s = (_median([r.get("process_wall_s", r["wall_s"]) for r in rs]) for rs in (dask, flow))
+        speedup = flow_cmd_s / dask_s
+        in_flow = flow_s / _median([r["wall_s"] for r in dask])
         serial_rate = _steady_rate(flow[0]["detector_done_s"], 1)
         dask_rate = _steady_rate(dask[0]["detector_done_s"], config.dask_workers)
         steady = (f"steady state (after the first detector per process) {dask_rate / serial_rate:.2f}x"
                   if serial_rate and dask_rate else "too few detectors for a steady-state rate")
         bars.append(BarResult(f"(b) Dask {config.dask_workers}-process throughput vs 1 process",
                               f"{speedup:.2f}x", f">= {DASK_SPEEDUP_BAR}x", speedup >= DASK_SPEEDUP_BAR, speedup,
-                              f"Dask {dask_s:.1f} s (cluster start-up included) vs 1-thread flow {flow_s:.1f} s; "
-                              f"{steady}; Dask {_timeline(dask[0])}; 1 thread {_timeline(flow[0])}; "
+                              f"Dask {dask_s:.1f} s vs 1-thread flow {flow_cmd_s:.1f} s, whole commands (from the "
+                              f"flow's call on: {in_flow:.2f}x); {steady}; Dask {_timeline(dask[0])}; 1 thread {_timeline(flow[0])}; "
                               f"{min(_ok(r) for r in dask)}/{n} detectors ok"))
     if direct and "rerun" in runs:
         # A re-run where every stage is cached is nearly all orchestration (Prefect's fixed cost and

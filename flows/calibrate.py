@@ -63,6 +63,7 @@ from ..io.refcat import refcat_version
 from ..io.refs import DatasetRef
 from ..io.store import ArtifactStore
 from ..provenance import code_fingerprint
+from ..runtime import WORKER_PRELOAD, start_worker_forkserver
 from ..steps.config import CalibrateImageConfig, calibrate_config_from_dict, load_calibrate_config
 from .artifacts import SUMMARY_KEYS, VisitProgress, publish_visit_artifacts
 from .diagnostics import diagnostics_path, plot_detector_diagnostics
@@ -732,29 +733,25 @@ def make_task_runner(*, max_workers: int = 2, dask_workers: int | None = None,
                                           "processes": True, "dashboard_address": None})
 
 
-#: Modules a local cluster's worker processes have imported before they start: the calibration,
-#: Prefect's task engine and the diagnostic plot's matplotlib.
-_WORKER_PRELOAD = ("distributed", "singleframe.flows.calibrate", "matplotlib.figure", "matplotlib.backends.backend_agg")
-
-
 def _start_warm_forkserver() -> bool:
     """Fork a local cluster's workers from a server that has already imported the calibration.
 
     With Dask's default (``spawn``) each worker process starts a new interpreter and imports
     distributed, Prefect, singleframe and their dependencies (~3-4 s of CPU each) before its
-    first detector, after the flow has started. Here the fork server is started at once, in
-    parallel with the flow's own start-up, imports those modules once and forks each worker
-    ready to run (Python's ``forkserver`` start method, also used when the nanny restarts a
-    worker). The allocator tuning that ``import singleframe`` applies is inherited with the
-    fork; that is also why the nanny's pre-spawn variables, which a forked worker does not
-    read, are no longer needed there. Measured, 8 x 4096² detectors on 2 workers (2 runs each):
-    first detectors done 12.7-12.8 s -> 10.6 s after the flow process started, 33-35 -> 30-32 s
-    in all.
+    first detector, after the flow has started. Here the fork server
+    (:func:`~singleframe.runtime.start_worker_forkserver`) imports those modules once and forks
+    each worker ready to run (Python's ``forkserver`` start method, also used when the nanny
+    restarts a worker). The allocator tuning that ``import singleframe`` applies is inherited
+    with the fork; that is also why the nanny's pre-spawn variables, which a forked worker does
+    not read, are no longer needed there. Measured, 8 x 4096² detectors on 2 workers (2 runs
+    each): first detectors done 12.7-12.8 s -> 10.6 s after the flow process started, 33-35 ->
+    30-32 s in all. ``singleframe run --dask-workers`` starts the server before it imports this
+    module, so that the server's imports and the flow's run side by side (here it is already
+    running, and this call changes nothing).
 
     Returns False (Dask's default stays) where ``forkserver`` does not exist (Windows).
     """
     import multiprocessing
-    import multiprocessing.forkserver
 
     import dask
 
@@ -764,10 +761,9 @@ def _start_warm_forkserver() -> bool:
     from distributed.utils import get_mp_context
 
     # distributed sets its own preload list on its first call, once per process; ours replaces it
-    # before the server starts (it starts here, or at the first worker).
-    get_mp_context().set_forkserver_preload(list(_WORKER_PRELOAD))
-    multiprocessing.forkserver.ensure_running()
-    return True
+    # (read when the server starts: here, or at a restart if the server has died).
+    get_mp_context()
+    return start_worker_forkserver(WORKER_PRELOAD)
 
 
 def current_progress_callback() -> ProgressCallback | None:

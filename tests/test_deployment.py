@@ -14,6 +14,7 @@ absent (``.ci/run`` installs it).
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from singleframe.deployments.serve import (
+    SERVER_NICE,
     prefect_env,
     register_deployments,
     start_server,
@@ -59,11 +61,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         startup_s = time.perf_counter() - t0
         register_deployments(env, cwd=work)
         procs.append(start_worker(env, limit=1, cwd=work, stdout=logs["worker"], stderr=subprocess.STDOUT))
-        yield {"api": api, "port": port, "work": work, "startup_s": startup_s}
+        yield {"api": api, "port": port, "work": work, "startup_s": startup_s, "server_pid": procs[0].pid}
     finally:
         stop(procs)
         for f in logs.values():
             f.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority") or shutil.which("nice") is None, reason="needs POSIX nice")
+def test_the_local_server_runs_below_the_flows(server: dict) -> None:
+    # Its bookkeeping must not take CPU from calibrations running on the same cores.
+    assert os.getpriority(os.PRIO_PROCESS, server["server_pid"]) == min(19, os.getpriority(os.PRIO_PROCESS, 0)
+                                                                          + SERVER_NICE)
 
 
 @pytest.fixture(scope="module")

@@ -92,10 +92,11 @@ def probe(modules):
     return preloaded, arenas
 
 if __name__ == "__main__":
-    from singleframe.flows.calibrate import _WORKER_PRELOAD, make_task_runner
+    from singleframe.flows.calibrate import make_task_runner
+    from singleframe.runtime import WORKER_PRELOAD
     runner = make_task_runner(dask_workers=1)
     with LocalCluster(**runner.cluster_kwargs) as cluster, Client(cluster) as client:
-        print(client.submit(probe, list(_WORKER_PRELOAD)).result())
+        print(client.submit(probe, list(WORKER_PRELOAD)).result())
 """
 
 
@@ -195,3 +196,17 @@ def test_importing_singleframe_applies_the_kernel_rule():
         pytest.skip("this kernel has no transparent huge pages")
     stalls = enabled != "never" and defrag in {"always", "madvise", "defer+madvise"}
     assert advice == str(not stalls), done.stdout  # numpy advises by default on Linux
+
+
+@pytest.mark.skipif("forkserver" not in __import__("multiprocessing").get_all_start_methods(),
+                    reason="no forkserver start method")
+def test_worker_forkserver_starts_before_and_without_prefect():
+    # `singleframe run --dask-workers` starts the workers' fork server before it imports Prefect,
+    # so that the server's imports run beside the flow's: it must not import either itself.
+    code = ("import sys, multiprocessing.forkserver as fs\n"
+            "from singleframe.runtime import start_worker_forkserver\n"
+            "assert start_worker_forkserver(('json',))\n"
+            "assert fs._forkserver._forkserver_pid is not None\n"
+            "print(sorted(m for m in ('prefect', 'distributed', 'dask') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
