@@ -65,8 +65,9 @@ def start_server(port: int, env: Mapping[str, str], *, nice: int = SERVER_NICE, 
     ~0.5 s of CPU per 4096² detector (8 task runs) on SQLite, and on a machine whose cores all
     calibrate it otherwise takes that time from them. A flow run does not wait for it: task-run
     states reach it as events, and it catches up between detectors and after the run. Measured,
-    8 x 4096² detectors on a 2-process Dask cluster, 3 runs each, interleaved: 31.4 / 30.5 /
-    30.5 s at niceness 0, 30.5 / 29.5 / 29.4 s at 15. A flow on one thread leaves a core free
+    8 x 4096² detectors on a 2-process Dask cluster, 3 runs each, interleaved with niceness 0:
+    27.4 / 28.4 / 26.4 s at 10 against 29.4 / 28.5 / 26.4 s; 30.5 / 29.5 / 29.4 s at 15 against
+    31.4 / 30.5 / 30.5 s (a small gain on a noisy VM). A flow on one thread leaves a core free
     and is not affected.
     """
     cmd = [prefect_executable(), "server", "start", "--host", "127.0.0.1", "--port", str(port)]

@@ -746,8 +746,8 @@ def _start_warm_forkserver() -> bool:
     not read, are no longer needed there. Measured, 8 x 4096² detectors on 2 workers (2 runs
     each): first detectors done 12.7-12.8 s -> 10.6 s after the flow process started, 33-35 ->
     30-32 s in all. ``singleframe run --dask-workers`` starts the server before it imports this
-    module, so that the server's imports and the flow's run side by side (here it is already
-    running, and this call changes nothing).
+    module, so that the server's imports and the flow's run side by side; a server already
+    running is kept as it is.
 
     Returns False (Dask's default stays) where ``forkserver`` does not exist (Windows).
     """
