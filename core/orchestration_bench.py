@@ -14,7 +14,9 @@ start`` (SQLite, its own temporary ``PREFECT_HOME``) is started on a free
     of 2 single-threaded processes (:func:`~singleframe.flows.calibrate.make_task_runner`)
     against the one-thread flow of (a). Bar: ≥ 1.7×. Both are timed as whole
     commands (interpreter start, imports, the cluster's start-up and exit), as a
-    user would time them; the time from the flow's call on is reported too.
+    user would time them; the time from the flow's call on is reported too. So
+    is the machine's ceiling in the same hour: the stages of (a)'s direct loop in
+    one process, and in 2 plain processes side by side on half the detectors each.
 (c) **re-run** — the finished run of (a) run again: no file may be rewritten
     and it must take ≤ 5 % of the first run. Then one dataset
     (``--delete-dataset``, default ``star_catalog``) of one detector is deleted
@@ -433,23 +435,46 @@ class _Bench:
         self.n = 0
 
     def spawn(self, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
-        self.n += 1
-        out_json = self.work / f"run-{self.n:02d}-{kind}.json"
-        log_path = self.work / f"run-{self.n:02d}-{kind}.log"
+        """Run one worker subprocess of ``kind`` and return its record."""
+        return self.spawn_together(kind, [spec])[0]
+
+    def spawn_together(self, kind: str, specs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Run one worker subprocess of ``kind`` per spec, all at once, and return their records.
+
+        Each record gets ``process_wall_s``: from the start of all the commands to the end of
+        its own (interpreter start, imports and exit included, as a user would time it).
+        """
         t0 = time.perf_counter()
-        with log_path.open("wb") as log_fh:
-            proc = subprocess.run([sys.executable, "-m", "singleframe.orchestration_bench", "--worker", kind,
-                                   json.dumps(spec), str(out_json)], env=self.env, stdout=log_fh,
-                                  stderr=subprocess.STDOUT)
-        if proc.returncode != 0:
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{kind} run failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-        record: dict[str, Any] = json.loads(out_json.read_text())
-        # The whole command, interpreter start, imports and exit included, as a user would time it.
-        record["process_wall_s"] = time.perf_counter() - t0
-        if kind == "flow" and record["state"] != "Completed":
-            raise RuntimeError(f"flow run ended {record['state']}: {record['message']} (log {log_path})")
-        return record
+        started = []
+        for spec in specs:
+            self.n += 1
+            out_json = self.work / f"run-{self.n:02d}-{kind}.json"
+            log_path = self.work / f"run-{self.n:02d}-{kind}.log"
+            log_fh = log_path.open("wb")
+            proc = subprocess.Popen([sys.executable, "-m", "singleframe.orchestration_bench", "--worker", kind,
+                                     json.dumps(spec), str(out_json)], env=self.env, stdout=log_fh,
+                                    stderr=subprocess.STDOUT)
+            started.append((proc, out_json, log_path, log_fh))
+        pending = {id(p): p for p, *_ in started}
+        ended: dict[int, float] = {}
+        while pending:  # the end of each, not just of the last
+            for key, proc in list(pending.items()):
+                if proc.poll() is not None:
+                    ended[key] = time.perf_counter() - t0
+                    del pending[key]
+            time.sleep(0.02)
+        records = []
+        for proc, out_json, log_path, log_fh in started:
+            log_fh.close()
+            if proc.returncode != 0:
+                tail = log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{kind} run failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+            record: dict[str, Any] = json.loads(out_json.read_text())
+            record["process_wall_s"] = ended[id(proc)]
+            if kind == "flow" and record["state"] != "Completed":
+                raise RuntimeError(f"flow run ended {record['state']}: {record['message']} (log {log_path})")
+            records.append(record)
+        return records
 
 
 def _file_times(root: Path) -> dict[str, int]:
@@ -505,7 +530,7 @@ def _measure_visit(bench: _Bench, config: OrchestrationBenchConfig, api: str,
     runs["simulate_visit"] = sim
     detectors = None  # every simulated detector
     base = {"store": str(store_root), "detectors": detectors}
-    direct, flow, dask = [], [], []
+    direct, flow, dask, plain = [], [], [], []
     rerun_bars: list[BarResult] = []
     for i in range(config.repeat):
         if "a" in config.bars:
@@ -516,7 +541,8 @@ def _measure_visit(bench: _Bench, config: OrchestrationBenchConfig, api: str,
         _wait_server_idle(api)
         rec = bench.spawn("flow", {**base, "output_run": f"flow{i}"})
         flow.append(rec)
-        bench.log(f"flow (1 thread) #{i}: {rec['wall_s']:.1f} s ({rec['process_wall_s']:.1f} s as a command), {rec['message']}")
+        bench.log(f"flow (1 thread) #{i}: {rec['wall_s']:.1f} s ({rec['process_wall_s']:.1f} s as a command), "
+                  f"{rec['message']}")
         if i == 0 and "c" in config.bars:
             # Right after the first run, so no code or config change can come in between.
             rerun_bars = _measure_rerun(bench, config, api, store_root, f"flow{i}", rec, runs)
@@ -525,9 +551,26 @@ def _measure_visit(bench: _Bench, config: OrchestrationBenchConfig, api: str,
             _wait_server_idle(api)
             rec = bench.spawn("flow", {**base, "output_run": f"dask{i}", "dask_workers": config.dask_workers})
             dask.append(rec)
-            bench.log(f"flow (Dask {config.dask_workers} processes) #{i}: {rec['wall_s']:.1f} s ({rec['process_wall_s']:.1f} s as a command), {rec['message']}")
+            bench.log(f"flow (Dask {config.dask_workers} processes) #{i}: {rec['wall_s']:.1f} s "
+                      f"({rec['process_wall_s']:.1f} s as a command), {rec['message']}")
             shutil.rmtree(store_root / f"dask{i}", ignore_errors=True)
-    runs.update({"direct": direct, "flow_1_thread": flow, "flow_dask": dask})
+            # What the machine gives two processes this hour: the same stages without Prefect or
+            # Dask, in one process, then in two side by side on half the detectors each.
+            if "a" in config.bars:
+                one = direct[-1]
+            else:
+                one = bench.spawn("direct", {**base, "output_run": f"solo{i}"})
+                shutil.rmtree(store_root / f"solo{i}", ignore_errors=True)
+            ids = sorted(int(d) for d in one["statuses"])
+            shares = [ids[k::config.dask_workers] for k in range(config.dask_workers)]
+            together = bench.spawn_together("direct", [{**base, "detectors": share, "output_run": f"side{i}-{k}"}
+                                                       for k, share in enumerate(shares)])
+            for k in range(config.dask_workers):
+                shutil.rmtree(store_root / f"side{i}-{k}", ignore_errors=True)
+            plain.append({"one": one, "side_by_side": together})
+            bench.log(f"plain processes #{i}: one {one['process_wall_s']:.1f} s, {config.dask_workers} side by side "
+                      f"{max(r['process_wall_s'] for r in together):.1f} s")
+    runs.update({"direct": direct, "flow_1_thread": flow, "flow_dask": dask, "plain_processes": plain})
     n = config.detectors
     bars: list[BarResult] = []
     flow_s = _median([r["wall_s"] for r in flow])
@@ -547,10 +590,18 @@ def _measure_visit(bench: _Bench, config: OrchestrationBenchConfig, api: str,
         dask_rate = _steady_rate(dask[0]["detector_done_s"], config.dask_workers)
         steady = (f"steady state (after the first detector per process) {dask_rate / serial_rate:.2f}x"
                   if serial_rate and dask_rate else "too few detectors for a steady-state rate")
+        ceiling = ""
+        if plain:
+            one_s = _median([p["one"]["process_wall_s"] for p in plain])
+            side_s = _median([max(r["process_wall_s"] for r in p["side_by_side"]) for p in plain])
+            ceiling = (f"; the machine's ceiling: the same stages without Prefect or Dask take {side_s:.1f} s in "
+                       f"{config.dask_workers} plain processes side by side against {one_s:.1f} s in one, "
+                       f"{one_s / side_s:.2f}x, of which Dask reaches {100 * speedup * side_s / one_s:.0f} %")
         bars.append(BarResult(f"(b) Dask {config.dask_workers}-process throughput vs 1 process",
                               f"{speedup:.2f}x", f">= {DASK_SPEEDUP_BAR}x", speedup >= DASK_SPEEDUP_BAR, speedup,
-                              f"Dask {dask_s:.1f} s vs 1-thread flow {flow_cmd_s:.1f} s, whole commands (from the "
-                              f"flow's call on: {in_flow:.2f}x); {steady}; Dask {_timeline(dask[0])}; 1 thread {_timeline(flow[0])}; "
+                              f"Dask {dask_s:.1f} s vs 1-thread flow {flow_cmd_s:.1f} s, whole commands, medians "
+                              f"(from the flow's call on: {in_flow:.2f}x){ceiling}; {steady}; Dask "
+                              f"{_timeline(dask[0])}; 1 thread {_timeline(flow[0])}; "
                               f"{min(_ok(r) for r in dask)}/{n} detectors ok"))
     if direct and "rerun" in runs:
         # A re-run where every stage is cached is nearly all orchestration (Prefect's fixed cost and
