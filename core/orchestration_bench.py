@@ -463,9 +463,10 @@ class _Bench:
                     ended[key] = time.perf_counter() - t0
                     del pending[key]
             time.sleep(0.02)
-        records = []
-        for proc, out_json, log_path, log_fh in started:
+        for *_, log_fh in started:
             log_fh.close()
+        records = []
+        for proc, out_json, log_path, _ in started:
             if proc.returncode != 0:
                 tail = log_path.read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"{kind} run failed (exit {proc.returncode}); log {log_path}:\n{tail}")
