@@ -455,23 +455,21 @@ class _Bench:
                                      json.dumps(spec), str(out_json)], env=self.env, stdout=log_fh,
                                     stderr=subprocess.STDOUT)
             started.append((proc, out_json, log_path, log_fh))
-        pending = {id(p): p for p, *_ in started}
-        ended: dict[int, float] = {}
-        while pending:  # the end of each, not just of the last
-            for key, proc in list(pending.items()):
-                if proc.poll() is not None:
-                    ended[key] = time.perf_counter() - t0
-                    del pending[key]
+        ended: list[float | None] = [None] * len(started)
+        while None in ended:  # the end of each, not just of the last
+            for k, (proc, *_) in enumerate(started):
+                if ended[k] is None and proc.poll() is not None:
+                    ended[k] = time.perf_counter() - t0
             time.sleep(0.02)
         for *_, log_fh in started:
             log_fh.close()
         records = []
-        for proc, out_json, log_path, _ in started:
+        for (proc, out_json, log_path, _), end_s in zip(started, ended, strict=True):
             if proc.returncode != 0:
                 tail = log_path.read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"{kind} run failed (exit {proc.returncode}); log {log_path}:\n{tail}")
             record: dict[str, Any] = json.loads(out_json.read_text())
-            record["process_wall_s"] = ended[id(proc)]
+            record["process_wall_s"] = end_s
             if kind == "flow" and record["state"] != "Completed":
                 raise RuntimeError(f"flow run ended {record['state']}: {record['message']} (log {log_path})")
             records.append(record)
