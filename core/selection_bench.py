@@ -467,14 +467,14 @@ def run_selection_bench(config: SelectionBenchConfig, *, work_dir: str | Path | 
         frame_dir = work / spec.name
         log(f"simulating {spec.name}" + ("" if config.seed is None else f" (seed {config.seed})"))
         _prepare(spec, frame_dir, seed=config.seed)
-        candidates, star_config, template, sky_variance = _star_candidates(frame_dir, config)
+        candidates, star_config, template, sky_variance, prior = _star_candidates(frame_dir, config)
         truth = _load_truth(frame_dir)
     from .sim.evaluation import galaxy_point_source_distance, true_psf_fwhm_pix
     from .steps.star_selection import select_stars
 
     fwhm = true_psf_fwhm_pix(truth)
     result = score_cuts(candidates, truth.sources, psf_fwhm_pix=fwhm, star_config=star_config, config=config,
-                        template=template)
+                        template=template, prior=prior)
     sim_config, visit = frame_simulation(spec, seed=config.seed)
     no_size = select_stars(candidates, config=dataclasses.replace(star_config, max_size_excess_sigma=None)).selected
     kinds = result["contaminants"]
@@ -486,11 +486,13 @@ def run_selection_bench(config: SelectionBenchConfig, *, work_dir: str | Path | 
     return {"machine": _machine(), "config": dataclasses.asdict(config), **result, "information_bound": bound}
 
 
-def _star_candidates(frame_dir: Path, config: SelectionBenchConfig) -> tuple[Any, Any, tuple[Any, Any], Any]:
-    """Star-pass candidates, the star selector's config, the candidates' :func:`psf_template_score`
-    and the sky variance at each candidate (median of the exposure's variance in its 128-px block)."""
+def _star_candidates(frame_dir: Path, config: SelectionBenchConfig) -> tuple[Any, Any, tuple[Any, Any], Any, Any]:
+    """Star-pass candidates, the star selector's config, the candidates' :func:`psf_template_score`,
+    the sky variance at each candidate (median of the exposure's variance in its 128-px block) and
+    the candidates' reference prior (:func:`~singleframe.steps.star_selection.reference_prior`)."""
     from .steps.config import load_calibrate_config
     from .steps.pipeline import calibrate_astrometry, characterize, correct_apertures, find_stars
+    from .steps.star_selection import reference_prior
 
     calib = load_calibrate_config(None)
     snaps = _load_snaps(frame_dir)
@@ -500,13 +502,16 @@ def _star_candidates(frame_dir: Path, config: SelectionBenchConfig) -> tuple[Any
     ap = correct_apertures(ch.exposure, ch.psf_stars, config=calib)
     ast = calibrate_astrometry(ch.exposure, ap.psf_stars, refcat, config=calib)
     fs = find_stars(ch.exposure, ast.psf_stars, wcs=ast.wcs, ap_corr=ap.ap_corr, normalization=ap.normalization,
-                    config=calib, scale_err=ap.scale_err, keep_candidates=True)
+                    config=calib, scale_err=ap.scale_err, keep_candidates=True, refcat=refcat)
     assert fs.candidates is not None
     cand = fs.candidates
     template = psf_template_score(ch.exposure, fs.detections.labels, np.asarray(cand["base_SdssCentroid_x"], float),
                                   np.asarray(cand["base_SdssCentroid_y"], float), np.asarray(cand["id"], np.int64),
                                   half_size_pix=config.template_half_size_pix)
-    return cand, calib.star_selector, template, _block_median_at(ch.exposure.variance, cand, ch.exposure.origin)
+    prior = reference_prior(cand, refcat, wcs=ast.wcs, origin=ch.exposure.origin, shape=ch.exposure.shape,
+                            band=ch.exposure.visit_info.band, config=calib.star_selector)
+    return (cand, calib.star_selector, template, _block_median_at(ch.exposure.variance, cand, ch.exposure.origin),
+            prior if calib.star_selector.use_reference_catalog else None)
 
 
 def _block_median_at(values: npt.NDArray[np.floating], catalog: Any, origin: tuple[int, int],
@@ -524,8 +529,12 @@ def _block_median_at(values: npt.NDArray[np.floating], catalog: Any, origin: tup
 
 
 def score_cuts(candidates: Any, truth_sources: Any, *, psf_fwhm_pix: float, star_config: Any,
-               config: SelectionBenchConfig, template: tuple[Any, Any] | None = None) -> dict[str, Any]:
+               config: SelectionBenchConfig, template: tuple[Any, Any] | None = None,
+               prior: Any = None) -> dict[str, Any]:
     """Recovery and contamination of the configured, uniform and oracle cuts on ``candidates``.
+
+    ``prior`` is the candidates' reference prior: the configured cut uses it (and is also scored
+    without it); the uniform and oracle cuts are on the size excess alone.
 
     ``template`` is the candidates' :func:`psf_template_score` ``(z, size_frac)``: when given, the
     oracle is also run on it (same flags, S/N cut and size floor as the selector).
@@ -537,7 +546,8 @@ def score_cuts(candidates: Any, truth_sources: Any, *, psf_fwhm_pix: float, star
     def evaluate(selected: npt.NDArray[np.bool_]) -> tuple[float, float]:
         return star_recovery(candidates[np.asarray(selected, bool)], truth_sources, psf_fwhm_pix=psf_fwhm_pix)
 
-    configured = np.asarray(select_stars(candidates, config=star_config).selected, bool)
+    configured = np.asarray(select_stars(candidates, config=star_config, prior=prior).selected, bool)
+    size_only = np.asarray(select_stars(candidates, config=star_config).selected, bool)
     no_size = np.asarray(select_stars(candidates, config=dataclasses.replace(
         star_config, max_size_excess_sigma=None)).selected, bool)
     snr = (np.asarray(candidates[f"{star_config.flux_field}_instFlux"], float)
@@ -558,8 +568,13 @@ def score_cuts(candidates: Any, truth_sources: Any, *, psf_fwhm_pix: float, star
     is_cont = d_star > MATCH_RADIUS_PIX
     is_star = d_elig <= MATCH_RADIUS_PIX
 
-    rows = [{"cut": "configured", "sigma": star_config.max_size_excess_sigma, **_score(evaluate, configured)},
-            {"cut": "no size test", "sigma": None, **_score(evaluate, no_size)}]
+    applied = prior is not None and prior.applied
+    rows = [{"cut": "configured" + (", reference prior" if applied else ""),
+             "sigma": star_config.max_size_excess_sigma, **_score(evaluate, configured)}]
+    if applied:
+        rows.append({"cut": "configured, size test only", "sigma": star_config.max_size_excess_sigma,
+                     **_score(evaluate, size_only)})
+    rows.append({"cut": "no size test", "sigma": None, **_score(evaluate, no_size)})
     for k in sorted(config.sigmas, reverse=True):
         rows.append({"cut": "uniform", "sigma": float(k), **_score(evaluate, need <= k)})
     oracle = best_binned_cut(need, snr, is_star, is_cont, evaluate, sigmas=config.sigmas,
@@ -585,6 +600,7 @@ def score_cuts(candidates: Any, truth_sources: Any, *, psf_fwhm_pix: float, star
              "star_size_excess_sigma_p50": _percentiles(z_all[configured & is_star], (50,)),
              "n_within_size_floor": int(np.sum(configured & (need == -np.inf)))}
     return {"rows": rows, "oracle": oracle, "template_oracle": template_oracle, "contaminants": kinds,
+            "reference_prior": None if prior is None else prior.diagnostics(),
             "bars": {"recovered_pct": STAR_RECOVERED_BAR_PCT, "contaminant_pct": STAR_CONTAMINANT_BAR_PCT}}
 
 
@@ -625,6 +641,13 @@ def format_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['cut']} | {sigma} | {r['recovered_pct']:.2f} | {r['contaminant_pct']:.2f} | "
                      f"{r['n_selected']} |")
     lines.append("")
+    rp = result.get("reference_prior")
+    if rp:
+        lines += [("Reference prior applied" if rp["applied"] else f"Reference prior not applied ({rp['reason']})")
+                  + f": {rp['n_reference']} reference stars on the detector, complete to {rp['complete_mag']:.2f} mag "
+                  f"(zero point {rp['zero_point_mag']:.2f}); {rp['n_matched']} candidates matched, "
+                  f"{rp['n_unmatched_complete']} unmatched in the complete range (held to the stricter size test); "
+                  f"{100 * rp['matched_fraction']:.1f} % of the S/N >= 50 point sources matched.", ""]
     if o["sigmas"] is None:
         lines.append(f"Oracle (per-S/N-bin thresholds chosen with the truth): no solution reaches "
                      f"{bars['recovered_pct']} % recovery.")

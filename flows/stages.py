@@ -104,10 +104,12 @@ def _calibrate_astrometry(d: Mapping[str, Any], ctx: StageContext) -> dict[str, 
 
 def _find_stars(d: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:
     ap_corr, norm = ap_corr_from_record(d["aperture_correction"])
-    res = pipeline.find_stars(d["characterized_image"], d["single_visit_psf_star"],
+    exposure = d["characterized_image"]
+    refcat = ctx.load_refcat(exposure) if ctx.config.star_selector.use_reference_catalog else None
+    res = pipeline.find_stars(exposure, d["single_visit_psf_star"],
                               wcs=wcs_from_record(d["astrometric_solution"]), ap_corr=ap_corr,
                               normalization=norm, config=ctx.config,
-                              scale_err=d["aperture_correction"].get("scale_err", {}))
+                              scale_err=d["aperture_correction"].get("scale_err", {}), refcat=refcat)
     stars = res.stars
     stars.meta.update({f"find_stars.{k}": v for k, v in res.diagnostics.items()})
     return {"star_catalog": stars}
@@ -170,8 +172,8 @@ STAGES: tuple[Stage, ...] = (
           _calibrate_astrometry, "match PSF stars to the refcat; affine fit on the camera model", uses_refcat=True),
     Stage("find_stars", ("characterized_image", "aperture_correction", "astrometric_solution", "single_visit_psf_star"),
           ("star_catalog",), _find_stars,
-          "detect (peaks 7 sigma, footprints 5), deblend, measure, select stars (S/N>=8), normalise (star pass), "
-          "aperture-correct, propagate flags"),
+          "detect (peaks 7 sigma, footprints 5), deblend, measure, select stars (S/N>=8; refcat vouches), "
+          "normalise (star pass), aperture-correct, propagate flags", uses_refcat=True),
     Stage("calibrate_photometry", ("characterized_image", "star_catalog", "aperture_correction"),
           ("initial_photoCalib_detector", "initial_photometry_match_detector"), _calibrate_photometry,
           "fit the zero point to the refcat", uses_refcat=True),

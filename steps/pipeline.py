@@ -69,7 +69,7 @@ from .photometry import fit_photometry
 from .psf_determination import fit_psf, select_psf_candidates
 from .residual_detection import detect_residual_sources
 from .snap_combination import combine_snaps
-from .star_selection import place_sky_sources, select_stars
+from .star_selection import ReferencePrior, place_sky_sources, reference_prior, select_stars
 from .summary import compute_summary_stats, quality_warnings
 
 PSF_CATALOG = 0
@@ -359,8 +359,13 @@ class FindStarsStage:
 
 def find_stars(exposure: Exposure, psf_stars: Table, *, wcs: WCS, ap_corr: Mapping[str, ChebyshevField],
                normalization: float, config: CalibrateImageConfig,
-               scale_err: Mapping[str, float] | None = None, keep_candidates: bool = False) -> FindStarsStage:
+               scale_err: Mapping[str, float] | None = None, keep_candidates: bool = False,
+               refcat: Table | None = None) -> FindStarsStage:
     """Brief steps 5–6: detect at S/N ≥ 10, deblend, measure, select, propagate flags.
+
+    With ``refcat`` (and ``star_selector.use_reference_catalog``), the reference stars vouch for
+    the sources they match, and unmatched sources in the catalogue's complete range face a
+    stricter size test (:func:`.star_selection.reference_prior`).
 
     With ``residual_search`` the PSF-subtracted residual around bright stars is searched for
     faint stars the deblender merged into them (:func:`.residual_detection.detect_residual_sources`).
@@ -388,7 +393,17 @@ def find_stars(exposure: Exposure, psf_stars: Table, *, wcs: WCS, ap_corr: Mappi
         residual["sky_source"] = np.zeros(len(residual), bool)
     n_residual = 0 if residual is None else len(residual)
     catalog["sky_source"] = np.zeros(len(catalog), bool)
-    selection = select_stars(catalog, config=config.star_selector)
+    use_ref = refcat is not None and config.star_selector.use_reference_catalog
+
+    def prior_of(cat: Table, like: ReferencePrior | None = None) -> ReferencePrior | None:
+        if not use_ref:
+            return None
+        assert refcat is not None
+        return reference_prior(cat, refcat, wcs=wcs, origin=exposure.origin, shape=exposure.shape,
+                               band=exposure.visit_info.band, config=config.star_selector, like=like)
+
+    prior = prior_of(catalog)
+    selection = select_stars(catalog, config=config.star_selector, prior=prior)
     stars = measure_aperture_fluxes(exp, catalog[np.asarray(selection.selected, bool)], det.detections,
                                     config=config.measurement)
     candidates = catalog if keep_candidates else None
@@ -398,7 +413,8 @@ def find_stars(exposure: Exposure, psf_stars: Table, *, wcs: WCS, ap_corr: Mappi
     # (crowded 4096²: aperture-correction error 0.25 -> 0.86 mmag if they are included).
     n_first = len(stars)
     if residual is not None and n_residual:
-        extra = residual[np.asarray(select_stars(residual, config=config.star_selector).selected, bool)]
+        extra_sel = select_stars(residual, config=config.star_selector, prior=prior_of(residual, like=prior))
+        extra = residual[np.asarray(extra_sel.selected, bool)]
         stars = vstack([stars, extra], join_type="exact", metadata_conflicts="silent")
     norm_stars = ~np.asarray(stars["sky_source"], bool)
     norm_stars[n_first:] = False
@@ -433,7 +449,11 @@ def find_stars(exposure: Exposure, psf_stars: Table, *, wcs: WCS, ap_corr: Mappi
             "normalization_err": float(norm.normalization_err), "normalization_n_stars": int(norm.n_stars),
             "curve_of_growth": float(norm.curve_of_growth), "curve_of_growth_n_stars": int(norm.curve_of_growth_n_stars),
             "curve_of_growth_fallback": bool(norm.cog_fallback),
-            "normalization_ratio_to_psf_pass": float(rescale)}
+            "normalization_ratio_to_psf_pass": float(rescale),
+            "n_rejected_resolved": int(selection.n_rejected_resolved),
+            "n_rejected_unmatched": int(selection.n_rejected_unmatched)}
+    if prior is not None:
+        diag.update({f"reference_prior.{k}": v for k, v in prior.diagnostics().items()})
     diag.update({f"scale_err.{k}": float(v) for k, v in star_scale_err.items()})
     return FindStarsStage(stars, det.detections, diag, float(norm.normalization), star_ap_corr, star_scale_err,
                           candidates)
@@ -588,7 +608,7 @@ def calibrate_image(snaps: Sequence[Exposure], refcat: Table, *, config: Calibra
     t["calibrate_astrometry"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     fs = find_stars(ch.exposure, ast.psf_stars, wcs=ast.wcs, ap_corr=ap.ap_corr,
-                    normalization=ap.normalization, config=config, scale_err=ap.scale_err)
+                    normalization=ap.normalization, config=config, scale_err=ap.scale_err, refcat=refcat)
     t["find_stars"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     ph = calibrate_photometry(fs.stars, refcat, band=ch.exposure.visit_info.band, config=config,

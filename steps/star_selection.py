@@ -14,18 +14,32 @@ cut ``base_ClassificationSizeExtendedness_value < 0.1`` (|e| ≲ 18 % of a
 fixed cut drops ~10 % of real stars (measured: 80 of 732 detected S/N ≥ 10
 stars on a demo detector), all of them faint.
 
+Where a reference catalogue of stars is complete, it is a star list: a source
+it does not hold, but would if the source were a star of that flux, is most
+likely a compact galaxy (:func:`reference_prior`, on by default with
+``use_reference_catalog``). Such sources face a stricter size test (1σ instead
+of 3.5σ); the sources it holds, and everything fainter than its completeness,
+face the size test alone. On the simulated 4096² poor-seeing frame, whose faint
+galaxies are barely larger than the 1.3″ PSF, this takes the contaminants from
+3.9 % to 1.4 % at the same recovery. Rubin's calibrateImage uses the reference
+catalogue for astrometry and photometry only.
+
 :func:`place_sky_sources` is Rubin's ``SkyObjectsTask``: circular apertures of
 a fixed radius in regions free of detections, bad pixels and missing data.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 from astropy import units as u
 from astropy.table import Table
+from astropy.wcs import WCS
+from astropy.wcs.utils import proj_plane_pixel_scales
+from scipy.spatial import cKDTree
 
 from ..errors import ConfigError
 from ..masks import MaskPlane, any_set
@@ -72,6 +86,31 @@ class StarSelectorConfig:
     min_size_excess_frac: float = 0.08
     #: Sky sources (``sky_source`` True) are always kept, whatever the cuts.
     keep_sky_sources: bool = True
+    #: Use the reference catalogue as a star list where it is complete (:func:`reference_prior`):
+    #: a source brighter than the catalogue's completeness magnitude that matches no reference
+    #: star must pass the stricter ``unmatched_max_size_excess_sigma``. Off, or without a
+    #: reference catalogue, the size test alone decides.
+    use_reference_catalog: bool = True
+    #: Largest distance (arcsec) between a source and the reference star that vouches for it.
+    #: 0.4″ is > 5σ of a S/N 10 centroid in 0.7–1.4″ seeing and < the 2–5 px offset of the
+    #: blends of two sources that pass the size test (measured on the poor-seeing frame).
+    reference_match_radius_arcsec: float = 0.4
+    #: Magnitude (the reference catalogue's, in the exposure's band) to which the catalogue is
+    #: taken as complete. ``None``: the turnover of its number counts on the detector
+    #: (:func:`reference_complete_mag`).
+    reference_complete_mag: float | None = None
+    #: Size-excess significance above which an unmatched source in the complete range is
+    #: resolved. 1.0 keeps 84 % of such point sources (variables, movers, stars the catalogue
+    #: lacks) and rejects most compact galaxies, which the catalogue would not list as stars.
+    unmatched_max_size_excess_sigma: float = 1.0
+    #: The prior is applied only when at least this fraction of the S/N ≥ 50 sources in the
+    #: complete range that pass the size test match a reference star (else the catalogue's
+    #: positions or depth do not fit the image, and the size test alone decides). A wrong WCS
+    #: or epoch matches a few % by chance; a fitting catalogue 99.9–100 % on the simulated
+    #: frames, and less where compact galaxies pass the size test at S/N 50 (a floor of 8 %).
+    reference_min_matched_fraction: float = 0.5
+    #: ... and when the detector holds at least this many reference stars with a flux.
+    reference_min_stars: int = 30
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on invalid values."""
@@ -85,6 +124,14 @@ class StarSelectorConfig:
             raise ConfigError("star_selector.size_noise_coeff must be > 0 and min_size_excess_frac >= 0")
         if not self.flux_field:
             raise ConfigError("star_selector.flux_field must name a flux (e.g. base_PsfFlux)")
+        if not self.reference_match_radius_arcsec > 0 or not self.unmatched_max_size_excess_sigma > 0:
+            raise ConfigError("star_selector.reference_match_radius_arcsec and unmatched_max_size_excess_sigma "
+                              "must be > 0")
+        if not 0 <= self.reference_min_matched_fraction <= 1 or self.reference_min_stars < 1:
+            raise ConfigError("star_selector.reference_min_matched_fraction must be in [0, 1] and "
+                              "reference_min_stars >= 1")
+        if self.reference_complete_mag is not None and not math.isfinite(self.reference_complete_mag):
+            raise ConfigError("star_selector.reference_complete_mag must be a finite magnitude or null")
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,6 +146,9 @@ class StarSelection:
         Number of selected rows (sky sources included).
     n_rejected_flags, n_rejected_resolved, n_rejected_snr
         Rows failing each cut (a row may fail several).
+    n_rejected_unmatched
+        Rows that pass the size test but fail the stricter one of unmatched sources in the
+        reference catalogue's complete range (part of ``n_rejected_resolved``).
     """
 
     selected: npt.NDArray[np.bool_]
@@ -106,9 +156,52 @@ class StarSelection:
     n_rejected_flags: int = 0
     n_rejected_resolved: int = 0
     n_rejected_snr: int = 0
+    n_rejected_unmatched: int = 0
 
 
-def select_stars(catalog: Table, *, config: StarSelectorConfig = StarSelectorConfig()) -> StarSelection:
+@dataclass(frozen=True, eq=False)
+class ReferencePrior:
+    """What the reference catalogue says of each source (:func:`reference_prior`).
+
+    Attributes
+    ----------
+    matched
+        Per row: a reference star lies within the match radius.
+    unmatched_complete
+        Per row: no reference star within the radius, and a point source of this flux would be
+        brighter than ``complete_mag``: the catalogue would list it if it were a star.
+    applied
+        Whether :func:`select_stars` uses it (False: see ``reason``).
+    complete_mag, zero_point_mag
+        The catalogue's completeness magnitude and ``ref mag − instrumental PSF mag`` of the
+        matched sources (NaN when not measured).
+    matched_fraction
+        Of the unflagged S/N ≥ 50 point sources in the complete range, the fraction matched.
+    n_reference
+        Reference stars with a flux on the detector.
+    reason
+        Why it is not applied ("" when it is).
+    """
+
+    matched: npt.NDArray[np.bool_]
+    unmatched_complete: npt.NDArray[np.bool_]
+    applied: bool
+    complete_mag: float = math.nan
+    zero_point_mag: float = math.nan
+    matched_fraction: float = math.nan
+    n_reference: int = 0
+    reason: str = ""
+
+    def diagnostics(self) -> dict[str, object]:
+        """Scalars for the stage's metadata (``reference_prior.*``)."""
+        return {"applied": bool(self.applied), "complete_mag": float(self.complete_mag),
+                "zero_point_mag": float(self.zero_point_mag), "matched_fraction": float(self.matched_fraction),
+                "n_reference": int(self.n_reference), "n_matched": int(np.count_nonzero(self.matched)),
+                "n_unmatched_complete": int(np.count_nonzero(self.unmatched_complete)), "reason": self.reason}
+
+
+def select_stars(catalog: Table, *, config: StarSelectorConfig = StarSelectorConfig(),
+                 prior: ReferencePrior | None = None) -> StarSelection:
     """Select unresolved, unflagged sources with enough S/N (plus every sky source).
 
     Parameters
@@ -118,6 +211,9 @@ def select_stars(catalog: Table, *, config: StarSelectorConfig = StarSelectorCon
         a missing extendedness column disables the unresolved cut.
     config
         Step configuration.
+    prior
+        :func:`reference_prior` of ``catalog``: when applied, its ``unmatched_complete`` rows
+        must pass the size test at ``config.unmatched_max_size_excess_sigma``.
 
     Returns
     -------
@@ -130,36 +226,53 @@ def select_stars(catalog: Table, *, config: StarSelectorConfig = StarSelectorCon
     """
     config.validate()
     n = len(catalog)
-    flux_col = f"{config.flux_field}_instFlux"
-    err_col = f"{config.flux_field}_instFluxErr"
-    if n and (flux_col not in catalog.colnames or err_col not in catalog.colnames):
-        raise ConfigError(f"star_selector.flux_field={config.flux_field!r}: the catalogue has no {flux_col}/{err_col}; "
-                          "measure that flux or choose another field")
-    flag_bad = np.zeros(n, bool)
-    for name in config.bad_flags:
-        if name in catalog.colnames:
-            flag_bad |= np.asarray(catalog[name], bool)
+    if prior is not None and len(prior.matched) != n:
+        raise ValueError(f"the reference prior has {len(prior.matched)} rows, the catalogue {n}")
+    flag_bad = _flagged(catalog, config)
     resolved = np.zeros(n, bool)
     ext_col = "base_ClassificationSizeExtendedness_value"
     if config.max_extendedness is not None and ext_col in catalog.colnames:
         ext = np.asarray(catalog[ext_col], float)
         # NaN extendedness (failed moments) fails the test, as in Rubin.
         resolved = ~(ext < config.max_extendedness)
-    snr = np.zeros(0)
-    if n:
-        flux = np.asarray(catalog[flux_col], float)
-        err = np.asarray(catalog[err_col], float)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            snr = flux / err
-        low_snr = ~(np.isfinite(snr) & (snr >= config.min_snr))
-    else:
-        low_snr = np.zeros(0, bool)
+    snr = _snr(catalog, config)
+    low_snr = ~(np.isfinite(snr) & (snr >= config.min_snr))
+    n_unmatched = 0
     if config.max_size_excess_sigma is not None and n and all(c in catalog.colnames for c in _SIZE_COLUMNS):
-        resolved |= _significantly_extended(catalog, snr, config)
+        extended = _significantly_extended(catalog, snr, config, config.max_size_excess_sigma)
+        if prior is not None and prior.applied:
+            strict = _significantly_extended(catalog, snr, config, config.unmatched_max_size_excess_sigma)
+            unmatched = np.asarray(prior.unmatched_complete, bool) & strict & ~extended
+            n_unmatched = int(np.count_nonzero(unmatched & ~flag_bad & ~low_snr))
+            extended |= unmatched
+        resolved |= extended
     selected = ~(flag_bad | resolved | low_snr)
     if config.keep_sky_sources and "sky_source" in catalog.colnames:
         selected |= np.asarray(catalog["sky_source"], bool)
-    return StarSelection(selected, int(selected.sum()), int(flag_bad.sum()), int(resolved.sum()), int(low_snr.sum()))
+    return StarSelection(selected, int(selected.sum()), int(flag_bad.sum()), int(resolved.sum()), int(low_snr.sum()),
+                         n_unmatched)
+
+
+def _flagged(catalog: Table, config: StarSelectorConfig) -> npt.NDArray[np.bool_]:
+    """Rows with any of ``config.bad_flags`` set (absent columns count as unset)."""
+    bad = np.zeros(len(catalog), bool)
+    for name in config.bad_flags:
+        if name in catalog.colnames:
+            bad |= np.asarray(catalog[name], bool)
+    return bad
+
+
+def _snr(catalog: Table, config: StarSelectorConfig) -> npt.NDArray[np.float64]:
+    """S/N of ``config.flux_field`` (NaN where undefined); :class:`ConfigError` if it is not measured."""
+    flux_col = f"{config.flux_field}_instFlux"
+    err_col = f"{config.flux_field}_instFluxErr"
+    if not len(catalog):
+        return np.zeros(0)
+    if flux_col not in catalog.colnames or err_col not in catalog.colnames:
+        raise ConfigError(f"star_selector.flux_field={config.flux_field!r}: the catalogue has no {flux_col}/{err_col}; "
+                          "measure that flux or choose another field")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.asarray(np.asarray(catalog[flux_col], float) / np.asarray(catalog[err_col], float))
 
 
 _SIZE_COLUMNS = ("ext_shapeHSM_HsmSourceMoments_xx", "ext_shapeHSM_HsmSourceMoments_yy",
@@ -174,16 +287,147 @@ def size_excess(catalog: Table) -> npt.NDArray[np.float64]:
         return np.asarray(t_src / t_psf - 1.0)
 
 
-def _significantly_extended(catalog: Table, snr: npt.NDArray[np.float64],
-                            config: StarSelectorConfig) -> npt.NDArray[np.bool_]:
-    """Size excess over the PSF larger than its noise allows (NaN sizes count as resolved)."""
+def _significantly_extended(catalog: Table, snr: npt.NDArray[np.float64], config: StarSelectorConfig,
+                            max_sigma: float) -> npt.NDArray[np.bool_]:
+    """Size excess over the PSF above ``max_sigma`` times its noise (NaN sizes count as resolved)."""
     excess = size_excess(catalog)
     with np.errstate(divide="ignore", invalid="ignore"):
         sigma = config.size_noise_coeff / np.where(snr > 0, snr, np.nan)
-    assert config.max_size_excess_sigma is not None
-    limit = np.maximum(config.max_size_excess_sigma * sigma, config.min_size_excess_frac)
+    limit = np.maximum(max_sigma * sigma, config.min_size_excess_frac)
     # Failed moments (NaN) are not accepted as point sources, as Rubin's NaN extendedness.
     return ~(np.isfinite(excess) & np.isfinite(limit) & (excess <= limit))
+
+
+#: AB magnitude of 1 nJy.
+_NJY_AB_MAG = 31.4
+
+
+def reference_complete_mag(ref_mag: npt.NDArray[np.float64], *, bin_mag: float = 0.25) -> float:
+    """The magnitude to which a reference catalogue is complete: the turnover of its counts.
+
+    Star counts rise towards faint magnitudes until the catalogue's completeness falls; the
+    bin (``bin_mag`` wide, counted from the faintest star) with the most stars holds the
+    turnover, and its bright edge is returned. For a catalogue cut at magnitude *m* that is
+    *m* − ``bin_mag``; for a catalogue whose completeness rolls off (Gaia near G ≈ 21) it is
+    where the roll-off starts to win over the rising counts. NaN without finite magnitudes.
+    """
+    m = np.asarray(ref_mag, float)
+    m = m[np.isfinite(m)]
+    if not m.size:
+        return math.nan
+    # Bins counted down from the faintest star, so that a hard cut fills the last one.
+    k = np.floor((m.max() - m) / bin_mag).astype(np.int64)
+    counts = np.bincount(k)
+    peak = int(np.flatnonzero(counts == counts.max()).min())  # the faintest of equal bins
+    return float(m.max() - (peak + 1) * bin_mag)
+
+
+def reference_prior(catalog: Table, refcat: Table, *, wcs: WCS, origin: tuple[int, int], shape: tuple[int, int],
+                    band: str, config: StarSelectorConfig = StarSelectorConfig(),
+                    like: ReferencePrior | None = None) -> ReferencePrior:
+    """Match the sources to the reference stars and find those the catalogue should have listed.
+
+    A reference catalogue of stars (Gaia, or any catalogue ingested as ``refcat``) is a star
+    list down to its completeness magnitude. A source that matches none of its stars within
+    ``config.reference_match_radius_arcsec`` but would, as a point source, be brighter than that
+    magnitude is most likely not a star: :func:`select_stars` holds it to a stricter size test.
+
+    The instrumental PSF magnitudes are put on the catalogue's scale by the median offset of
+    the matched S/N ≥ 20 sources; the completeness magnitude is
+    ``config.reference_complete_mag`` or :func:`reference_complete_mag` of the reference stars
+    on the detector. The prior is not applied (``applied`` False, with a ``reason``) when the
+    catalogue has no flux in ``band``, holds fewer than ``config.reference_min_stars`` stars on
+    the detector, too few sources match to set the scale, or fewer than
+    ``config.reference_min_matched_fraction`` of the S/N ≥ 50 point sources in the complete
+    range match (the positions or the depth do not fit this image).
+
+    Parameters
+    ----------
+    catalog
+        Measured sources (``base_SdssCentroid_x/_y`` in parent pixels, ``config.flux_field``).
+    refcat
+        ``ra``, ``dec`` (deg, at the epoch of the exposure) and ``<band>_flux`` (nJy).
+    wcs, origin, shape
+        The fitted WCS (array pixels), the parent coordinates of array pixel ``[0, 0]`` and
+        the ``(ny, nx)`` shape of the detector.
+    band
+        The exposure's band.
+    config
+        Step configuration.
+    like
+        The prior of another catalogue of the same exposure (the main detection pass): its
+        zero point, completeness and decision are reused, only the matches are new (for a few
+        sources, e.g. the residual search around bright stars, that could not set them).
+    """
+    config.validate()
+    n = len(catalog)
+    none = np.zeros(n, bool)
+
+    def skip(reason: str, **known: float) -> ReferencePrior:
+        return ReferencePrior(none, none.copy(), False, reason=reason, **known)  # type: ignore[arg-type]
+
+    flux_col = f"{band}_flux"
+    if flux_col not in refcat.colnames:
+        return skip(f"the reference catalogue has no {flux_col}")
+    if not n:
+        return skip("no sources")
+    ref_flux = np.asarray(refcat[flux_col], float)
+    rx, ry = wcs.all_world2pix(np.asarray(refcat["ra"], float), np.asarray(refcat["dec"], float), 0)
+    ok = np.isfinite(rx) & np.isfinite(ry) & np.isfinite(ref_flux) & (ref_flux > 0)
+    rx, ry, ref_flux = rx[ok] + origin[0], ry[ok] + origin[1], ref_flux[ok]
+    ref_mag = _NJY_AB_MAG - 2.5 * np.log10(ref_flux)
+    ny, nx = shape
+    on = (rx >= origin[0] - 0.5) & (rx < origin[0] + nx - 0.5) & (ry >= origin[1] - 0.5) & (ry < origin[1] + ny - 0.5)
+    n_ref = int(np.count_nonzero(on))
+    if n_ref < config.reference_min_stars:
+        return skip(f"{n_ref} reference stars on the detector (< reference_min_stars={config.reference_min_stars})",
+                    n_reference=n_ref)
+    complete = (float(config.reference_complete_mag) if config.reference_complete_mag is not None
+                else reference_complete_mag(ref_mag[on]))
+
+    scale_arcsec = float(np.mean(proj_plane_pixel_scales(wcs.celestial))) * 3600.0
+    radius_pix = config.reference_match_radius_arcsec / scale_arcsec
+    x = np.asarray(catalog["base_SdssCentroid_x"], float)
+    y = np.asarray(catalog["base_SdssCentroid_y"], float)
+    good = np.isfinite(x) & np.isfinite(y)
+    matched = np.zeros(n, bool)
+    j = np.zeros(n, np.int64)
+    if rx.size:
+        d, jj = cKDTree(np.column_stack([rx, ry])).query(np.column_stack([x[good], y[good]]),
+                                                          distance_upper_bound=radius_pix)
+        matched[good] = np.isfinite(d)
+        j[good] = np.where(np.isfinite(d), jj, 0)
+
+    snr = _snr(catalog, config)
+    flux = np.asarray(catalog[f"{config.flux_field}_instFlux"], float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inst_mag = -2.5 * np.log10(np.where(flux > 0, flux, np.nan))
+    if like is not None:
+        if not like.applied:
+            return skip(like.reason, complete_mag=like.complete_mag, zero_point_mag=like.zero_point_mag,
+                        n_reference=n_ref)
+        in_complete = np.isfinite(inst_mag) & (inst_mag + like.zero_point_mag < like.complete_mag)
+        return ReferencePrior(matched, in_complete & ~matched, True, like.complete_mag, like.zero_point_mag,
+                              like.matched_fraction, n_ref)
+    scale_rows = matched & (snr >= 20) & np.isfinite(inst_mag) & (ref_mag[j] < complete)
+    if np.count_nonzero(scale_rows) < 5:
+        return skip(f"{int(np.count_nonzero(scale_rows))} matched S/N >= 20 sources (< 5) to put the fluxes on "
+                    "the reference scale", complete_mag=complete, n_reference=n_ref)
+    zp = float(np.median(ref_mag[j[scale_rows]] - inst_mag[scale_rows]))
+    in_complete = np.isfinite(inst_mag) & (inst_mag + zp < complete)
+
+    point_like = ~_flagged(catalog, config) & (snr >= 50) & in_complete
+    if config.max_size_excess_sigma is not None and all(c in catalog.colnames for c in _SIZE_COLUMNS):
+        point_like &= ~_significantly_extended(catalog, snr, config, config.max_size_excess_sigma)
+    known = {"complete_mag": complete, "zero_point_mag": zp, "n_reference": n_ref}
+    if not point_like.any():
+        return skip("no unflagged S/N >= 50 point source in the complete range to check the match on", **known)
+    frac = float(np.mean(matched[point_like]))
+    if frac < config.reference_min_matched_fraction:
+        return skip(f"only {100 * frac:.0f} % of the S/N >= 50 point sources in the complete range match a reference "
+                    f"star (< reference_min_matched_fraction={config.reference_min_matched_fraction}): the "
+                    "catalogue's positions or depth do not fit this image", matched_fraction=frac, **known)
+    return ReferencePrior(matched, in_complete & ~matched, True, complete, zp, frac, n_ref)
 
 
 def place_sky_sources(mask: npt.NDArray[np.integer], *, n_sources: int = 100, radius_pix: float = 8.0,

@@ -9,7 +9,13 @@ from astropy.table import Table
 from singleframe.errors import ConfigError, NoPsfStarsToStarsMatchError
 from singleframe.masks import MaskPlane
 from singleframe.steps.flag_propagation import match_psf_stars
-from singleframe.steps.star_selection import StarSelectorConfig, place_sky_sources, select_stars
+from singleframe.steps.star_selection import (
+    StarSelectorConfig,
+    place_sky_sources,
+    reference_complete_mag,
+    reference_prior,
+    select_stars,
+)
 
 CAL = "base_NormalizedCompensatedTophatFlux"
 
@@ -67,6 +73,125 @@ def test_size_significance_keeps_faint_stars_and_rejects_resolved():
     # NaN sizes (failed moments) are not accepted as point sources.
     t["ext_shapeHSM_HsmSourceMoments_xx"][0] = np.nan
     assert not select_stars(t).selected[0]
+
+
+def _tan_wcs(scale_arcsec: float = 0.2, shape: tuple[int, int] = (1000, 1000)):
+    from astropy.wcs import WCS
+
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [150.0, 2.0]
+    w.wcs.crpix = [shape[1] / 2, shape[0] / 2]
+    w.wcs.cd = np.array([[-scale_arcsec, 0.0], [0.0, scale_arcsec]]) / 3600.0
+    return w
+
+
+def _reference_scene(seed: int = 5, cut_mag: float = 22.0):
+    """Stars (17-23 mag, counts x2 per mag) in a reference catalogue cut at ``cut_mag``, and
+    compact galaxies (not in it) whose size excess is 2 sigma: they pass the 3.5-sigma size test.
+
+    Instrumental zero point 30 (mag of 1 count); S/N = flux / 100 counts.
+    """
+    rng = np.random.default_rng(seed)
+    wcs = _tan_wcs()
+    n_star, n_gal = 1500, 300
+    # Counts rising x2 per magnitude: inverse CDF of 2**m on [17, 23].
+    u = rng.uniform(size=n_star)
+    star_mag = np.log2(2**17 + u * (2**23 - 2**17))
+    gal_mag = rng.uniform(19.0, 23.0, n_gal)
+    mag = np.concatenate([star_mag, gal_mag])
+    x, y = rng.uniform(20, 980, mag.size), rng.uniform(20, 980, mag.size)
+    flux = 10 ** (-0.4 * (mag - 30.0))
+    snr = flux / 100.0
+    is_star = np.arange(mag.size) < n_star
+    excess = np.where(is_star, 0.0, 2.0 * 2.5 / snr)
+    t = Table()
+    t["base_SdssCentroid_x"], t["base_SdssCentroid_y"] = x + rng.normal(0, 0.2, x.size), y + rng.normal(0, 0.2, y.size)
+    t["base_PsfFlux_instFlux"] = flux
+    t["base_PsfFlux_instFluxErr"] = np.full(mag.size, 100.0)
+    t["ext_shapeHSM_HsmPsfMoments_xx"] = t["ext_shapeHSM_HsmPsfMoments_yy"] = np.full(mag.size, 10.0)
+    t["ext_shapeHSM_HsmSourceMoments_xx"] = t["ext_shapeHSM_HsmSourceMoments_yy"] = 10.0 * (1 + excess)
+    in_ref = is_star & (mag <= cut_mag)
+    ra, dec = wcs.all_pix2world(x[in_ref], y[in_ref], 0)
+    ref = Table({"id": np.arange(in_ref.sum()), "ra": ra, "dec": dec,
+                 "r_flux": 10 ** (-0.4 * (mag[in_ref] - 31.4)), "r_fluxErr": np.ones(in_ref.sum())})
+    return t, ref, wcs, is_star, mag
+
+
+def test_reference_complete_mag_finds_the_cut():
+    rng = np.random.default_rng(1)
+    u = rng.uniform(size=3000)
+    m = np.log2(2**15 + u * (2**22 - 2**15))
+    # The turnover of a hard cut is the faintest bin: its bright edge, 0.25 mag above the faintest star.
+    assert 21.7 <= reference_complete_mag(m) <= 22.0
+    # A roll-off: keep stars with probability falling from 1 at 20 to 0 at 22; the counts peak
+    # where the falling completeness beats the x2-per-mag rise, well before the faintest star.
+    keep = rng.uniform(size=m.size) < np.clip((22.0 - m) / 2.0, 0, 1)
+    assert 19.5 <= reference_complete_mag(m[keep]) <= 21.0 < m[keep].max()
+    assert np.isnan(reference_complete_mag(np.array([np.nan])))
+
+
+def test_reference_prior_rejects_unlisted_compact_galaxies_only():
+    t, ref, wcs, is_star, mag = _reference_scene()
+    cfg = StarSelectorConfig()
+    size_only = select_stars(t, config=cfg).selected
+    bright = mag < 21.5
+    assert size_only[~is_star & bright].all()  # 2-sigma galaxies pass the size test alone
+    prior = reference_prior(t, ref, wcs=wcs, origin=(0, 0), shape=(1000, 1000), band="r", config=cfg)
+    assert prior.applied, prior.reason
+    assert prior.zero_point_mag == pytest.approx(30.0, abs=1e-6)
+    assert 21.7 <= prior.complete_mag <= 22.0
+    sel = select_stars(t, config=cfg, prior=prior)
+    # Every star the size test keeps is kept: those in the catalogue match it; fainter ones are
+    # outside its complete range.
+    assert size_only[is_star].sum() > 1200  # of 1500: the rest are below S/N 8
+    assert (sel.selected[is_star] == size_only[is_star]).all()
+    # Galaxies the catalogue would list if they were stars are held to 1 sigma and rejected, down
+    # to the 8 % floor of the size test (2 sigma is 8 % at S/N 62.5, 20.5 mag); fainter ones
+    # (beyond the completeness) face the size test alone.
+    snr = np.asarray(t["base_PsfFlux_instFlux"]) / 100.0
+    listed = ~is_star & (mag < prior.complete_mag - 0.05) & (snr < 60)
+    assert not sel.selected[listed & ~prior.matched].any()
+    # A galaxy within 0.4" of a reference star is vouched for: 761 stars on 1000² px of 0.2"
+    # leave a 1 % chance of that.
+    assert prior.matched[listed].mean() < 0.03
+    assert sel.selected[~is_star & (snr > 65)].all()
+    fainter = ~is_star & (mag > prior.complete_mag + 0.05)
+    assert (sel.selected[fainter] == size_only[fainter]).all() and size_only[fainter].sum() > 20
+    assert sel.n_rejected_unmatched == int(np.sum(~is_star & ~prior.matched & (mag < prior.complete_mag)
+                                                  & (snr <= 62.5)))
+    # A handful of sources (the residual search) cannot set the scale, but reuse the main pass's.
+    few = np.flatnonzero(~is_star & (mag < 21))[:3].tolist() + np.flatnonzero(is_star & (mag < 21))[:3].tolist()
+    alone = reference_prior(t[few], ref, wcs=wcs, origin=(0, 0), shape=(1000, 1000), band="r", config=cfg)
+    assert not alone.applied
+    reused = reference_prior(t[few], ref, wcs=wcs, origin=(0, 0), shape=(1000, 1000), band="r", config=cfg,
+                             like=prior)
+    assert reused.applied and reused.zero_point_mag == prior.zero_point_mag
+    assert (reused.unmatched_complete == prior.unmatched_complete[few]).all()
+    # A star missing from the catalogue (a variable, a mover) is still a star if it is point-like.
+    drop = np.flatnonzero(is_star & (mag < 19))[:5]
+    ref_lacking = ref[~np.isin(np.arange(len(ref)), np.searchsorted(np.flatnonzero(is_star & (mag <= 22.0)), drop))]
+    p2 = reference_prior(t, ref_lacking, wcs=wcs, origin=(0, 0), shape=(1000, 1000), band="r", config=cfg)
+    assert p2.applied and p2.unmatched_complete[drop].all()
+    assert select_stars(t, config=cfg, prior=p2).selected[drop].all()
+
+
+def test_reference_prior_steps_aside_when_the_catalogue_does_not_fit():
+    t, ref, wcs, is_star, mag = _reference_scene()
+    cfg = StarSelectorConfig()
+    size_only = select_stars(t, config=cfg).selected
+    shifted = ref.copy()
+    shifted["dec"] = shifted["dec"] + 3.0 / 3600  # 3": a wrong WCS or epoch
+    for table, band, why in ((shifted, "r", "match a reference"), (ref, "g", "no g_flux"),
+                             (ref[:20], "r", "reference_min_stars")):
+        prior = reference_prior(t, table, wcs=wcs, origin=(0, 0), shape=(1000, 1000), band=band, config=cfg)
+        assert not prior.applied and why in prior.reason
+        assert (select_stars(t, config=cfg, prior=prior).selected == size_only).all()
+    # The parent origin moves the detector, not the answer.
+    t2 = t.copy()
+    t2["base_SdssCentroid_x"] += 2000
+    prior = reference_prior(t2, ref, wcs=wcs, origin=(2000, 0), shape=(1000, 1000), band="r", config=cfg)
+    assert prior.applied and prior.matched[is_star & (mag <= 22.0)].all()
 
 
 def test_select_stars_missing_flux_raises():
