@@ -91,10 +91,16 @@ class StarSelectorConfig:
     #: star must pass the stricter ``unmatched_max_size_excess_sigma``. Off, or without a
     #: reference catalogue, the size test alone decides.
     use_reference_catalog: bool = True
-    #: Largest distance (arcsec) between a source and the reference star that vouches for it.
-    #: 0.4″ is > 5σ of a S/N 10 centroid in 0.7–1.4″ seeing and < the 2–5 px offset of the
-    #: blends of two sources that pass the size test (measured on the poor-seeing frame).
+    #: Smallest match radius (arcsec) between a source and the reference star that vouches for it.
+    #: 0.4″ is ~5σ of a S/N 10 centroid in 1.4″ seeing and < the 2–5 px offset of the blends of
+    #: two sources that pass the size test (measured on the poor-seeing frame).
     reference_match_radius_arcsec: float = 0.4
+    #: The radius of each source is this many times its position error, where that is larger
+    #: than the floor above: its centroid error and the scatter of the bright sources' matches
+    #: (the WCS fit, proper motions), in quadrature; never beyond ``max(2″, 3 × floor)``. 5, not
+    #: 3–4: the scatter has tails (LCO 1 m frame against Gaia DR2, affine WCS: 0.13″ per axis from
+    #: the median, 95th percentile 0.56″), and a star beyond the radius faces the stricter test.
+    reference_match_sigma: float = 5.0
     #: Magnitude (the reference catalogue's, in the exposure's band) to which the catalogue is
     #: taken as complete. ``None``: the turnover of its number counts on the detector
     #: (:func:`reference_complete_mag`).
@@ -124,9 +130,10 @@ class StarSelectorConfig:
             raise ConfigError("star_selector.size_noise_coeff must be > 0 and min_size_excess_frac >= 0")
         if not self.flux_field:
             raise ConfigError("star_selector.flux_field must name a flux (e.g. base_PsfFlux)")
-        if not self.reference_match_radius_arcsec > 0 or not self.unmatched_max_size_excess_sigma > 0:
-            raise ConfigError("star_selector.reference_match_radius_arcsec and unmatched_max_size_excess_sigma "
-                              "must be > 0")
+        if (not self.reference_match_radius_arcsec > 0 or not self.unmatched_max_size_excess_sigma > 0
+                or not self.reference_match_sigma > 0):
+            raise ConfigError("star_selector.reference_match_radius_arcsec, reference_match_sigma and "
+                              "unmatched_max_size_excess_sigma must be > 0")
         if not 0 <= self.reference_min_matched_fraction <= 1 or self.reference_min_stars < 1:
             raise ConfigError("star_selector.reference_min_matched_fraction must be in [0, 1] and "
                               "reference_min_stars >= 1")
@@ -385,20 +392,8 @@ def reference_prior(catalog: Table, refcat: Table, *, wcs: WCS, origin: tuple[in
     complete = (float(config.reference_complete_mag) if config.reference_complete_mag is not None
                 else reference_complete_mag(ref_mag[on]))
 
-    scale_arcsec = float(np.mean(proj_plane_pixel_scales(wcs.celestial))) * 3600.0
-    radius_pix = config.reference_match_radius_arcsec / scale_arcsec
-    x = np.asarray(catalog["base_SdssCentroid_x"], float)
-    y = np.asarray(catalog["base_SdssCentroid_y"], float)
-    good = np.isfinite(x) & np.isfinite(y)
-    matched = np.zeros(n, bool)
-    j = np.zeros(n, np.int64)
-    if rx.size:
-        d, jj = cKDTree(np.column_stack([rx, ry])).query(np.column_stack([x[good], y[good]]),
-                                                          distance_upper_bound=radius_pix)
-        matched[good] = np.isfinite(d)
-        j[good] = np.where(np.isfinite(d), jj, 0)
-
     snr = _snr(catalog, config)
+    matched, j = _match_reference(catalog, snr, rx, ry, wcs, config)
     flux = np.asarray(catalog[f"{config.flux_field}_instFlux"], float)
     with np.errstate(divide="ignore", invalid="ignore"):
         inst_mag = -2.5 * np.log10(np.where(flux > 0, flux, np.nan))
@@ -428,6 +423,41 @@ def reference_prior(catalog: Table, refcat: Table, *, wcs: WCS, origin: tuple[in
                     f"star (< reference_min_matched_fraction={config.reference_min_matched_fraction}): the "
                     "catalogue's positions or depth do not fit this image", matched_fraction=frac, **known)
     return ReferencePrior(matched, in_complete & ~matched, True, complete, zp, frac, n_ref)
+
+
+def _match_reference(catalog: Table, snr: npt.NDArray[np.float64], rx: npt.NDArray[np.float64],
+                     ry: npt.NDArray[np.float64], wcs: WCS, config: StarSelectorConfig
+                     ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
+    """Each source's nearest reference star, and whether it lies within the source's match radius.
+
+    The radius is ``reference_match_sigma`` times the source's position error (centroid error
+    and the systematic scatter, per axis, of the S/N ≥ 50 sources' nearest reference stars, in
+    quadrature), clipped to ``[reference_match_radius_arcsec, max(2″, 3 × that)]``.
+    """
+    n = len(catalog)
+    scale_arcsec = float(np.mean(proj_plane_pixel_scales(wcs.celestial))) * 3600.0
+    floor = config.reference_match_radius_arcsec
+    search = max(2.0, 3.0 * floor)
+    x = np.asarray(catalog["base_SdssCentroid_x"], float)
+    y = np.asarray(catalog["base_SdssCentroid_y"], float)
+    good = np.isfinite(x) & np.isfinite(y)
+    d_arcsec = np.full(n, np.inf)
+    j = np.zeros(n, np.int64)
+    if rx.size and good.any():
+        d, jj = cKDTree(np.column_stack([rx, ry])).query(np.column_stack([x[good], y[good]]),
+                                                          distance_upper_bound=search / scale_arcsec)
+        d_arcsec[good] = d * scale_arcsec
+        j[good] = np.where(np.isfinite(d), jj, 0)
+    bright = np.isfinite(d_arcsec) & (snr >= 50) & ~_flagged(catalog, config)
+    # Median of a 2-D Gaussian offset's length is 1.1774 sigma per axis.
+    sys_sigma = float(np.median(d_arcsec[bright]) / 1.1774) if np.count_nonzero(bright) >= 5 else 0.0
+    cen = np.zeros(n)
+    if "base_SdssCentroid_xErr" in catalog.colnames and "base_SdssCentroid_yErr" in catalog.colnames:
+        ex = np.asarray(catalog["base_SdssCentroid_xErr"], float)
+        ey = np.asarray(catalog["base_SdssCentroid_yErr"], float)
+        cen = np.nan_to_num(np.sqrt(0.5 * (ex**2 + ey**2)) * scale_arcsec, nan=0.0, posinf=0.0)
+    radius = np.clip(config.reference_match_sigma * np.hypot(sys_sigma, cen), floor, search)
+    return d_arcsec <= radius, j
 
 
 def place_sky_sources(mask: npt.NDArray[np.integer], *, n_sources: int = 100, radius_pix: float = 8.0,
