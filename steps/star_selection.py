@@ -188,6 +188,8 @@ class ReferencePrior:
         Reference stars with a flux on the detector.
     reason
         Why it is not applied ("" when it is).
+    match_sigma_arcsec
+        The systematic position scatter (per axis) of the matches, from the bright sources.
     """
 
     matched: npt.NDArray[np.bool_]
@@ -198,13 +200,15 @@ class ReferencePrior:
     matched_fraction: float = math.nan
     n_reference: int = 0
     reason: str = ""
+    match_sigma_arcsec: float = math.nan
 
     def diagnostics(self) -> dict[str, object]:
         """Scalars for the stage's metadata (``reference_prior.*``)."""
         return {"applied": bool(self.applied), "complete_mag": float(self.complete_mag),
                 "zero_point_mag": float(self.zero_point_mag), "matched_fraction": float(self.matched_fraction),
                 "n_reference": int(self.n_reference), "n_matched": int(np.count_nonzero(self.matched)),
-                "n_unmatched_complete": int(np.count_nonzero(self.unmatched_complete)), "reason": self.reason}
+                "n_unmatched_complete": int(np.count_nonzero(self.unmatched_complete)), "reason": self.reason,
+                "match_sigma_arcsec": float(self.match_sigma_arcsec)}
 
 
 def select_stars(catalog: Table, *, config: StarSelectorConfig = StarSelectorConfig(),
@@ -336,7 +340,8 @@ def reference_prior(catalog: Table, refcat: Table, *, wcs: WCS, origin: tuple[in
 
     A reference catalogue of stars (Gaia, or any catalogue ingested as ``refcat``) is a star
     list down to its completeness magnitude. A source that matches none of its stars within
-    ``config.reference_match_radius_arcsec`` but would, as a point source, be brighter than that
+    ``config.reference_match_sigma`` times its position error (at least
+    ``config.reference_match_radius_arcsec``) but would, as a point source, be brighter than that
     magnitude is most likely not a star: :func:`select_stars` holds it to a stricter size test.
 
     The instrumental PSF magnitudes are put on the catalogue's scale by the median offset of
@@ -393,7 +398,8 @@ def reference_prior(catalog: Table, refcat: Table, *, wcs: WCS, origin: tuple[in
                 else reference_complete_mag(ref_mag[on]))
 
     snr = _snr(catalog, config)
-    matched, j = _match_reference(catalog, snr, rx, ry, wcs, config)
+    matched, j, match_sigma = _match_reference(catalog, snr, rx, ry, wcs, config,
+                                               None if like is None else like.match_sigma_arcsec)
     flux = np.asarray(catalog[f"{config.flux_field}_instFlux"], float)
     with np.errstate(divide="ignore", invalid="ignore"):
         inst_mag = -2.5 * np.log10(np.where(flux > 0, flux, np.nan))
@@ -403,7 +409,7 @@ def reference_prior(catalog: Table, refcat: Table, *, wcs: WCS, origin: tuple[in
                         n_reference=n_ref)
         in_complete = np.isfinite(inst_mag) & (inst_mag + like.zero_point_mag < like.complete_mag)
         return ReferencePrior(matched, in_complete & ~matched, True, like.complete_mag, like.zero_point_mag,
-                              like.matched_fraction, n_ref)
+                              like.matched_fraction, n_ref, match_sigma_arcsec=match_sigma)
     scale_rows = matched & (snr >= 20) & np.isfinite(inst_mag) & (ref_mag[j] < complete)
     if np.count_nonzero(scale_rows) < 5:
         return skip(f"{int(np.count_nonzero(scale_rows))} matched S/N >= 20 sources (< 5) to put the fluxes on "
@@ -414,7 +420,7 @@ def reference_prior(catalog: Table, refcat: Table, *, wcs: WCS, origin: tuple[in
     point_like = ~_flagged(catalog, config) & (snr >= 50) & in_complete
     if config.max_size_excess_sigma is not None and all(c in catalog.colnames for c in _SIZE_COLUMNS):
         point_like &= ~_significantly_extended(catalog, snr, config, config.max_size_excess_sigma)
-    known = {"complete_mag": complete, "zero_point_mag": zp, "n_reference": n_ref}
+    known = {"complete_mag": complete, "zero_point_mag": zp, "n_reference": n_ref, "match_sigma_arcsec": match_sigma}
     if not point_like.any():
         return skip("no unflagged S/N >= 50 point source in the complete range to check the match on", **known)
     frac = float(np.mean(matched[point_like]))
@@ -422,17 +428,20 @@ def reference_prior(catalog: Table, refcat: Table, *, wcs: WCS, origin: tuple[in
         return skip(f"only {100 * frac:.0f} % of the S/N >= 50 point sources in the complete range match a reference "
                     f"star (< reference_min_matched_fraction={config.reference_min_matched_fraction}): the "
                     "catalogue's positions or depth do not fit this image", matched_fraction=frac, **known)
-    return ReferencePrior(matched, in_complete & ~matched, True, complete, zp, frac, n_ref)
+    return ReferencePrior(matched, in_complete & ~matched, True, complete, zp, frac, n_ref, match_sigma_arcsec=match_sigma)
 
 
 def _match_reference(catalog: Table, snr: npt.NDArray[np.float64], rx: npt.NDArray[np.float64],
-                     ry: npt.NDArray[np.float64], wcs: WCS, config: StarSelectorConfig
-                     ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
-    """Each source's nearest reference star, and whether it lies within the source's match radius.
+                     ry: npt.NDArray[np.float64], wcs: WCS, config: StarSelectorConfig,
+                     sys_sigma: float | None = None
+                     ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int64], float]:
+    """Whether each source lies within its match radius of its nearest reference star, that
+    star's index, and the systematic scatter used.
 
     The radius is ``reference_match_sigma`` times the source's position error (centroid error
     and the systematic scatter, per axis, of the S/N ≥ 50 sources' nearest reference stars, in
-    quadrature), clipped to ``[reference_match_radius_arcsec, max(2″, 3 × that)]``.
+    quadrature), clipped to ``[reference_match_radius_arcsec, max(2″, 3 × that)]``. A given
+    ``sys_sigma`` (arcsec, e.g. the main pass's) replaces the scatter of this catalogue's sources.
     """
     n = len(catalog)
     scale_arcsec = float(np.mean(proj_plane_pixel_scales(wcs.celestial))) * 3600.0
@@ -448,16 +457,17 @@ def _match_reference(catalog: Table, snr: npt.NDArray[np.float64], rx: npt.NDArr
                                                           distance_upper_bound=search / scale_arcsec)
         d_arcsec[good] = d * scale_arcsec
         j[good] = np.where(np.isfinite(d), jj, 0)
-    bright = np.isfinite(d_arcsec) & (snr >= 50) & ~_flagged(catalog, config)
-    # Median of a 2-D Gaussian offset's length is 1.1774 sigma per axis.
-    sys_sigma = float(np.median(d_arcsec[bright]) / 1.1774) if np.count_nonzero(bright) >= 5 else 0.0
+    if sys_sigma is None or not math.isfinite(sys_sigma):
+        bright = np.isfinite(d_arcsec) & (snr >= 50) & ~_flagged(catalog, config)
+        # Median of a 2-D Gaussian offset's length is 1.1774 sigma per axis.
+        sys_sigma = float(np.median(d_arcsec[bright]) / 1.1774) if np.count_nonzero(bright) >= 5 else 0.0
     cen = np.zeros(n)
     if "base_SdssCentroid_xErr" in catalog.colnames and "base_SdssCentroid_yErr" in catalog.colnames:
         ex = np.asarray(catalog["base_SdssCentroid_xErr"], float)
         ey = np.asarray(catalog["base_SdssCentroid_yErr"], float)
         cen = np.nan_to_num(np.sqrt(0.5 * (ex**2 + ey**2)) * scale_arcsec, nan=0.0, posinf=0.0)
     radius = np.clip(config.reference_match_sigma * np.hypot(sys_sigma, cen), floor, search)
-    return d_arcsec <= radius, j
+    return d_arcsec <= radius, j, sys_sigma
 
 
 def place_sky_sources(mask: npt.NDArray[np.integer], *, n_sources: int = 100, radius_pix: float = 8.0,

@@ -167,6 +167,7 @@ def test_reference_prior_rejects_unlisted_compact_galaxies_only():
     reused = reference_prior(t[few], ref, wcs=wcs, origin=(0, 0), shape=(1000, 1000), band="r", config=cfg,
                              like=prior)
     assert reused.applied and reused.zero_point_mag == prior.zero_point_mag
+    assert reused.match_sigma_arcsec == prior.match_sigma_arcsec < 0.1  # 0.2-px centroid noise: ~0.05"
     assert (reused.unmatched_complete == prior.unmatched_complete[few]).all()
     # A star missing from the catalogue (a variable, a mover) is still a star if it is point-like.
     drop = np.flatnonzero(is_star & (mag < 19))[:5]
