@@ -10,7 +10,9 @@ star pass (:func:`~singleframe.steps.pipeline.find_stars` with
 with the evaluator of ``make bench``
 (:func:`~singleframe.sim.evaluation.star_recovery`):
 
-- the selection as configured, and without its size test;
+- the selection as configured (with the reference-catalogue prior,
+  :func:`~singleframe.steps.star_selection.reference_prior`), the same without
+  that prior (the size test alone), and without its size test;
 - the size test at other significance thresholds (the same cut at every S/N);
 - the best a cut on the size excess can do **with the truth in hand**: per bin
   of S/N, the threshold is chosen from a grid by the true classes of the
