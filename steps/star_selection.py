@@ -394,11 +394,9 @@ def reference_prior(catalog: Table, refcat: Table, *, wcs: WCS, origin: tuple[in
     if n_ref < config.reference_min_stars:
         return skip(f"{n_ref} reference stars on the detector (< reference_min_stars={config.reference_min_stars})",
                     n_reference=n_ref)
-    complete = (float(config.reference_complete_mag) if config.reference_complete_mag is not None
-                else reference_complete_mag(ref_mag[on]))
-
     snr = _snr(catalog, config)
-    matched, j, match_sigma = _match_reference(catalog, snr, rx, ry, wcs, config,
+    bad = _flagged(catalog, config)
+    matched, j, match_sigma = _match_reference(catalog, snr, bad, rx, ry, wcs, config,
                                                None if like is None else like.match_sigma_arcsec)
     flux = np.asarray(catalog[f"{config.flux_field}_instFlux"], float)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -410,6 +408,8 @@ def reference_prior(catalog: Table, refcat: Table, *, wcs: WCS, origin: tuple[in
         in_complete = np.isfinite(inst_mag) & (inst_mag + like.zero_point_mag < like.complete_mag)
         return ReferencePrior(matched, in_complete & ~matched, True, like.complete_mag, like.zero_point_mag,
                               like.matched_fraction, n_ref, match_sigma_arcsec=match_sigma)
+    complete = (float(config.reference_complete_mag) if config.reference_complete_mag is not None
+                else reference_complete_mag(ref_mag[on]))
     scale_rows = matched & (snr >= 20) & np.isfinite(inst_mag) & (ref_mag[j] < complete)
     if np.count_nonzero(scale_rows) < 5:
         return skip(f"{int(np.count_nonzero(scale_rows))} matched S/N >= 20 sources (< 5) to put the fluxes on "
@@ -417,7 +417,7 @@ def reference_prior(catalog: Table, refcat: Table, *, wcs: WCS, origin: tuple[in
     zp = float(np.median(ref_mag[j[scale_rows]] - inst_mag[scale_rows]))
     in_complete = np.isfinite(inst_mag) & (inst_mag + zp < complete)
 
-    point_like = ~_flagged(catalog, config) & (snr >= 50) & in_complete
+    point_like = ~bad & (snr >= 50) & in_complete
     if config.max_size_excess_sigma is not None and all(c in catalog.colnames for c in _SIZE_COLUMNS):
         point_like &= ~_significantly_extended(catalog, snr, config, config.max_size_excess_sigma)
     known = {"complete_mag": complete, "zero_point_mag": zp, "n_reference": n_ref, "match_sigma_arcsec": match_sigma}
@@ -431,16 +431,17 @@ def reference_prior(catalog: Table, refcat: Table, *, wcs: WCS, origin: tuple[in
     return ReferencePrior(matched, in_complete & ~matched, True, complete, zp, frac, n_ref, match_sigma_arcsec=match_sigma)
 
 
-def _match_reference(catalog: Table, snr: npt.NDArray[np.float64], rx: npt.NDArray[np.float64],
-                     ry: npt.NDArray[np.float64], wcs: WCS, config: StarSelectorConfig,
+def _match_reference(catalog: Table, snr: npt.NDArray[np.float64], bad: npt.NDArray[np.bool_],
+                     rx: npt.NDArray[np.float64], ry: npt.NDArray[np.float64], wcs: WCS, config: StarSelectorConfig,
                      sys_sigma: float | None = None
                      ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int64], float]:
     """Whether each source lies within its match radius of its nearest reference star, that
     star's index, and the systematic scatter used.
 
     The radius is ``reference_match_sigma`` times the source's position error (centroid error
-    and the systematic scatter, per axis, of the S/N ≥ 50 sources' nearest reference stars, in
-    quadrature), clipped to ``[reference_match_radius_arcsec, max(2″, 3 × that)]``. A given
+    and the systematic scatter, per axis, of the unflagged (not ``bad``) S/N ≥ 50 sources'
+    nearest reference stars, in quadrature), clipped to ``[reference_match_radius_arcsec,
+    max(2″, 3 × that)]``. A given
     ``sys_sigma`` (arcsec, e.g. the main pass's) replaces the scatter of this catalogue's sources.
     """
     n = len(catalog)
@@ -458,7 +459,7 @@ def _match_reference(catalog: Table, snr: npt.NDArray[np.float64], rx: npt.NDArr
         d_arcsec[good] = d * scale_arcsec
         j[good] = np.where(np.isfinite(d), jj, 0)
     if sys_sigma is None or not math.isfinite(sys_sigma):
-        bright = np.isfinite(d_arcsec) & (snr >= 50) & ~_flagged(catalog, config)
+        bright = np.isfinite(d_arcsec) & (snr >= 50) & ~bad
         # Median of a 2-D Gaussian offset's length is 1.1774 sigma per axis.
         sys_sigma = float(np.median(d_arcsec[bright]) / 1.1774) if np.count_nonzero(bright) >= 5 else 0.0
     cen = np.zeros(n)
