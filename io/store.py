@@ -31,7 +31,7 @@ import re
 import uuid
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import pyarrow as pa
@@ -42,7 +42,9 @@ from ..errors import DatasetError, DatasetNotFoundError, SingleframeError, Trans
 from ..provenance import code_fingerprint
 from .datasets import DatasetType, get_dataset_type
 from .formats import BytesLike, _json_dumps, _json_loads, get_format
-from .refs import DatasetRef
+
+if TYPE_CHECKING:
+    from .refs import DatasetRef
 
 __all__ = ["ArtifactStore", "PROVENANCE_SUFFIX"]
 
@@ -132,6 +134,9 @@ class ArtifactStore:
 
     def _make_ref(self, dtype: DatasetType, path: str, run: str, data_id: Mapping[str, Any],
                   checksum: str | None) -> DatasetRef:
+        # Here, not at the top: pydantic is imported by the first write, not by a read-only process.
+        from .refs import DatasetRef
+
         return DatasetRef(dataset_type=dtype.name, run=run, uri=self.url(path), checksum=checksum,
                           instrument=str(data_id["instrument"]), visit=data_id.get("visit"),
                           detector=data_id.get("detector"), snap=data_id.get("snap"))

@@ -346,6 +346,35 @@ def test_catalog_write_and_read_do_not_import_pandas() -> None:
     assert out.stdout.strip() == "False", out.stdout + out.stderr
 
 
+def test_reading_a_frame_and_loading_a_refcat_do_not_import_pydantic() -> None:
+    # singleframe.io loads its submodules on first use: a calibration worker that reads frames and
+    # a reference catalogue, calibrates and writes bytes does not pay pydantic's import (~0.08 s of
+    # a fresh process), which only DatasetRef (the first store write, the flows) needs.
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import singleframe.io as sio\n"
+            "from singleframe.io.formats import exposure_to_fits_bytes\n"
+            "from singleframe.io.refcat import load_refcat\n"
+            "from singleframe.steps.pipeline import calibrate_image\n"
+            "before = 'pydantic' in sys.modules\n"
+            "ref = sio.DatasetRef\n"
+            "print(before, 'pydantic' in sys.modules, ref.__module__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "singleframe.io.refs"], out.stdout + out.stderr
+
+
+def test_every_exported_io_name_resolves() -> None:
+    import singleframe.io as sio
+
+    for name in sio.__all__:
+        assert getattr(sio, name) is not None, name
+        assert name in dir(sio)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        sio.nope  # noqa: B018
+
+
 def test_empty_catalog_round_trip() -> None:
     t = Table({"id": np.zeros(0, np.int64), "flux": np.zeros(0) * u.nJy, "name": np.zeros(0, "U4")})
     back = formats.table_from_parquet_bytes(formats.table_to_parquet_bytes(t))
