@@ -510,10 +510,10 @@ def _star_candidates(frame_dir: Path, config: SelectionBenchConfig) -> tuple[Any
     template = psf_template_score(ch.exposure, fs.detections.labels, np.asarray(cand["base_SdssCentroid_x"], float),
                                   np.asarray(cand["base_SdssCentroid_y"], float), np.asarray(cand["id"], np.int64),
                                   half_size_pix=config.template_half_size_pix)
-    prior = reference_prior(cand, refcat, wcs=ast.wcs, origin=ch.exposure.origin, shape=ch.exposure.shape,
-                            band=ch.exposure.visit_info.band, config=calib.star_selector)
-    return (cand, calib.star_selector, template, _block_median_at(ch.exposure.variance, cand, ch.exposure.origin),
-            prior if calib.star_selector.use_reference_catalog else None)
+    prior = (reference_prior(cand, refcat, wcs=ast.wcs, origin=ch.exposure.origin, shape=ch.exposure.shape,
+                             band=ch.exposure.visit_info.band, config=calib.star_selector)
+             if calib.star_selector.use_reference_catalog else None)
+    return cand, calib.star_selector, template, _block_median_at(ch.exposure.variance, cand, ch.exposure.origin), prior
 
 
 def _block_median_at(values: npt.NDArray[np.floating], catalog: Any, origin: tuple[int, int],

@@ -43,6 +43,7 @@ from scipy.spatial import cKDTree
 
 from ..errors import ConfigError
 from ..masks import MaskPlane, any_set
+from ..photo_calib import njy_to_ab_mag
 
 _BAD_FLAGS = (
     "base_PixelFlags_flag_edge",
@@ -309,10 +310,6 @@ def _significantly_extended(catalog: Table, snr: npt.NDArray[np.float64], config
     return ~(np.isfinite(excess) & np.isfinite(limit) & (excess <= limit))
 
 
-#: AB magnitude of 1 nJy.
-_NJY_AB_MAG = 31.4
-
-
 def reference_complete_mag(ref_mag: npt.NDArray[np.float64], *, bin_mag: float = 0.25) -> float:
     """The magnitude to which a reference catalogue is complete: the turnover of its counts.
 
@@ -387,7 +384,7 @@ def reference_prior(catalog: Table, refcat: Table, *, wcs: WCS, origin: tuple[in
     rx, ry = wcs.all_world2pix(np.asarray(refcat["ra"], float), np.asarray(refcat["dec"], float), 0)
     ok = np.isfinite(rx) & np.isfinite(ry) & np.isfinite(ref_flux) & (ref_flux > 0)
     rx, ry, ref_flux = rx[ok] + origin[0], ry[ok] + origin[1], ref_flux[ok]
-    ref_mag = _NJY_AB_MAG - 2.5 * np.log10(ref_flux)
+    ref_mag = njy_to_ab_mag(ref_flux)
     ny, nx = shape
     on = (rx >= origin[0] - 0.5) & (rx < origin[0] + nx - 0.5) & (ry >= origin[1] - 0.5) & (ry < origin[1] + ny - 0.5)
     n_ref = int(np.count_nonzero(on))

@@ -8,6 +8,7 @@ from astropy.table import Table
 
 from singleframe.errors import ConfigError, NoPsfStarsToStarsMatchError
 from singleframe.masks import MaskPlane
+from singleframe.photo_calib import ab_mag_to_njy
 from singleframe.steps.flag_propagation import match_psf_stars
 from singleframe.steps.star_selection import (
     StarSelectorConfig,
@@ -114,7 +115,7 @@ def _reference_scene(seed: int = 5, cut_mag: float = 22.0):
     in_ref = is_star & (mag <= cut_mag)
     ra, dec = wcs.all_pix2world(x[in_ref], y[in_ref], 0)
     ref = Table({"id": np.arange(in_ref.sum()), "ra": ra, "dec": dec,
-                 "r_flux": 10 ** (-0.4 * (mag[in_ref] - 31.4)), "r_fluxErr": np.ones(in_ref.sum())})
+                 "r_flux": ab_mag_to_njy(mag[in_ref]), "r_fluxErr": np.ones(in_ref.sum())})
     return t, ref, wcs, is_star, mag
 
 
