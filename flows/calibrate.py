@@ -133,7 +133,7 @@ def run_context(params: CalibrateParams, config: CalibrateImageConfig, store: Ar
 
 
 #: Libraries whose numerics the calibration depends on: an upgrade recomputes (it may change results).
-_NUMERIC_DEPENDENCIES = ("numpy", "scipy", "astropy", "sep", "photutils", "pyarrow")
+_NUMERIC_DEPENDENCIES = ("numpy", "scipy", "astropy", "sep", "photutils", "pyarrow", "opencv-python-headless")
 
 
 def code_version() -> str:

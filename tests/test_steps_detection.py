@@ -263,20 +263,24 @@ def test_parent_components_equal_connected_components_of_the_segmap(seed):
     assert _parent_components(seg, xmin[:0], xmax[:0], ymin[:0], ymax[:0]).size == 0
 
 
-@pytest.mark.parametrize("r", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("r", [0, 1, 2, 3, 4, 7])
 def test_grow_labels_is_a_square_maximum_filter_into_empty_pixels(r):
     from scipy import ndimage
 
-    from singleframe.steps.detection import _grow_labels
+    from singleframe.filters import grow_labels
 
     seg = _blobs(7, n=150)
     ref = ndimage.maximum_filter(seg, size=2 * r + 1, mode="constant", cval=0)
     ref = np.where(seg > 0, seg, ref)
-    assert np.array_equal(_grow_labels(seg, r), ref)
-    assert np.array_equal(_grow_labels(seg, r, n_labels=int(seg.max())), ref)
+    assert np.array_equal(grow_labels(seg, r), ref)
+    assert np.array_equal(grow_labels(seg, r, n_labels=int(seg.max())), ref)
     big = seg.copy()
-    big[big > 0] += 70_000  # labels beyond uint16 take the uint32 path
-    assert np.array_equal(_grow_labels(big, r), np.where(big > 0, big, ndimage.maximum_filter(big, 2 * r + 1, mode="constant")))
+    big[big > 0] += 70_000  # labels beyond uint16 take the float32 path (exact below 2**24)
+    assert np.array_equal(grow_labels(big, r), np.where(big > 0, big, ndimage.maximum_filter(big, 2 * r + 1, mode="constant")))
+    with pytest.raises(ValueError, match="2\\*\\*24"):
+        grow_labels(big, r, n_labels=2**24)
+    with pytest.raises(ValueError, match="r >= 0"):
+        grow_labels(seg, -1)
 
 
 @pytest.mark.parametrize("shape", [(300, 257), (64, 64), (130, 9), (11, 40), (200, 45)])
@@ -284,20 +288,27 @@ def test_grow_labels_is_a_square_maximum_filter_into_empty_pixels(r):
 def test_separable_filter_equals_scipy_correlation(shape, in_place):
     from scipy import ndimage
 
-    from singleframe.steps.detection import _correlate_separable, smoothing_kernel
+    from singleframe.filters import correlate_separable
+    from singleframe.steps.detection import smoothing_kernel
 
     rng = np.random.default_rng(sum(shape))
     data = rng.normal(size=shape).astype(np.float32)
-    kernel = smoothing_kernel(1.7)  # 13 x 13: halos, edge bands and stamps narrower than it
+    kernel = smoothing_kernel(1.7)  # 13 x 13: edges, and stamps narrower than it
     ref = ndimage.correlate(data.astype(np.float64), kernel, mode="constant", cval=0.0)
     work = data.copy()
-    got = _correlate_separable(work, kernel.sum(axis=1), kernel.sum(axis=0), out=work if in_place else None,
-                               block_rows=16)
+    got = correlate_separable(work, kernel.sum(axis=1), kernel.sum(axis=0), out=work if in_place else None)
     # float32 sums of 13 + 13 taps of unit-variance noise: rounding ~1e-7 of the ~0.3 rms output.
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6)
     assert (got is work) == in_place
-    with pytest.raises(ValueError, match="symmetric"):
-        _correlate_separable(data, np.arange(3.0), np.arange(3.0))
+    # Asymmetric kernels: a correlation (the kernel is not flipped), different along y and x.
+    ky, kx = np.array([0.0, 1.0, 3.0]), np.array([2.0, 0.5, 0.0, 0.0, -1.0])
+    np.testing.assert_allclose(correlate_separable(data, ky, kx),
+                               ndimage.correlate(data.astype(np.float64), np.outer(ky, kx), mode="constant"),
+                               rtol=0, atol=5e-6)
+    with pytest.raises(ValueError, match="odd-length"):
+        correlate_separable(data, np.arange(4.0), np.arange(3.0))
+    with pytest.raises(ValueError, match="float32"):
+        correlate_separable(data, np.ones(3), np.ones(3), out=np.empty(shape, np.float64))
 
 
 def test_peak_snr_equals_a_per_peak_sum_with_edges_and_excluded_pixels():
