@@ -159,7 +159,7 @@ def flag_columns(config: MeasurementConfig) -> frozenset[str]:
 def measure_sources(exposure: Exposure, detections: Detections, *,
                     config: MeasurementConfig = MeasurementConfig(),
                     ap_corr: Mapping[str, ChebyshevField] | None = None,
-                    aperture_fluxes: bool = True) -> MeasurementResult:
+                    aperture_fluxes: bool = True, start: Table | None = None) -> MeasurementResult:
     """Measure every detection of ``exposure``.
 
     Parameters
@@ -179,11 +179,22 @@ def measure_sources(exposure: Exposure, detections: Detections, *,
         (half the cost on a 4096² frame): PSF-star and star selection need only
         centroids, shapes and PSF fluxes; :func:`measure_aperture_fluxes` adds
         them afterwards to the rows that are kept.
+    start
+        An earlier catalogue of the same ``detections`` (row for row, e.g. before the cosmic
+        rays were interpolated): its converged centroids and adaptive moments start the
+        iteration, which then stops after a step or two where the pixels are unchanged. The
+        values are the same as from a cold start within ``adaptive_tolerance``; only the cost
+        differs (about half of the moments' on a crowded 4096² frame).
 
     Returns
     -------
     MeasurementResult
         ``catalog`` with one row per detection in label order.
+
+    Raises
+    ------
+    ConfigError
+        Detections of another exposure, or a ``start`` catalogue of other detections.
 
     Notes
     -----
@@ -208,10 +219,11 @@ def measure_sources(exposure: Exposure, detections: Detections, *,
     y_peak = np.asarray(src["y_peak"], float) if n else np.zeros(0)
     npix = np.asarray(src["npix"], np.int64) if n and "npix" in src.colnames else None
     labels = np.asarray(detections.labels, np.int32)
+    guess = None if start is None else _start_guess(start, labels_id)
     batches = [slice(i, i + config.max_sources_per_batch) for i in range(0, n, config.max_sources_per_batch)]
     parts = [_measure(exposure, x_peak[b], y_peak[b], labels=labels, own_label=labels_id[b], recentre=True,
                       footprint_npix=None if npix is None else npix[b], config=config,
-                      aperture_fluxes=aperture_fluxes)
+                      aperture_fluxes=aperture_fluxes, guess=None if guess is None else guess[:, b])
              for b in batches or [slice(0, 0)]]
     catalog = parts[0] if len(parts) == 1 else vstack(parts, join_type="exact", metadata_conflicts="silent")
     catalog["id"] = labels_id
@@ -222,6 +234,25 @@ def measure_sources(exposure: Exposure, detections: Detections, *,
     if ap_corr:
         catalog = apply_aperture_corrections(catalog, ap_corr)
     return MeasurementResult(catalog, n, int(np.count_nonzero(catalog["base_SdssCentroid_flag"])))
+
+
+#: Columns of a ``start`` catalogue that seed the adaptive moments (centroid, then shape).
+_START_COLUMNS = ("base_SdssCentroid_x", "base_SdssCentroid_y", "ext_shapeHSM_HsmSourceMoments_xx",
+                  "ext_shapeHSM_HsmSourceMoments_yy", "ext_shapeHSM_HsmSourceMoments_xy")
+
+
+def _start_guess(start: Table, labels_id: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+    """``(5, n)`` centroids (parent pixels) and moments of ``start``; NaN where it flagged them."""
+    flags = ("base_SdssCentroid_flag", "ext_shapeHSM_HsmSourceMoments_flag")
+    missing = [c for c in ("id", *_START_COLUMNS, *flags) if c not in start.colnames]
+    if missing:
+        raise ConfigError(f"the start catalogue lacks {missing}; pass a catalogue from measure_sources")
+    if len(start) != labels_id.size or not np.array_equal(np.asarray(start["id"], np.int64), labels_id):
+        raise ConfigError(f"the start catalogue ({len(start)} rows) is not a measurement of these "
+                          f"{labels_id.size} detections (its ids differ); measure without start")
+    guess = np.array([np.asarray(start[c], float) for c in _START_COLUMNS]).reshape(5, -1)
+    guess[:, np.asarray(start[flags[0]], bool) | np.asarray(start[flags[1]], bool)] = np.nan
+    return guess
 
 
 def measure_aperture_fluxes(exposure: Exposure, catalog: Table, detections: Detections, *,
@@ -343,7 +374,7 @@ def _cut_usable(st: Stamps, exposure: Exposure, bad_bits: np.uint32, labels: npt
 def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.NDArray[np.float64], *,
              labels: npt.NDArray[np.int32] | None, own_label: npt.NDArray[np.int64], recentre: bool,
              config: MeasurementConfig, footprint_npix: npt.NDArray[np.int64] | None = None,
-             aperture_fluxes: bool = True) -> Table:
+             aperture_fluxes: bool = True, guess: npt.NDArray[np.float64] | None = None) -> Table:
     n = x_start.size
     ox, oy = exposure.origin
     ny, nx = exposure.shape
@@ -369,9 +400,14 @@ def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.
     # PSF-sized sources and the cost scales with the stamp area.
     mh = min(config.moments_stamp_size_pix // 2, half)
     sl = slice(half - mh, half + mh + 1)
+    x_guess, y_guess, shape_guess = (x_start - ox) - ix, (y_start - oy) - iy, None
+    if guess is not None:  # a warm start where the earlier measurement converged
+        warm = np.all(np.isfinite(guess), axis=0)
+        x_guess = np.where(warm, guess[0] - ox - ix, x_guess)
+        y_guess = np.where(warm, guess[1] - oy - iy, y_guess)
+        shape_guess = (guess[2], guess[3], guess[4])
     am = adaptive_moments(img_st[:, sl, sl], variance=var_st[:, sl, sl], valid=valid[:, sl, sl],
-                          sigma_guess_pix=sigma0,
-                          x_guess=(x_start - ox) - ix, y_guess=(y_start - oy) - iy,
+                          sigma_guess_pix=sigma0, x_guess=x_guess, y_guess=y_guess, shape_guess=shape_guess,
                           max_iterations=config.adaptive_max_iterations, tolerance=config.adaptive_tolerance,
                           recentre=recentre) if n else None
     if am is not None:
@@ -387,7 +423,9 @@ def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.
         mxx = np.where(shape_ok, am.xx, np.nan)
         myy = np.where(shape_ok, am.yy, np.nan)
         mxy = np.where(shape_ok, am.xy, np.nan)
-        g_flux, g_err = am.flux, am.flux_err
+        # The flux of the matched Gaussian means nothing where its shape failed (a collapsed or
+        # diverged weight gives any value): NaN there, not a flagged number.
+        g_flux, g_err = np.where(shape_ok, am.flux, np.nan), np.where(shape_ok, am.flux_err, np.nan)
         g_ok = shape_ok & np.isfinite(g_flux) & np.isfinite(g_err)
         # Adaptive moments fail on ~1 % of faint (S/N < 15) point sources (noise drives the
         # size iteration away). A fixed-weight (PSF-sized Gaussian) centroid still measures them,
@@ -473,6 +511,8 @@ def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.
         tw_psf = 2.0 * p_var * w_var / (p_var + w_var)
         beta = w_var / (p_var + w_var)
         t_est = t_psf_fb * (1.0 + (fb_trace[fbs] / tw_psf - 1.0) / beta)
+        # Far from the PSF the linearisation can give a negative size: no estimate there.
+        t_est = np.where(t_est > 0, t_est, np.nan)
         mxx = mxx.copy()
         myy = myy.copy()
         mxy = mxy.copy()

@@ -437,3 +437,43 @@ def test_accelerated_adaptive_moments_reach_the_plain_fixed_point_in_fewer_steps
     np.testing.assert_array_less(np.abs(fast.y - plain.y), 2e-5)
     # Within 12 steps the extrapolation converges twice as many stamps (measured 198 against 89).
     assert run(True, 12).converged.sum() > 1.6 * run(False, 12).converged.sum()
+
+
+def test_adaptive_moments_warm_start_reaches_the_same_fixed_point_and_a_collapsed_shape_fails():
+    from singleframe.psf import MIN_ADAPTIVE_MOMENT_PIX2
+
+    rng = np.random.default_rng(21)
+    n = 60
+    sig = rng.uniform(1.5, 3.0, n)
+    q = rng.uniform(0.7, 1.0, n)
+    x0, y0 = rng.uniform(-0.5, 0.5, n), rng.uniform(-0.5, 0.5, n)
+    gy, gx = np.mgrid[-12:13, -12:13]
+    dx, dy = gx[None] - x0[:, None, None], gy[None] - y0[:, None, None]
+    img = 1e4 * np.exp(-0.5 * (dx**2 / sig[:, None, None] ** 2 + dy**2 / (q * sig)[:, None, None] ** 2))
+    img = img + rng.normal(size=img.shape) * 3.0  # S/N ~ 100-300
+    cold = adaptive_moments(img, sigma_guess_pix=2.0, variance=np.full(img.shape, 9.0))
+    assert cold.converged.all()
+    warm = adaptive_moments(img, sigma_guess_pix=2.0, variance=np.full(img.shape, 9.0), x_guess=cold.x,
+                            y_guess=cold.y, shape_guess=(cold.xx, cold.yy, cold.xy))
+    # Both stop within the tolerance (1e-6 of the trace per step) of one fixed point: with the
+    # linear convergence rate of ~0.5 the remaining distance is at most about one more step.
+    trace = cold.xx + cold.yy
+    for a, b in ((warm.xx, cold.xx), (warm.yy, cold.yy), (warm.xy, cold.xy)):
+        assert np.max(np.abs(a - b) / trace) < 5e-6
+    assert np.max(np.abs(warm.x - cold.x)) < 5e-6 and np.max(np.abs(warm.y - cold.y)) < 5e-6
+    np.testing.assert_allclose(warm.flux, cold.flux, rtol=1e-5)
+    assert warm.converged.all() and warm.n_iterations <= 2 and warm.n_iterations < cold.n_iterations
+    # Invalid guesses (NaN, not positive definite) start from sigma_guess_pix instead.
+    bad = (np.full(n, np.nan), cold.yy, cold.xy)
+    again = adaptive_moments(img, sigma_guess_pix=2.0, shape_guess=bad)
+    np.testing.assert_allclose(again.xx, cold.xx, rtol=5e-6)
+
+    # A one-pixel-wide ridge (a star on an interpolated column): the weight collapses onto it
+    # along x, which is no measurement; the round star beside it converges normally.
+    ridge = np.zeros((2, 25, 25))
+    ridge[0, :, 12] = 1e4 * np.exp(-0.5 * (np.arange(25) - 12) ** 2 / 4.0)
+    ridge[1] = 1e4 * np.exp(-0.5 * (gx**2 + gy**2) / 4.0)
+    ridge += rng.normal(size=ridge.shape)  # S/N ~ 1e4: noise alone, no exact zero moment
+    am = adaptive_moments(ridge, sigma_guess_pix=2.0)
+    assert not am.converged[0] and am.converged[1]
+    assert am.xx[1] == pytest.approx(4.0, rel=1e-3) and am.xx[1] > MIN_ADAPTIVE_MOMENT_PIX2
