@@ -91,6 +91,17 @@ def snr200_flux(psf, sky_var=SKY_VAR):
     return f
 
 
+def assert_same_catalogue(got, want):
+    """Same columns, rows and flags; floating values within 1e-5 relative (NaN where ``want`` has NaN)."""
+    assert got.colnames == want.colnames and len(got) == len(want)
+    for name in want.colnames:
+        a, b = np.asarray(want[name]), np.asarray(got[name])
+        if a.dtype == bool or a.dtype.kind in "iu":
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        else:
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, equal_nan=True, err_msg=name)
+
+
 @pytest.fixture(scope="module")
 def star_scene():
     rng = np.random.default_rng(11)
@@ -319,14 +330,7 @@ def test_batches_give_the_same_catalogue(star_scene):
     # rounding in the stacked fits: same rows, same flags, values within 1e-5 relative.
     res, _, _, _, exp, det = star_scene
     batched = measure_sources(exp, det, config=MeasurementConfig(max_sources_per_batch=5)).catalog
-    whole = res.catalog
-    assert batched.colnames == whole.colnames and len(batched) == len(whole)
-    for name in whole.colnames:
-        a, b = np.asarray(whole[name]), np.asarray(batched[name])
-        if a.dtype == bool or a.dtype.kind in "iu":
-            np.testing.assert_array_equal(a, b, err_msg=name)
-        else:
-            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, equal_nan=True, err_msg=name)
+    assert_same_catalogue(batched, res.catalog)
     with pytest.raises(ConfigError, match="max_sources_per_batch"):
         MeasurementConfig(max_sources_per_batch=0).validate()
 
@@ -358,13 +362,7 @@ def test_a_warm_started_measurement_equals_a_cold_one(star_scene):
     whole = res.catalog
     start = measure_sources(exp, det, aperture_fluxes=False).catalog
     warm = measure_sources(exp, det, start=start).catalog
-    assert warm.colnames == whole.colnames and len(warm) == len(whole)
-    for name in whole.colnames:
-        a, b = np.asarray(whole[name]), np.asarray(warm[name])
-        if a.dtype == bool or a.dtype.kind in "iu":
-            np.testing.assert_array_equal(a, b, err_msg=name)
-        else:
-            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, equal_nan=True, err_msg=name)
+    assert_same_catalogue(warm, whole)
     with pytest.raises(ConfigError, match="not a measurement of these"):
         measure_sources(exp, det, start=start[1:])
     with pytest.raises(ConfigError, match="lacks"):
