@@ -362,8 +362,7 @@ def _adaptive_moments(stamps: npt.ArrayLike, variance: npt.ArrayLike | None, val
                       sigma_guess_pix: float | npt.ArrayLike, x_guess: npt.ArrayLike | None,
                       y_guess: npt.ArrayLike | None, max_iterations: int, tolerance: float,
                       recentre: bool, accelerate: bool,
-                      shape_guess: tuple[npt.ArrayLike, npt.ArrayLike, npt.ArrayLike] | None = None
-                      ) -> AdaptiveMoments:
+                      shape_guess: tuple[npt.ArrayLike, npt.ArrayLike, npt.ArrayLike] | None) -> AdaptiveMoments:
     img = np.asarray(stamps)
     n, ny, nx = img.shape
     ok = None if valid is None else np.asarray(valid, bool)
@@ -506,7 +505,7 @@ def _adaptive_moments(stamps: npt.ArrayLike, variance: npt.ArrayLike | None, val
     # pixel-integrated source has at least the pixel's own 1/12 px² along every axis.
     half_trace = 0.5 * (mxx + myy)
     min_eigen = half_trace - np.sqrt(0.25 * (mxx - myy) ** 2 + mxy * mxy)
-    converged &= (det > 0) & (min_eigen >= MIN_ADAPTIVE_MOMENT_PIX2)
+    converged &= min_eigen >= MIN_ADAPTIVE_MOMENT_PIX2  # which also makes the determinant positive
     return AdaptiveMoments(cx, cy, mxx, myy, mxy, flux, flux_err, x_err, y_err, converged, n_iter)
 
 

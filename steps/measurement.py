@@ -426,7 +426,7 @@ def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.
         # The flux of the matched Gaussian means nothing where its shape failed (a collapsed or
         # diverged weight gives any value): NaN there, not a flagged number.
         g_flux, g_err = np.where(shape_ok, am.flux, np.nan), np.where(shape_ok, am.flux_err, np.nan)
-        g_ok = shape_ok & np.isfinite(g_flux) & np.isfinite(g_err)
+        g_ok = np.isfinite(g_flux) & np.isfinite(g_err)
         # Adaptive moments fail on ~1 % of faint (S/N < 15) point sources (noise drives the
         # size iteration away). A fixed-weight (PSF-sized Gaussian) centroid still measures them,
         # so their PSF flux is not lost; their size is estimated below from the fixed-weight trace.
