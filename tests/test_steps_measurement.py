@@ -262,6 +262,29 @@ def test_config_validation():
         MeasurementConfig(bad_mask_planes=("NOPE",)).validate()
 
 
+def test_moment_stamps_grow_with_the_psf():
+    # 2.5" seeing at 0.2"/px: sigma 5.3 px. The moments' stamp is 4.5 sigma wide (49 px, wider than
+    # the 31-px measurement stamps), so the adaptive moments of a noiseless Gaussian star are
+    # sigma² + 1/12 to < 1e-5 (the pixel response); on the former fixed 25-px stamp the weighted
+    # profile was cut at 2.3 sigma and the trace came out 2 % small, which this test would catch.
+    sigma = 5.3
+    psf = GaussianPsf(sigma)
+    xs = np.array([ORIGIN[0] + 100.3, ORIGIN[0] + 300.6])
+    ys = np.array([ORIGIN[1] + 150.2, ORIGIN[1] + 140.7])
+    img, var = render(xs, ys, np.full(2, 1e6), psf, noise=False, size=81)
+    det = detect(img, var)
+    exp = make_exposure(img, var, psf)
+    t_true = 2 * (sigma**2 + 1 / 12)
+    for config, rel in ((MeasurementConfig(), 1e-5), (MeasurementConfig(moments_stamp_size_pix=25), 0.01)):
+        cat = measure_sources(exp, det, config=config, aperture_fluxes=False).catalog
+        cat = cat[match(cat, xs, ys)]
+        t = np.asarray(cat["ext_shapeHSM_HsmSourceMoments_xx"] + cat["ext_shapeHSM_HsmSourceMoments_yy"])
+        err = np.abs(t / t_true - 1)
+        assert np.all(err < rel) if rel < 1e-3 else np.all(err > rel), (config.moments_stamp_size_pix, err)
+    with pytest.raises(ConfigError, match="moments_stamp_psf_sigmas"):
+        MeasurementConfig(moments_stamp_psf_sigmas=2.0).validate()
+
+
 def test_faint_sources_with_failed_adaptive_moments_keep_centroid_and_psf_flux():
     # Point sources at PSF S/N 8 on a grid: adaptive moments fail on ~9 % of them (noise drives the
     # size iteration away; ~30 % before the iteration was accelerated). The fixed-weight fallback
