@@ -241,26 +241,83 @@ def _blobs(seed, n=400, shape=(300, 400)):
     return lut[seg]
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_parent_components_equal_connected_components_of_the_segmap(seed):
+def _blended_field(seed, shape=(300, 400), n=260):
+    """A matched-filtered-like S/N image: Gaussian blobs of random widths and amplitudes, many in
+    blends of 2-4, some touching the border, a plateau, and excluded pixels through some of them."""
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    img = rng.normal(0.0, 0.3, shape)
+    centres = np.column_stack([rng.uniform(-3, nx + 3, n), rng.uniform(-3, ny + 3, n)])
+    # Companions 2-6 px away: blends that deblend at some sub-threshold or stay merged.
+    comp = centres[: n // 3] + rng.uniform(-6, 6, (n // 3, 2))
+    for (cx, cy), amp, sig in zip(np.vstack([centres, comp]), rng.lognormal(2.0, 1.0, n + n // 3),
+                                  rng.uniform(1.0, 3.0, n + n // 3), strict=True):
+        y0, y1, x0, x1 = int(max(cy - 5 * sig, 0)), int(min(cy + 5 * sig + 1, ny)), int(max(cx - 5 * sig, 0)), \
+            int(min(cx + 5 * sig + 1, nx))
+        if y1 > y0 and x1 > x0:
+            img[y0:y1, x0:x1] += amp * np.exp(-((xx[y0:y1, x0:x1] - cx) ** 2 + (yy[y0:y1, x0:x1] - cy) ** 2)
+                                              / (2 * sig**2))
+    img[150:153, 200:204] = img[150:153, 200:204].max() + 5.0  # a plateau: one maximum of 12 pixels
+    excluded = np.zeros(shape, bool)
+    excluded[:, 37] = True  # a bad column
+    excluded[rng.integers(0, ny, 300), rng.integers(0, nx, 300)] = True
+    return img.astype(np.float32), excluded
+
+
+@pytest.mark.parametrize(("seed", "min_pixels"), [(1, 1), (2, 1), (3, 5)])
+def test_extraction_equals_one_sep_call_over_the_frame(seed, min_pixels):
+    # _extract analyses the single-maximum footprints itself and deblends the others one cut-out at
+    # a time. Against one sep.extract over the frame: the same objects (peaks, barycentres to
+    # 1e-6 px, flags), footprints and parents. Only the pixels that sep's deblending hands out at
+    # random (SExtractor's gatherup, its generator reseeded per call) may go to another child of
+    # the same blend: a blend's draws then depend on the blends sep met before it in the call.
+    import sep
     from scipy import ndimage
 
-    from singleframe.steps.detection import _parent_components
+    from singleframe.steps.detection import _extract
 
-    seg = _blobs(seed)
-    m = int(seg.max())
-    boxes = ndimage.find_objects(seg)
-    xmin, xmax = np.array([b[1].start for b in boxes]), np.array([b[1].stop - 1 for b in boxes])
-    ymin, ymax = np.array([b[0].start for b in boxes]), np.array([b[0].stop - 1 for b in boxes])
-    parent = _parent_components(seg, xmin, xmax, ymin, ymax)
-    ref, n_ref = ndimage.label(seg > 0, structure=np.ones((3, 3), bool))
-    # One pixel of each object names its reference component; the partitions must be equal.
-    labels, first_pixel = np.unique(seg.ravel(), return_index=True)
-    ref_of = ref.ravel()[first_pixel[labels > 0]]
-    assert n_ref < m  # the scene has blends, or the test proves nothing
-    pairs = np.unique(np.stack([ref_of, parent]), axis=1)
-    assert pairs.shape[1] == n_ref == np.unique(parent).size
-    assert _parent_components(seg, xmin[:0], xmax[:0], ymin[:0], ymax[:0]).size == 0
+    data, excluded = _blended_field(seed)
+    thresh = 1.5
+    config = DetectionConfig(min_pixels=min_pixels)
+    sep.set_extract_pixstack(1_000_000)
+    ref, ref_seg = sep.extract(data, thresh, mask=excluded, minarea=min_pixels, filter_kernel=None,
+                               deblend_nthresh=config.deblend_nthresh, deblend_cont=config.deblend_cont,
+                               clean=False, segmentation_map=True)
+    objects, seg = _extract(data.copy(), thresh, excluded, config)
+    assert sep.get_extract_pixstack() == 1_000_000  # restored
+    merged = (np.asarray(ref["flag"]) & sep.OBJ_MERGED) != 0
+    assert merged.sum() > 30 and (~merged).sum() > 100  # blends and single footprints both
+    assert (np.asarray(ref["flag"]) & sep.OBJ_TRUNC).any() and (np.asarray(ref["flag"]) & sep.OBJ_SINGU).any()
+    assert len(objects) == len(ref)
+    i_ref = np.lexsort((np.asarray(ref["y"]), np.asarray(ref["x"])))
+    i_new = np.lexsort((objects.y, objects.x))
+    np.testing.assert_allclose(objects.x[i_new], np.asarray(ref["x"])[i_ref], atol=1e-6)
+    np.testing.assert_allclose(objects.y[i_new], np.asarray(ref["y"])[i_ref], atol=1e-6)
+    np.testing.assert_array_equal(objects.flag[i_new], np.asarray(ref["flag"])[i_ref])
+    single = ~merged[i_ref]
+    np.testing.assert_array_equal(objects.xcpeak[i_new][single], np.asarray(ref["xcpeak"])[i_ref][single])
+    np.testing.assert_array_equal(objects.ycpeak[i_new][single], np.asarray(ref["ycpeak"])[i_ref][single])
+    # Segmentation: our label of each sep object; single footprints identical pixel for pixel.
+    to_ref = np.zeros(len(objects) + 1, np.int64)
+    to_ref[i_new + 1] = i_ref + 1
+    mapped = to_ref[seg]
+    np.testing.assert_array_equal(mapped > 0, ref_seg > 0)
+    single_px = np.isin(ref_seg, i_ref[single] + 1)
+    np.testing.assert_array_equal(mapped[single_px], ref_seg[single_px])
+    assert np.mean(mapped[ref_seg > 0] != ref_seg[ref_seg > 0]) < 0.05
+    # Parents: the 8-connected components of the footprints.
+    cc, n_cc = ndimage.label(ref_seg > 0, structure=np.ones((3, 3), bool))
+    cc_of = cc[np.asarray(ref["ycpeak"]), np.asarray(ref["xcpeak"])][i_ref]
+    pairs = np.unique(np.stack([cc_of, objects.parent[i_new]]), axis=1)
+    assert pairs.shape[1] == n_cc == np.unique(objects.parent).size
+
+
+def test_extraction_of_an_empty_frame():
+    from singleframe.steps.detection import _extract
+
+    objects, seg = _extract(np.zeros((40, 50), np.float32), 1.0, np.zeros((40, 50), bool), DetectionConfig())
+    assert len(objects) == 0 and objects.parent.size == 0 and seg.shape == (40, 50) and not seg.any()
 
 
 @pytest.mark.parametrize("r", [0, 1, 2, 3, 4, 7])
