@@ -6,8 +6,9 @@ whose filtered S/N is at least ``threshold_snr`` (Rubin's ``pixel_stdev``
 threshold on the PSF-smoothed image), 8-connected. Footprints with several
 local maxima are split into children by sep's multi-threshold deblending
 (``deblend_nthresh`` levels, ``deblend_cont``), one footprint at a time, so a
-blend's children do not depend on the rest of the frame; the others are one
-child each. The result is that of one ``sep.extract`` over the frame. Each
+blend's children do not depend on the rest of the frame (or in one sep call over
+the frame: ``deblend_each_footprint``); the others are one child each. Either
+way the objects are those of one ``sep.extract`` over the frame. Each
 child's peak S/N is then computed with the per-pixel variance, including the
 source's own Poisson noise, as ``sum(K I) / sqrt(sum(K^2 V))`` at the filtered
 peak; children below ``peak_threshold_snr`` are dropped (their pixels stay in
@@ -66,6 +67,11 @@ class DetectionConfig:
     #: detectors); 1e-4 separates them (0.001 most of them) at no measurable cost (sep time
     #: unchanged; +0.3 % peaks; PSF size and WCS unchanged on the demo detectors).
     deblend_cont: float = 0.0001
+    #: Deblend each footprint with several maxima on its own cut-out (:func:`_extract`) instead of
+    #: in one sep call over the frame: the same objects, 0.5 s faster on the crowded 4096² frame's
+    #: star pass. sep hands a blend's low pixels to its children at random, from a generator
+    #: reseeded per call, so the two ways assign ~1 % of the blends' pixels differently.
+    deblend_each_footprint: bool = True
     #: Pixels in these planes are excluded from detection.
     excluded_planes: MaskPlane = MaskPlane.BAD | MaskPlane.NO_DATA
     #: Bin size (pixels) of the smooth sky-noise map.
@@ -256,7 +262,10 @@ def detect_sources(
         for rows in bands:
             np.greater_equal(filtered[rows], thr, out=detected_px[rows], casting="unsafe")
             detected_px[rows] &= ~excluded[rows]
-    objects, seg = _extract(filtered, threshold_snr * k_norm, excluded, config)
+    if config.deblend_each_footprint:
+        objects, seg = _extract(filtered, threshold_snr * k_norm, excluded, config)
+    else:
+        objects, seg = _extract_frame(filtered, threshold_snr * k_norm, excluded, config)
     del filtered
     grow = int(round(0.886 * int(config.grow_sigma * psf_sigma_pix + 0.5)))  # square of the disk's area
     if detected_px is not None and grow > 0:
@@ -387,6 +396,10 @@ def _extract(data: npt.NDArray[np.float32], thresh: float, excluded: npt.NDArray
     grown = cv2.dilate(data, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=-np.inf)
     ys, xs = np.nonzero(above)
     comp = lab[ys, xs]
+    # sep lists the footprints in the order its scan closes them: by the raster index of their
+    # last pixel (bottom row, rightmost).
+    last_pixel = np.full(n_lab, -1, np.int64)
+    np.maximum.at(last_pixel, comp, ys.astype(np.int64) * nx + xs)
     is_max = data[ys, xs] >= grown[ys, xs]
     del grown
     py, px = ys[is_max], xs[is_max]
@@ -435,15 +448,14 @@ def _extract(data: npt.NDArray[np.float32], thresh: float, excluded: npt.NDArray
     finally:
         sep.set_extract_pixstack(stack_before)
     n_children = np.array([len(c[0]) for c in children], np.int64)
-    # Objects in footprint order (OpenCV's labels follow the raster order of each footprint's
-    # first pixel), a footprint's children in sep's order.
+    # Objects in sep's order: footprints as its scan closes them, a blend's children in its order.
     parent_label = np.concatenate([ids, np.repeat(multi, n_children)]).astype(np.int64)
     xs_all = np.concatenate([mx, *(np.asarray(o["x"], float) + x0 for o, _, x0, _ in children)])
     ys_all = np.concatenate([my, *(np.asarray(o["y"], float) + y0 for o, _, _, y0 in children)])
     xc_all = np.concatenate([xc1, *(np.asarray(o["xcpeak"], np.int64) + x0 for o, _, x0, _ in children)])
     yc_all = np.concatenate([yc1, *(np.asarray(o["ycpeak"], np.int64) + y0 for o, _, _, y0 in children)])
     fl_all = np.concatenate([flag1, *(np.asarray(o["flag"], np.int64) for o, *_ in children)])
-    order = np.argsort(parent_label, kind="stable")
+    order = np.argsort(last_pixel[parent_label], kind="stable")
     label_of = np.empty(order.size, np.int32)
     label_of[order] = np.arange(1, order.size + 1, dtype=np.int32)
     # Segmentation: a single footprint's label through a lookup of its OpenCV label; a
@@ -466,9 +478,27 @@ def _extract(data: npt.NDArray[np.float32], thresh: float, excluded: npt.NDArray
                     parent.astype(np.int64)), seg
 
 
+def _extract_frame(data: npt.NDArray[np.float32], thresh: float, excluded: npt.NDArray[np.bool_],
+                   config: DetectionConfig) -> tuple[_Objects, npt.NDArray[np.int32]]:
+    """:func:`_extract` as one sep call over the frame; parents from OpenCV's components of its footprints."""
+    ny, nx = data.shape
+    stack_before = sep.get_extract_pixstack()
+    sep.set_sub_object_limit(int(config.sub_object_limit))
+    try:
+        objs, seg = _run_sep(data, thresh, excluded, config, stack=max(int(config.pixstack), 1_000_000))
+    finally:
+        sep.set_extract_pixstack(stack_before)
+    seg = np.asarray(seg, np.int32)
+    _, comp = cv2.connectedComponentsWithAlgorithm((seg > 0).view(np.uint8), 8, cv2.CV_32S, cv2.CCL_BBDT)
+    xc, yc = np.asarray(objs["xcpeak"], np.int64), np.asarray(objs["ycpeak"], np.int64)
+    _, parent = np.unique(comp[yc, xc], return_inverse=True)  # an object's peak lies in its footprint
+    return _Objects(np.asarray(objs["x"], float), np.asarray(objs["y"], float), xc, yc,
+                    np.asarray(objs["flag"], np.int64), parent.astype(np.int64)), seg
+
+
 def _run_sep(data: npt.NDArray[np.float32], thresh: float, excluded: npt.NDArray[np.bool_],
              config: DetectionConfig, *, stack: int) -> tuple[np.ndarray, np.ndarray]:
-    """sep.extract (no filter) of one footprint's cut-out, its pixel stack grown on demand."""
+    """sep.extract (no filter) of ``data``, its pixel stack grown on demand."""
     while True:
         sep.set_extract_pixstack(stack)
         try:

@@ -289,28 +289,39 @@ def test_extraction_equals_one_sep_call_over_the_frame(seed, min_pixels):
     merged = (np.asarray(ref["flag"]) & sep.OBJ_MERGED) != 0
     assert merged.sum() > 30 and (~merged).sum() > 100  # blends and single footprints both
     assert (np.asarray(ref["flag"]) & sep.OBJ_TRUNC).any() and (np.asarray(ref["flag"]) & sep.OBJ_SINGU).any()
+    # In sep's order (footprints as its scan closes them, a blend's children in its order).
     assert len(objects) == len(ref)
-    i_ref = np.lexsort((np.asarray(ref["y"]), np.asarray(ref["x"])))
-    i_new = np.lexsort((objects.y, objects.x))
-    np.testing.assert_allclose(objects.x[i_new], np.asarray(ref["x"])[i_ref], atol=1e-6)
-    np.testing.assert_allclose(objects.y[i_new], np.asarray(ref["y"])[i_ref], atol=1e-6)
-    np.testing.assert_array_equal(objects.flag[i_new], np.asarray(ref["flag"])[i_ref])
-    single = ~merged[i_ref]
-    np.testing.assert_array_equal(objects.xcpeak[i_new][single], np.asarray(ref["xcpeak"])[i_ref][single])
-    np.testing.assert_array_equal(objects.ycpeak[i_new][single], np.asarray(ref["ycpeak"])[i_ref][single])
-    # Segmentation: our label of each sep object; single footprints identical pixel for pixel.
-    to_ref = np.zeros(len(objects) + 1, np.int64)
-    to_ref[i_new + 1] = i_ref + 1
-    mapped = to_ref[seg]
-    np.testing.assert_array_equal(mapped > 0, ref_seg > 0)
-    single_px = np.isin(ref_seg, i_ref[single] + 1)
-    np.testing.assert_array_equal(mapped[single_px], ref_seg[single_px])
-    assert np.mean(mapped[ref_seg > 0] != ref_seg[ref_seg > 0]) < 0.05
+    np.testing.assert_allclose(objects.x, np.asarray(ref["x"]), atol=1e-6)
+    np.testing.assert_allclose(objects.y, np.asarray(ref["y"]), atol=1e-6)
+    np.testing.assert_array_equal(objects.flag, np.asarray(ref["flag"]))
+    np.testing.assert_array_equal(objects.xcpeak[~merged], np.asarray(ref["xcpeak"])[~merged])
+    np.testing.assert_array_equal(objects.ycpeak[~merged], np.asarray(ref["ycpeak"])[~merged])
+    # Segmentation: single footprints identical pixel for pixel, blends within 5 % of their pixels.
+    np.testing.assert_array_equal(seg > 0, ref_seg > 0)
+    single_px = np.isin(ref_seg, np.flatnonzero(~merged) + 1)
+    np.testing.assert_array_equal(seg[single_px], ref_seg[single_px])
+    assert np.mean(seg[ref_seg > 0] != ref_seg[ref_seg > 0]) < 0.05
     # Parents: the 8-connected components of the footprints.
     cc, n_cc = ndimage.label(ref_seg > 0, structure=np.ones((3, 3), bool))
-    cc_of = cc[np.asarray(ref["ycpeak"]), np.asarray(ref["xcpeak"])][i_ref]
-    pairs = np.unique(np.stack([cc_of, objects.parent[i_new]]), axis=1)
+    cc_of = cc[np.asarray(ref["ycpeak"]), np.asarray(ref["xcpeak"])]
+    pairs = np.unique(np.stack([cc_of, objects.parent]), axis=1)
     assert pairs.shape[1] == n_cc == np.unique(objects.parent).size
+
+
+def test_the_frame_wide_extraction_gives_the_same_objects_and_parents():
+    # deblend_each_footprint=False (the PSF pass) deblends in one sep call over the frame; its
+    # parents come from OpenCV's components. Same objects in the same order, same parents.
+    from singleframe.steps.detection import _extract, _extract_frame
+
+    data, excluded = _blended_field(4)
+    config = DetectionConfig()
+    each, _ = _extract(data.copy(), 1.5, excluded, config)
+    frame, seg = _extract_frame(data.copy(), 1.5, excluded, config)
+    assert len(frame) == len(each) > 200 and seg.max() == len(frame)
+    np.testing.assert_allclose(frame.x, each.x, atol=1e-6)
+    np.testing.assert_array_equal(frame.flag, each.flag)
+    pairs = np.unique(np.stack([frame.parent, each.parent]), axis=1)
+    assert pairs.shape[1] == np.unique(frame.parent).size == np.unique(each.parent).size < len(frame)
 
 
 def test_extraction_of_an_empty_frame():
