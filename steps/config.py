@@ -40,7 +40,8 @@ def _psf_detection() -> DetectionConfig:
     # One sep call over the frame deblends the PSF pass's few bright footprints: per footprint
     # (``deblend_each_footprint``) it saves ~0.05 s, and sep's random hand-out of blend pixels,
     # drawn differently, moves the PSF stars' neighbour masks and so the model at its noise level
-    # (poor-seeing frame: median δe1 -3.8e-4 -> -5.8e-4; -3.2e-4 to -5.8e-4 over six reserve draws).
+    # (poor-seeing frame: median δe1 -3.8e-4 -> -5.8e-4; over six reserve draws -3.8e-4 to -5.1e-4
+    # with one call, -3.2e-4 to -5.8e-4 per footprint).
     return DetectionConfig(threshold_snr=10.0, peak_threshold_snr=50.0, max_peaks=3000, deblend_each_footprint=False)
 
 

@@ -77,8 +77,9 @@ class DetectionConfig:
     #: Bin size (pixels) of the smooth sky-noise map.
     noise_bin_size_pix: int = 128
     #: Smallest initial sep pixel stack of a blend's cut-out: each starts at four times its
-    #: footprint's pixels or this, whichever is larger, and is multiplied by 4 and retried when
-    #: full, up to ``max_pixstack`` (sep clears its stack on every call: ~20 ns per entry).
+    #: footprint's pixels or this, whichever is larger (a call over the frame at 1 000 000 or
+    #: this), and is multiplied by 4 and retried when full, up to ``max_pixstack`` (sep clears
+    #: its stack on every call: ~20 ns per entry).
     pixstack: int = 1_000
     max_pixstack: int = 64_000_000
     #: sep limit on sub-objects during deblending.
