@@ -403,9 +403,12 @@ def _extract(data: npt.NDArray[np.float32], thresh: float, excluded: npt.NDArray
     np.maximum.at(last_pixel, comp, ys.astype(np.int64) * nx + xs)
     is_max = data[ys, xs] >= grown[ys, xs]
     del grown
-    py, px = ys[is_max], xs[is_max]
-    n_max = np.bincount(comp[is_max], minlength=n_lab)
-    del is_max
+    max_comp = comp[is_max]
+    n_max = np.bincount(max_comp, minlength=n_lab)
+    # Each footprint's (last) maximum; a single-maximum footprint's peak.
+    peak_x, peak_y = np.zeros(n_lab, np.int64), np.zeros(n_lab, np.int64)
+    peak_x[max_comp], peak_y[max_comp] = xs[is_max], ys[is_max]
+    del is_max, max_comp
     single = keep & (n_max == 1)
     multi = np.flatnonzero(keep & (n_max > 1))
 
@@ -427,10 +430,7 @@ def _extract(data: npt.NDArray[np.float32], thresh: float, excluded: npt.NDArray
     sx1 = sx0 + stats[ids, cv2.CC_STAT_WIDTH] - 1
     sy1 = sy0 + stats[ids, cv2.CC_STAT_HEIGHT] - 1
     flag1 |= np.where((sx0 == 0) | (sy0 == 0) | (sx1 == nx - 1) | (sy1 == ny - 1), sep.OBJ_TRUNC, 0)
-    peak_at = np.zeros(n_lab, np.int64)
-    is_single_peak = single[lab[py, px]]
-    peak_at[lab[py[is_single_peak], px[is_single_peak]]] = np.flatnonzero(is_single_peak)
-    xc1, yc1 = px[peak_at[ids]].astype(np.int64), py[peak_at[ids]].astype(np.int64)
+    xc1, yc1 = peak_x[ids], peak_y[ids]
 
     # Several maxima: sep on a cut-out of the footprint, one pixel of excluded margin around it
     # (so that sep's TRUNC still means the frame's border), with a pixel stack of its size.
@@ -482,7 +482,6 @@ def _extract(data: npt.NDArray[np.float32], thresh: float, excluded: npt.NDArray
 def _extract_frame(data: npt.NDArray[np.float32], thresh: float, excluded: npt.NDArray[np.bool_],
                    config: DetectionConfig) -> tuple[_Objects, npt.NDArray[np.int32]]:
     """:func:`_extract` as one sep call over the frame; parents from OpenCV's components of its footprints."""
-    ny, nx = data.shape
     stack_before = sep.get_extract_pixstack()
     sep.set_sub_object_limit(int(config.sub_object_limit))
     try:
