@@ -19,7 +19,7 @@ import astropy.units as u
 import numpy as np
 import numpy.typing as npt
 import sep
-from astropy.table import Table, vstack
+from astropy.table import Table
 
 from ..errors import ConfigError
 from ..exposure import Exposure
@@ -226,17 +226,20 @@ def measure_sources(exposure: Exposure, detections: Detections, *,
     npix = np.asarray(src["npix"], np.int64) if n and "npix" in src.colnames else None
     labels = np.asarray(detections.labels, np.int32)
     guess = None if start is None else _start_guess(start, labels_id)
+    # Footprint flags: from the stamps when they cover less than a third of the frame, else
+    # from one pass over the mask (~30 ms on 4096², against ~110 ms of stamps for 20 000 sources).
+    bits = _footprint_bits(exposure.mask, labels, labels_id) if n * config.stamp_size_pix ** 2 > labels.size / 3 \
+        else None
     batches = [slice(i, i + config.max_sources_per_batch) for i in range(0, n, config.max_sources_per_batch)]
     parts = [_measure(exposure, x_peak[b], y_peak[b], labels=labels, own_label=labels_id[b], recentre=True,
                       footprint_npix=None if npix is None else npix[b], config=config,
-                      aperture_fluxes=aperture_fluxes, guess=None if guess is None else guess[:, b])
+                      aperture_fluxes=aperture_fluxes, guess=None if guess is None else guess[:, b],
+                      footprint_bits=None if bits is None else bits[labels_id[b]])
              for b in batches or [slice(0, 0)]]
-    catalog = parts[0] if len(parts) == 1 else vstack(parts, join_type="exact", metadata_conflicts="silent")
-    catalog["id"] = labels_id
-    catalog["parent"] = np.asarray(src["parent_label"], np.int64) if n else np.zeros(0, np.int64)
+    head = {"id": labels_id, "parent": np.asarray(src["parent_label"], np.int64) if n else np.zeros(0, np.int64)}
     for name in ("deblend_nChild", "deblend_nPeaks"):
-        catalog[name] = np.asarray(src[name], np.int32) if n else np.zeros(0, np.int32)
-    catalog = catalog[_column_order(catalog.colnames)]
+        head[name] = np.asarray(src[name], np.int32) if n else np.zeros(0, np.int32)
+    catalog = _assemble(head, parts)
     if ap_corr:
         catalog = apply_aperture_corrections(catalog, ap_corr)
     return MeasurementResult(catalog, n, int(np.count_nonzero(catalog["base_SdssCentroid_flag"])))
@@ -299,13 +302,11 @@ def measure_at_positions(exposure: Exposure, x: npt.ArrayLike, y: npt.ArrayLike,
     config.validate()
     xs = np.atleast_1d(np.asarray(x, float))
     ys = np.atleast_1d(np.asarray(y, float))
-    catalog = _measure(exposure, xs, ys, labels=None, own_label=np.zeros(xs.size, np.int64),
+    columns = _measure(exposure, xs, ys, labels=None, own_label=np.zeros(xs.size, np.int64),
                        recentre=False, config=config)
-    catalog["id"] = np.zeros(xs.size, np.int64)
-    catalog["parent"] = np.zeros(xs.size, np.int64)
-    catalog["deblend_nChild"] = np.zeros(xs.size, np.int32)
-    catalog["deblend_nPeaks"] = np.zeros(xs.size, np.int32)
-    return catalog[_column_order(catalog.colnames)]
+    head = {"id": np.zeros(xs.size, np.int64), "parent": np.zeros(xs.size, np.int64),
+            "deblend_nChild": np.zeros(xs.size, np.int32), "deblend_nPeaks": np.zeros(xs.size, np.int32)}
+    return _assemble(head, [columns])
 
 
 def apply_aperture_corrections(catalog: Table, ap_corr: Mapping[str, ChebyshevField]) -> Table:
@@ -345,9 +346,21 @@ def apply_aperture_corrections(catalog: Table, ap_corr: Mapping[str, ChebyshevFi
 # --------------------------------------------------------------------------------------
 # Implementation
 # --------------------------------------------------------------------------------------
-def _column_order(names: list[str]) -> list[str]:
-    head = ["id", "parent", "deblend_nChild", "deblend_nPeaks"]
-    return [c for c in head if c in names] + [c for c in names if c not in head]
+def _assemble(head: dict[str, Any], parts: list[dict[str, Any]]) -> Table:
+    """One catalogue: the ``head`` columns, then the measured columns of ``parts`` (batches, in order).
+
+    Batches are joined column by column and the table is built once: building a table per
+    batch and stacking them cost ~45 ms per 20 000 sources.
+    """
+    columns = dict(head)
+    for name, first in parts[0].items():
+        if len(parts) == 1:
+            columns[name] = first
+        elif isinstance(first, u.Quantity):
+            columns[name] = u.Quantity(np.concatenate([p[name].value for p in parts]), first.unit, copy=False)
+        else:
+            columns[name] = np.concatenate([p[name] for p in parts])
+    return Table(columns)
 
 
 def _bad_bits(config: MeasurementConfig) -> np.uint32:
@@ -380,14 +393,20 @@ def _cut_usable(st: Stamps, exposure: Exposure, bad_bits: np.uint32, labels: npt
 def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.NDArray[np.float64], *,
              labels: npt.NDArray[np.int32] | None, own_label: npt.NDArray[np.int64], recentre: bool,
              config: MeasurementConfig, footprint_npix: npt.NDArray[np.int64] | None = None,
-             aperture_fluxes: bool = True, guess: npt.NDArray[np.float64] | None = None) -> Table:
+             aperture_fluxes: bool = True, guess: npt.NDArray[np.float64] | None = None,
+             footprint_bits: npt.NDArray[np.uint32] | None = None) -> dict[str, Any]:
+    """The measured columns of the sources starting at ``x_start``, ``y_start`` (parent pixels), in catalogue order.
+
+    ``footprint_bits``: the mask planes set in each source's footprint (:func:`_footprint_bits`),
+    if already known; else they are read from the stamps.
+    """
     n = x_start.size
     ox, oy = exposure.origin
     ny, nx = exposure.shape
     mask = exposure.mask
     bad_bits = _bad_bits(config)
     psf = exposure.psf
-    cat = Table()
+    cat: dict[str, Any] = {}  # columns, in catalogue order
 
     # --- centroids and adaptive moments on stacked stamps --------------------------
     half = config.stamp_size_pix // 2
@@ -494,17 +513,21 @@ def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.
             pst = Stamps(exposure.shape, jx, jy, ph)
             p_inside = pst.inside
             d_st, v_st, _, use, _, _ = _cut_usable(pst, exposure, bad_bits, labels, own_label, config)
-        wgt = np.where(use, 1.0 / np.where(v_st > 0, v_st, 1.0), 0.0)
-        d = np.where(use, d_st, 0.0).astype(float)
-        spp = np.sum(wgt * kernels * kernels, axis=(1, 2))
-        spd = np.sum(wgt * kernels * d, axis=(1, 2))
+        # Sums over each stamp's pixels as row dot products of (n, P) arrays.
+        wgt = np.where(use, 1.0 / np.where(v_st > 0, v_st, 1.0), 0.0).reshape(n, -1)
+        d = np.where(use, d_st, 0.0).astype(float).reshape(n, -1)
+        k_flat = kernels.reshape(n, -1)
+        wk = wgt * k_flat
+        spp = np.einsum("np,np->n", wk, k_flat)
+        spd = np.einsum("np,np->n", wk, d)
         with np.errstate(divide="ignore", invalid="ignore"):
             pflux = spd / spp
             perr = 1.0 / np.sqrt(spp)
-        resid = d - pflux[:, None, None] * kernels
-        chi2 = np.sum(wgt * resid * resid, axis=(1, 2))
-        npix = use.sum(axis=(1, 2))
-        area = kernels.sum(axis=(1, 2)) ** 2 / np.sum(kernels * kernels, axis=(1, 2))
+        # At the least-squares flux, sum(w (d - f k)^2) = sum(w d^2) - f sum(w k d): float64
+        # keeps its cancellation below 1e-8 even at S/N 1e4.
+        chi2 = np.einsum("np,np->n", wgt * d, d) - pflux * spd
+        npix = np.count_nonzero(use.reshape(n, -1), axis=1)
+        area = k_flat.sum(axis=1) ** 2 / np.einsum("np,np->n", k_flat, k_flat)
         p_edge = ~p_inside.all(axis=(1, 2))
         p_flag = ~(np.isfinite(pflux) & np.isfinite(perr)) | (npix == 0) | p_edge | ~cen_ok
     else:
@@ -595,8 +618,12 @@ def _measure(exposure: Exposure, x_start: npt.NDArray[np.float64], y_start: npt.
     cat["base_ClassificationSizeExtendedness_flag"] = ext_flag
 
     # --- pixel flags: any pixel of the footprint, and the 3x3 centre ------------------
-    fp_flags = _footprint_flags(mask, labels, own_label, msk_st, inside, st, lab_st, footprint_npix) if n else \
-        {k: np.zeros(0, bool) for k in _FOOTPRINT_FLAGS}
+    if footprint_bits is not None:
+        fp_flags = {key: (footprint_bits & np.uint32(int(plane))) != 0 for key, plane in _FOOTPRINT_FLAGS.items()}
+    elif n:
+        fp_flags = _footprint_flags(mask, labels, own_label, msk_st, inside, st, lab_st, footprint_npix)
+    else:
+        fp_flags = {k: np.zeros(0, bool) for k in _FOOTPRINT_FLAGS}
     kx = np.round(xl).astype(np.int64)
     ky = np.round(yl).astype(np.int64)
     cst = Stamps(exposure.shape, kx, ky, 1)
@@ -713,6 +740,21 @@ def _fixed_weight_moments(img: npt.NDArray[np.floating], var: npt.NDArray[np.flo
     ok &= np.isfinite(trace) & (trace > 0)
     nan = np.where(ok, 1.0, np.nan)
     return cx * nan, cy * nan, x_err * nan, y_err * nan, trace * nan
+
+
+def _footprint_bits(mask: npt.NDArray[np.uint32], labels: npt.NDArray[np.int32],
+                    labels_id: npt.NDArray[np.int64]) -> npt.NDArray[np.uint32]:
+    """The footprint-flag planes set anywhere in each footprint, indexed by label, from one pass over the mask."""
+    any_bits = np.uint32(0)
+    for plane in _FOOTPRINT_FLAGS.values():
+        any_bits |= np.uint32(int(plane))
+    flat = mask.reshape(-1)
+    hit = np.flatnonzero(flat & any_bits)  # pixels carrying none of the planes cannot set a flag
+    pix_lab = labels.reshape(-1)[hit]
+    bits = np.zeros(max(int(pix_lab.max(initial=0)), int(labels_id.max(initial=0))) + 1, np.uint32)
+    np.bitwise_or.at(bits, pix_lab, flat[hit] & any_bits)
+    bits[0] = 0  # label 0 is the background, not a footprint
+    return bits
 
 
 def _footprint_flags(mask: npt.NDArray[np.uint32], labels: npt.NDArray[np.int32] | None,

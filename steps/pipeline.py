@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from astropy.table import Table, vstack
+from astropy.table import Column, MaskedColumn, Table, vstack
 from astropy.wcs import WCS
 
 from ..background import BackgroundList
@@ -417,7 +417,7 @@ def find_stars(exposure: Exposure, psf_stars: Table, *, wcs: WCS, ap_corr: Mappi
     if residual is not None and n_residual:
         extra_sel = select_stars(residual, config=config.star_selector, prior=prior_of(residual, like=prior))
         extra = residual[np.asarray(extra_sel.selected, bool)]
-        stars = vstack([stars, extra], join_type="exact", metadata_conflicts="silent")
+        stars = _stack_rows([stars, extra])
     norm_stars = ~np.asarray(stars["sky_source"], bool)
     norm_stars[n_first:] = False
     for flag in BAD_NORMALIZATION_FLAGS:
@@ -489,7 +489,32 @@ def _append_sky_sources(stars: Table, sky: Table, exposure: Exposure, config: Ca
             sky_cat[name] = np.full(len(sky_cat), fill, dtype=col.dtype)
             if getattr(col, "unit", None) is not None:
                 sky_cat[name].unit = col.unit
-    return vstack([stars, sky_cat[stars.colnames]], join_type="exact", metadata_conflicts="silent")
+    return _stack_rows([stars, sky_cat])
+
+
+def _stack_rows(tables: list[Table]) -> Table:
+    """The rows of ``tables`` (the same column names) one after another, in the first's column order.
+
+    As ``vstack(join_type="exact")``, but column by column: vstack merges the attributes of each
+    of ~190 columns and cost ~25 ms per call on the star catalogues. Column attributes and table
+    metadata are the first table's; values of other units are converted to them.
+    """
+    first = tables[0]
+    names = first.colnames
+    if any(sorted(t.colnames) != sorted(names) for t in tables[1:]) \
+            or any(isinstance(t[c], MaskedColumn) for t in tables for c in t.colnames):
+        return vstack([t[names] for t in tables], join_type="exact", metadata_conflicts="silent")
+    columns = []
+    for name in names:
+        col = first[name]
+        parts = [np.asarray(col)]
+        for t in tables[1:]:
+            other = t[name]
+            same_unit = other.unit == col.unit or col.unit is None or other.unit is None
+            parts.append(np.asarray(other) if same_unit else other.quantity.to_value(col.unit))
+        columns.append(Column(np.concatenate(parts), name=name, unit=col.unit, description=col.description,
+                              format=col.format, meta=col.meta))
+    return Table(columns, meta=first.meta, copy=False)
 
 
 # --------------------------------------------------------------------------------------
