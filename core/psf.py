@@ -630,19 +630,40 @@ class PixelPsf(PsfModel):
         ys = np.atleast_1d(np.asarray(y, float))
         if xs.size > self._MOMENT_GRID_MIN_POINTS and self.spatial_order > 0:
             # The kernel varies as a low-order polynomial, so its moments are smooth: bicubic
-            # splines through 9x9 exact evaluations reproduce them to < 1e-6 relative and cost
-            # 81 evaluations instead of one per source.
-            gx = np.linspace(xs.min(), xs.max(), self._MOMENT_GRID_NODES)
-            gy = np.linspace(ys.min(), ys.max(), self._MOMENT_GRID_NODES)
-            if gx[-1] > gx[0] and gy[-1] > gy[0]:
-                mx, my = np.meshgrid(gx, gy, indexing="ij")
-                nodes = self._exact_moments(mx.ravel(), my.ravel())
-                if np.all(np.isfinite(nodes)):
-                    out = np.empty((xs.size, 3))
-                    for j in range(3):
-                        out[:, j] = GridSpline.fit(gx, gy, nodes[:, j].reshape(mx.shape)).ev(xs, ys)
-                    return out
+            # splines through 9x9 exact evaluations over the bbox reproduce them to ~1e-5
+            # relative (the exact moments' own iteration tolerance) and cost 81 evaluations
+            # once per model instead of one per source.
+            splines = self._moment_splines()
+            if splines is not None:
+                x0, y0, x1, y1 = self.bbox
+                inside = (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
+                out = np.empty((xs.size, 3))
+                for j, spline in enumerate(splines):
+                    out[inside, j] = spline.ev(xs[inside], ys[inside])
+                if not inside.all():
+                    out[~inside] = self._exact_moments(xs[~inside], ys[~inside])
+                return out
         return self._exact_moments(xs, ys)
+
+    def _moment_splines(self) -> tuple[GridSpline, ...] | None:
+        """Splines of ``(ixx, iyy, ixy)`` through a grid of exact moments over the bbox (built once).
+
+        None when the bbox is degenerate or a node's moments did not converge.
+        """
+        if "_moment_splines_cache" in self.__dict__:
+            return self.__dict__["_moment_splines_cache"]
+        x0, y0, x1, y1 = self.bbox
+        splines = None
+        if x1 > x0 and y1 > y0:
+            gx = np.linspace(x0, x1, self._MOMENT_GRID_NODES)
+            gy = np.linspace(y0, y1, self._MOMENT_GRID_NODES)
+            mx, my = np.meshgrid(gx, gy, indexing="ij")
+            nodes = self._exact_moments(mx.ravel(), my.ravel())
+            if np.all(np.isfinite(nodes)):
+                splines = tuple(GridSpline.fit(gx, gy, nodes[:, j].reshape(mx.shape)) for j in range(3))
+        # A cache, not a field: the instance is frozen, and the model it describes is unchanged.
+        object.__setattr__(self, "_moment_splines_cache", splines)
+        return splines
 
     def _exact_moments(self, x: npt.ArrayLike, y: npt.ArrayLike) -> npt.NDArray[np.float64]:
         k = self.images(x, y)
@@ -664,8 +685,18 @@ class PixelPsf(PsfModel):
         return out
 
     def moments(self, x: float, y: float) -> tuple[float, float, float]:
-        m = self.moments_many(x, y)[0]
-        return float(m[0]), float(m[1]), float(m[2])
+        # Cached per position: each measurement batch asks for the moments at the detector's centre.
+        if np.ndim(x) or np.ndim(y):
+            m = self.moments_many(x, y)[0]
+            return float(m[0]), float(m[1]), float(m[2])
+        cache = self.__dict__.setdefault("_moments_cache", {})
+        key = (float(x), float(y))
+        if key not in cache:
+            m = self.moments_many(x, y)[0]
+            if len(cache) >= 64:
+                cache.clear()
+            cache[key] = (float(m[0]), float(m[1]), float(m[2]))
+        return cache[key]
 
     def to_hdus(self) -> list[fits.ImageHDU | fits.BinTableHDU]:
         hdr = fits.Header()
