@@ -577,10 +577,10 @@ def finalize(exposure: Exposure, background: BackgroundList, stars: Table, psf_s
     stars = stars.copy()
     flags_from = photometry_matches if photometry_matches is not None else Table()
     for flag in ("calib_photometry_used", "calib_photometry_reserved"):
-        ids = set()
+        ids = np.zeros(0, np.int64)
         if flag in flags_from.colnames:
-            ids = set(np.asarray(flags_from["src_id"])[np.asarray(flags_from[flag], bool)].tolist())
-        stars[flag] = np.array([int(i) in ids for i in stars["id"]], bool)
+            ids = np.asarray(flags_from["src_id"], np.int64)[np.asarray(flags_from[flag], bool)]
+        stars[flag] = np.isin(np.asarray(stars["id"], np.int64), ids)
     exposure = exposure.replace(wcs=wcs, ap_corr=dict(ap_corr), photo_calib=photo_calib, background=background)
     summary = compute_summary_stats(exposure, stars=stars, psf_stars=psf_stars, background=background,
                                     astrometry_matches=astrometry_matches, photo_calib=photo_calib,
