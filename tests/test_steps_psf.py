@@ -119,6 +119,28 @@ def test_pixel_psf_reproduces_varying_sizes_at_held_out_positions(varying_scene)
     assert fit.fwhm_pix == pytest.approx(2.3548 * math.sqrt(t_true.mean() / 2), rel=0.05)
 
 
+def test_pixel_psf_moments_of_many_positions_follow_the_exact_ones(varying_scene):
+    """Above 100 positions the moments come from splines through 9x9 exact evaluations over the
+    bbox, built once per model; positions outside the bbox are evaluated exactly."""
+    psf = varying_scene[3].psf
+    x0, y0, x1, y1 = psf.bbox
+    rng = np.random.default_rng(11)
+    xs, ys = rng.uniform(x0, x1, 300), rng.uniform(y0, y1, 300)
+    xs[:2], ys[:2] = [x0 - 50.0, x1 + 20.0], [y0 + 5.0, y1 + 30.0]
+    exact = psf._exact_moments(xs, ys)
+    many = psf.moments_many(xs, ys)
+    # The exact moments stop iterating at a 1e-6 relative step, which leaves them ~1e-5 from
+    # their fixed point; the spline of this quadratic-in-position model adds less than that.
+    np.testing.assert_allclose(many[:, :2], exact[:, :2], rtol=5e-5)
+    np.testing.assert_allclose(many[:, 2], exact[:, 2], rtol=0, atol=5e-5 * float(exact[:, :2].max()))
+    np.testing.assert_allclose(many[:2], exact[:2], rtol=1e-9)  # outside the bbox: exact
+    assert psf._moment_splines() is psf._moment_splines()
+    # The moments at one position are cached; arrays still give the first position's.
+    assert psf.moments(xs[5], ys[5]) == pytest.approx(tuple(exact[5]), rel=1e-9, abs=1e-12)
+    assert psf.moments(xs[5], ys[5]) is psf.moments(xs[5], ys[5])
+    assert psf.moments(xs[5:8], ys[5:8]) == pytest.approx(tuple(exact[5]), rel=1e-9, abs=1e-12)
+
+
 def test_pixel_psf_fits_round_trip_and_shift(varying_scene):
     *_, fit = varying_scene
     back = psf_from_hdus(fit.psf.to_hdus())
