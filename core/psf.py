@@ -662,7 +662,7 @@ class PixelPsf(PsfModel):
             if np.all(np.isfinite(nodes)):
                 splines = tuple(GridSpline.fit(gx, gy, nodes[:, j].reshape(mx.shape)) for j in range(3))
         # A cache, not a field: the instance is frozen, and the model it describes is unchanged.
-        object.__setattr__(self, "_moment_splines_cache", splines)
+        self.__dict__["_moment_splines_cache"] = splines
         return splines
 
     def _exact_moments(self, x: npt.ArrayLike, y: npt.ArrayLike) -> npt.NDArray[np.float64]:
@@ -686,7 +686,7 @@ class PixelPsf(PsfModel):
 
     def moments(self, x: float, y: float) -> tuple[float, float, float]:
         # Cached per position: each measurement batch asks for the moments at the detector's centre.
-        if np.ndim(x) or np.ndim(y):
+        if np.ndim(x) or np.ndim(y):  # arrays: the first position's, uncached
             m = self.moments_many(x, y)[0]
             return float(m[0]), float(m[1]), float(m[2])
         cache = self.__dict__.setdefault("_moments_cache", {})

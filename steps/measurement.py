@@ -788,17 +788,6 @@ def _footprint_flags(mask: npt.NDArray[np.uint32], labels: npt.NDArray[np.int32]
                 break
             grown = Stamps(mask.shape, ix[todo], iy[todo], half)
             lab, msk, ins = grown.cut(labels), grown.cut(mask), grown.inside
-    if todo.size:
-        # Pixels carrying none of the planes cannot set a flag: one pass over the mask finds the others.
-        any_bits = np.uint32(0)
-        for plane in planes.values():
-            any_bits |= plane
-        hit_pix = np.flatnonzero((mask.reshape(-1) & any_bits) != 0)
-        pix_lab = labels.reshape(-1)[hit_pix]
-        n_lab = int(max(int(own_label.max(initial=0)), int(pix_lab.max(initial=0)))) + 1
-        for plane in planes.values():
-            hit = (mask.reshape(-1)[hit_pix] & plane) != 0
-            counts = np.bincount(pix_lab[hit], minlength=n_lab)
-            counts[0] = 0  # label 0 is the background, not a footprint
-            bits[todo] |= np.where(counts[own_label[todo]] > 0, plane, np.uint32(0))
+    if todo.size:  # footprints larger than the grown stamps: one pass over the mask
+        bits[todo] = _footprint_bits(mask, labels, own_label)[own_label[todo]]
     return {key: (bits & plane) != 0 for key, plane in planes.items()}
